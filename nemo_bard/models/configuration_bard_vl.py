@@ -1,0 +1,47 @@
+"""Configuration of the block-diffusion Qwen3-VL (``model_type: bard_vl``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers import Qwen3VLConfig
+
+DEFAULT_MASK_TOKEN_ID = 151671
+BARD_ARCHITECTURE = "BardVLForConditionalGeneration"
+
+
+@strict
+class BardVLConfig(Qwen3VLConfig):
+    """A Qwen3-VL config plus the two BARD fields.
+
+    Args (beyond :class:`~transformers.Qwen3VLConfig`):
+        mask_token_id: id of the mask token written into noisy positions (151671 for the Qwen3 vocabulary).
+        block_size: block size the checkpoint was trained with (decoding default).
+    """
+
+    model_type = "bard_vl"
+
+    mask_token_id: int = DEFAULT_MASK_TOKEN_ID
+    block_size: int = 32
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        if self.block_size < 1:
+            raise ValueError(f"bard_vl config: block_size must be >= 1, got {self.block_size}")
+        vocab = self.text_config.vocab_size
+        if not 0 <= self.mask_token_id < vocab:
+            raise ValueError(
+                f"bard_vl config: mask_token_id={self.mask_token_id} is outside the embedding (vocab_size={vocab})"
+            )
+
+    @classmethod
+    def from_qwen3_vl(cls, config: Qwen3VLConfig | dict, **overrides: Any) -> "BardVLConfig":
+        """Build a ``bard_vl`` config from a Qwen3-VL config (object or dict) with the same architecture."""
+        data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+            data.pop(key, None)
+        data.update(overrides)
+        out = cls(**data)
+        out.architectures = [BARD_ARCHITECTURE]
+        return out

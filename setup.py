@@ -1,0 +1,45 @@
+"""nemo-bard: BARD block-diffusion VLMs (Qwen3-VL) as a NeMo AutoModel plugin."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nemo-bard",
+    version="0.1.0",
+    description="BARD: turn an autoregressive Qwen3-VL into a block-diffusion VLM with NeMo AutoModel",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["nemo_bard", "nemo_bard.*"]),
+    include_package_data=True,
+    install_requires=[
+        "nemo_automodel[vlm]==0.7.0",  # pins transformers 5.18.0 and brings torch
+        "hydra-core>=1.3.8,<1.4",
+        "omegaconf>=2.3,<2.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
+        # Megatron-FSDP backend on GPU clusters. megatron-core >= 0.17 needs Python >= 3.12.
+        "megatron": ["megatron-core>=0.17; python_version >= '3.12'"],
+        "lmms-eval": ["lmms-eval"],
+    },
+    entry_points={
+        "console_scripts": [
+            # Ours replaces nemo_automodel's `automodel` script (it accepts both CLI forms);
+            # `nemo-bard` always points at ours, even after nemo_automodel is reinstalled.
+            "automodel = nemo_bard.cli:main",
+            "nemo-bard = nemo_bard.cli:main",
+        ],
+        "nemo_automodel.architectures": [
+            "BardVLForConditionalGeneration = nemo_bard.models.modeling_bard_vl:BardVLForConditionalGeneration",
+        ],
+    },
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+    ],
+)

@@ -1,0 +1,50 @@
+"""Shared fixtures: one tiny AR Qwen3-VL and its bard_vl conversion per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import nemo_bard  # noqa: F401  (registers bard_vl)
+
+
+@pytest.fixture(scope="session")
+def tiny_ar_dir(tmp_path_factory):
+    from nemo_bard.tiny import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("tiny_ar") / "model", preset="test", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_bard_dir(tiny_ar_dir, tmp_path_factory):
+    from nemo_bard.convert import convert
+
+    return convert(tiny_ar_dir, tmp_path_factory.mktemp("tiny_bard") / "model", block_size=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_bard_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_bard_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bard_model(tiny_bard_dir):
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32)
+    return model.eval()
+
+
+def random_image(seed: int, h: int = 64, w: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))
