@@ -1,0 +1,6 @@
+"""Recipe callbacks: the protocol and the PBM block-merge schedule."""
+
+from nemo_bard.callbacks.base import BardCallback, CallbackList
+from nemo_bard.callbacks.block_merge import BlockMergeCallback, ScheduleError, parse_schedule
+
+__all__ = ["BardCallback", "BlockMergeCallback", "CallbackList", "ScheduleError", "parse_schedule"]

@@ -1,0 +1,241 @@
+"""Chat-format datasets: ``datasets.save_to_disk`` directories (the published BARD format) and JSONL.
+
+A row holds ``messages`` (a list, or a JSON string) of ``{role, content}`` turns with roles
+system/user/assistant; ``content`` is a string or a list of items
+``{"type": "text", "text": ...}``, ``{"type": "image", "image": <path | {"bytes": ...} | {"path": ...}>}``
+or ``{"type": "video", "video": <path | [frame paths]>}``. Relative paths resolve against
+``root_dir``. Optional columns ``length`` (tokens) and ``v_tokens`` (visual tokens) feed
+length-aware batching.
+
+Rows without an assistant response are skipped and counted at load time; an empty dataset is
+an error that names the source. A missing or unreadable image raises an error naming the row
+and the path, or is a counted skip with ``skip_bad_samples: true``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant")
+VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
+
+
+class DataError(ValueError):
+    """A problem with the user's data; the message names the source, row and fix."""
+
+
+def _parse_messages(raw: Any, where: str) -> list[dict]:
+    msgs = json.loads(raw) if isinstance(raw, str) else raw
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} dicts (or its JSON string)")
+    for m in msgs:
+        if m.get("role") not in ROLES:
+            raise DataError(f"{where}: unknown role {m.get('role')!r}; expected one of {ROLES}")
+    return msgs
+
+
+def has_assistant_response(messages: list[dict]) -> bool:
+    """True when the last assistant turn has non-empty text."""
+    for m in reversed(messages):
+        if m.get("role") == "assistant":
+            return bool(content_text(m.get("content")).strip())
+    return False
+
+
+def content_text(content: Any) -> str:
+    """Concatenated text of a message content (string or item list)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(it.get("text", "") for it in content if isinstance(it, dict) and it.get("type", "text") == "text")
+
+
+def _read_jsonl(paths: Iterable[Path]) -> list[dict]:
+    rows = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}); each line must be one JSON row") from None
+    return rows
+
+
+def open_source(path: str | Path | list, split: str | None = None):
+    """Open a ``save_to_disk`` directory (Dataset or DatasetDict) or JSONL file(s); returns an indexable table."""
+    paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
+    for p in paths:
+        if not p.exists():
+            raise DataError(f"dataset path {p} does not exist; set dataset.path to a save_to_disk directory or .jsonl")
+    if len(paths) == 1 and paths[0].is_dir():
+        if list(paths[0].glob("*.jsonl")) and not (paths[0] / "dataset_info.json").exists() and not (
+            paths[0] / "dataset_dict.json"
+        ).exists():
+            return _read_jsonl(sorted(paths[0].glob("*.jsonl")))
+        from datasets import DatasetDict, load_from_disk
+
+        ds = load_from_disk(str(paths[0]))
+        if isinstance(ds, DatasetDict):
+            if split is None:
+                if len(ds) != 1:
+                    raise DataError(f"{paths[0]} holds splits {list(ds)}; set dataset.split to one of them")
+                split = next(iter(ds))
+            if split not in ds:
+                raise DataError(f"{paths[0]} has no split {split!r}; available: {list(ds)}")
+            ds = ds[split]
+        if "messages" not in ds.column_names:
+            raise DataError(f"{paths[0]} has columns {ds.column_names}; a 'messages' column is required")
+        return ds
+    return _read_jsonl(paths)
+
+
+class BardChatDataset(Dataset):
+    """Chat rows -> ``{"conversation": [...], "length": int | None, "row": int}`` with media loaded.
+
+    Args:
+        path: a ``save_to_disk`` directory, a ``.jsonl`` file, a directory of ``.jsonl`` files, or a list.
+        root_dir: base directory of relative image/video paths (default: the dataset directory).
+        split: split name when ``path`` holds a ``DatasetDict``.
+        skip_bad_samples: turn unreadable media into a counted skip instead of an error.
+        max_samples: keep the first N usable rows (debugging, CI).
+    """
+
+    def __init__(
+        self,
+        path: str | list[str],
+        root_dir: str | None = None,
+        split: str | None = None,
+        skip_bad_samples: bool = False,
+        max_samples: int | None = None,
+    ) -> None:
+        self.source = str(path)
+        self.table = open_source(path, split)
+        first = Path(path[0] if isinstance(path, (list, tuple)) else path)
+        self.root_dir = Path(root_dir) if root_dir else (first if first.is_dir() else first.parent)
+        self.skip_bad_samples = skip_bad_samples
+        self.num_skipped_media = 0
+        messages = self.table["messages"] if not isinstance(self.table, list) else [r.get("messages") for r in self.table]
+        self.indices = []
+        self.num_skipped_no_response = 0
+        for i, raw in enumerate(messages):
+            if raw is None:
+                raise DataError(f"{self.source} row {i}: no 'messages' field")
+            if has_assistant_response(_parse_messages(raw, f"{self.source} row {i}")):
+                self.indices.append(i)
+            else:
+                self.num_skipped_no_response += 1
+        if self.num_skipped_no_response:
+            logger.warning(
+                "%s: skipped %d row(s) without an assistant response", self.source, self.num_skipped_no_response
+            )
+        if max_samples is not None:
+            self.indices = self.indices[:max_samples]
+        if not self.indices:
+            raise DataError(
+                f"dataset {self.source} has no usable rows ({len(messages)} rows, "
+                f"{self.num_skipped_no_response} without an assistant response)"
+            )
+        self._lengths = self._column("length")
+
+    def _column(self, name: str) -> list[int] | None:
+        if isinstance(self.table, list):
+            vals = [self.table[i].get(name) for i in self.indices]
+        elif name in self.table.column_names:
+            col = self.table[name]
+            vals = [col[i] for i in self.indices]
+        else:
+            return None
+        return None if any(v is None for v in vals) else [int(v) for v in vals]
+
+    @property
+    def lengths(self) -> list[int] | None:
+        """Per-row ``length`` column (aligned with this dataset's indices), or None when absent."""
+        return self._lengths
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def _resolve(self, ref: Any, where: str) -> Any:
+        from PIL import Image
+
+        if isinstance(ref, Image.Image):
+            return ref.convert("RGB")
+        if isinstance(ref, dict):
+            if ref.get("bytes") is not None:
+                try:
+                    return Image.open(io.BytesIO(ref["bytes"])).convert("RGB")
+                except Exception as exc:  # noqa: BLE001 - PIL raises several types
+                    raise DataError(f"{where}: image bytes are not a readable image ({exc})") from None
+            ref = ref.get("path")
+        if not isinstance(ref, str):
+            raise DataError(f"{where}: image must be a path, {{'bytes': ...}} or {{'path': ...}}, got {type(ref).__name__}")
+        path = Path(ref) if os.path.isabs(ref) else self.root_dir / ref
+        if not path.is_file():
+            raise DataError(f"{where}: image file {path} not found (relative paths resolve against root_dir={self.root_dir})")
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except Exception as exc:  # noqa: BLE001
+            raise DataError(f"{where}: cannot read image {path} ({exc})") from None
+
+    def _load_media(self, messages: list[dict], where: str) -> list[dict]:
+        out = []
+        for m in messages:
+            content = m.get("content")
+            if isinstance(content, list):
+                items = []
+                for it in content:
+                    it = dict(it)
+                    kind = it.get("type") or ("image" if "image" in it else "video" if "video" in it else "text")
+                    it["type"] = kind
+                    if kind == "image":
+                        it["image"] = self._resolve(it.get("image", it.get("path")), where)
+                    elif kind == "video":
+                        it["video"] = self._load_video(it.get("video"), where)
+                    items.append(it)
+                content = items
+            out.append({"role": m["role"], "content": content})
+        return out
+
+    def _load_video(self, ref: Any, where: str) -> Any:
+        if isinstance(ref, (list, tuple)):
+            return [self._resolve(f, where) for f in ref]
+        if isinstance(ref, str):
+            path = Path(ref) if os.path.isabs(ref) else self.root_dir / ref
+            if path.is_dir():
+                frames = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+                if not frames:
+                    raise DataError(f"{where}: video frame directory {path} holds no .png/.jpg frames")
+                return [self._resolve(str(f), where) for f in frames]
+            if not path.is_file():
+                raise DataError(f"{where}: video file {path} not found")
+            return str(path)  # decoded by the processor's video backend
+        raise DataError(f"{where}: video must be a path or a list of frame paths")
+
+    def __getitem__(self, idx: int) -> dict | None:
+        row_idx = self.indices[idx]
+        row = self.table[row_idx]
+        where = f"{self.source} row {row_idx}"
+        messages = _parse_messages(row["messages"], where)
+        try:
+            conversation = self._load_media(messages, where)
+        except DataError as exc:
+            if not self.skip_bad_samples:
+                raise
+            self.num_skipped_media += 1
+            logger.warning("skipping %s (%s); %d skipped so far", where, exc, self.num_skipped_media)
+            return None
+        return {"conversation": conversation, "length": row.get("length"), "row": row_idx}

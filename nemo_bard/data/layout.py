@@ -1,0 +1,180 @@
+"""Block layout: processor batch -> BARD training batch (BARD_SPEC §2-§6).
+
+``[prefix P | clean response R | noisy response R | batch padding]`` per sample, with the response
+padded to a multiple of the block size with the pad token (default ``<|im_end|>``), mRoPE positions
+over ``[prefix | clean]`` reused by the noisy copy, the §4 attention mask, per-sample noise (§5), and
+loss positions / weights (§6). ``block_size`` is a plain attribute: the block-merge callback changes it
+between steps.
+
+Over-long samples: the response is truncated at a block boundary so that ``P + 2R <= max_length``;
+a sample whose prompt leaves no room for one block is dropped (with its images) and counted. Image
+tokens, which live in the prefix, are never cut.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from nemo_bard.attention.masks import CLEAN_ATTENTION_MODES, dense_mask, flex_block_mask, training_token_meta
+from nemo_bard.data.noise import NoiseConfig, sample_noise
+
+logger = logging.getLogger(__name__)
+MEDIA = (("pixel_values", "image_grid_thw", "n_images_per_sample"),
+         ("pixel_values_videos", "video_grid_thw", "n_videos_per_sample"))
+
+RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+def select_samples(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
+    """Keep the samples where ``keep`` is True, including their media rows."""
+    out = dict(batch)
+    for key in ("prefix_ids", "prefix_lens", "mm_token_type_ids", "response_ids", "response_lens",
+                "n_images_per_sample", "n_videos_per_sample", "rows"):
+        if key in out and isinstance(out[key], torch.Tensor):
+            out[key] = out[key][keep]
+    for pix_key, grid_key, count_key in MEDIA:
+        if pix_key not in batch:
+            continue
+        grid, counts = batch[grid_key], batch[count_key]
+        owner = torch.repeat_interleave(torch.arange(counts.numel()), counts)  # sample of each image
+        keep_item = keep[owner]
+        rows_per_item = grid.prod(-1)
+        keep_rows = torch.repeat_interleave(keep_item, rows_per_item)
+        if keep_item.any():
+            out[pix_key], out[grid_key] = batch[pix_key][keep_rows], grid[keep_item]
+        else:
+            out.pop(pix_key)
+            out.pop(grid_key)
+    return out
+
+
+@dataclass
+class BlockLayout:
+    """Builds BARD training batches at the current ``block_size``.
+
+    Args:
+        block_size: B (changed live by ``BlockMergeCallback``).
+        mask_token_id: id written into masked noisy positions.
+        pad_token_id: response padding token (default: ``<|im_end|>``'s id, set by the recipe).
+        max_length: longest ``P + 2R`` per sample (None: no limit).
+        noise: noise prior (§5; SWD uses one rate per sample).
+        clean_attention: ``block_causal`` (default, released checkpoints) or ``causal`` (ablation).
+        mask_backend: ``dense`` (``[N,1,L,L]`` bool for SDPA/eager) or ``flex`` (a FlexAttention BlockMask).
+        pad_weight: loss weight factor of response padding positions (§6: 0.5, i.e. t doubled).
+        min_loss_t: optional clamp ``t >= min_loss_t`` inside the 1/t weight (None: no clamp).
+    """
+
+    block_size: int
+    mask_token_id: int
+    pad_token_id: int
+    max_length: int | None = None
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    clean_attention: str = "block_causal"
+    mask_backend: str = "dense"
+    pad_weight: float = 0.5
+    min_loss_t: float | None = None
+    flex_compile: bool = False
+
+    def __post_init__(self) -> None:
+        if self.clean_attention not in CLEAN_ATTENTION_MODES:
+            raise ValueError(f"bard.clean_attention={self.clean_attention!r}; use one of {CLEAN_ATTENTION_MODES}")
+        if self.mask_backend not in ("dense", "flex"):
+            raise ValueError(f"bard.mask_backend={self.mask_backend!r}; use 'dense' or 'flex'")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+
+    def response_lengths(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded response lengths R (multiples of B, truncated to fit) and a keep-mask for droppable samples."""
+        b = self.block_size
+        real = batch["response_lens"]
+        padded = (real + b - 1) // b * b
+        if self.max_length is None:
+            return padded, torch.ones_like(real, dtype=torch.bool)
+        room = (self.max_length - batch["prefix_lens"]) // (2 * b) * b
+        return torch.minimum(padded, room.clamp_min(0)), room >= b
+
+    def build(self, batch: dict[str, Any], seeds: list[int], rope_fn: RopeFn) -> dict[str, Any]:
+        """Lay out, mask and noise a processor batch. ``seeds``: one noise seed per sample."""
+        b = self.block_size
+        resp_pad, keep = self.response_lengths(batch)
+        num_dropped = int((~keep).sum())
+        if num_dropped:
+            logger.warning("dropped %d over-long sample(s): prompt + 2 blocks exceed max_length=%s",
+                           num_dropped, self.max_length)
+            batch = select_samples(batch, keep)
+            resp_pad, seeds = resp_pad[keep], [s for s, k in zip(seeds, keep.tolist()) if k]
+        p, r, real = batch["prefix_lens"], resp_pad, batch["response_lens"].clamp(max=resp_pad)
+        n = p.shape[0]
+        if n == 0:
+            return {"num_samples": 0, "num_dropped": num_dropped, "num_skipped": batch.get("num_skipped", 0)}
+        width = int(r.max())
+        cols = torch.arange(width)[None]
+        resp = batch["response_ids"][:, :width] if batch["response_ids"].shape[1] >= width else torch.nn.functional.pad(
+            batch["response_ids"], (0, width - batch["response_ids"].shape[1]), value=-1)
+        clean = torch.where(cols < real[:, None], resp, torch.full_like(resp, self.pad_token_id))
+        t, masked = sample_noise(r, b, width, seeds, self.noise)
+        masked &= cols < r[:, None]
+        noisy = torch.where(masked, torch.full_like(clean, self.mask_token_id), clean)
+
+        length = int((p + 2 * r).max())
+        idx = torch.arange(length)[None]
+        off_c, off_n = idx - p[:, None], idx - (p + r)[:, None]
+        in_p, in_c = idx < p[:, None], (off_c >= 0) & (off_c < r[:, None])
+        in_n = (off_n >= 0) & (off_n < r[:, None])
+        take = lambda src, off: src.gather(1, off.clamp(0, src.shape[1] - 1))  # noqa: E731
+        prefix_ids = batch["prefix_ids"]
+        input_ids = torch.where(in_p, take(prefix_ids, idx.expand(n, -1)), torch.zeros_like(idx.expand(n, -1)))
+        input_ids = torch.where(in_c, take(clean, off_c), input_ids)
+        input_ids = torch.where(in_n, take(noisy, off_n), input_ids)
+        mm = torch.where(in_p, take(batch["mm_token_type_ids"], idx.expand(n, -1)), torch.zeros_like(input_ids))
+
+        # mRoPE positions over [prefix | clean]; the noisy copy reuses the clean positions
+        pc_len = int((p + r).max())
+        pc_mask = (idx[:, :pc_len] < (p + r)[:, None]).long()
+        pos_pc, _ = rope_fn(
+            input_ids[:, :pc_len] * pc_mask, pc_mask, mm[:, :pc_len],
+            batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+        )
+        pos = torch.zeros(3, n, length, dtype=torch.long)
+        pos[:, :, :pc_len] = pos_pc * pc_mask
+        noisy_src = (p[:, None] + off_n).clamp(0, pc_len - 1).expand(3, -1, -1)
+        pos = torch.where(in_n[None], pos_pc.gather(2, noisy_src), pos)
+
+        kind, block = training_token_meta(p, r, b, length)
+        if self.mask_backend == "dense":
+            attn = dense_mask(kind, block, self.clean_attention)
+        else:
+            attn = flex_block_mask(kind, block, self.clean_attention, compile=self.flex_compile)
+
+        loss_mask = in_n & take(masked, off_n)
+        tok_t = take(t, off_n).to(torch.float32)
+        t_eff = tok_t if self.min_loss_t is None else tok_t.clamp_min(self.min_loss_t)
+        weights = torch.where(loss_mask, 1.0 / t_eff.clamp_min(1e-12), torch.zeros_like(t_eff))
+        is_pad = in_n & (off_n >= real[:, None])
+        weights = torch.where(is_pad, weights * self.pad_weight, weights)
+        targets = torch.where(loss_mask, take(clean, off_n), torch.full_like(input_ids, -100))
+
+        out = {
+            "input_ids": input_ids,
+            "attention_mask": attn,
+            "position_ids": pos,
+            "mm_token_type_ids": mm,
+            "loss_mask": loss_mask,
+            "targets": targets,
+            "loss_weights": weights,
+            "mask_rates": torch.where(loss_mask, tok_t, torch.zeros_like(tok_t)),
+            "prefix_lens": p,
+            "resp_lens": r,
+            "num_samples": n,
+            "num_dropped": num_dropped,
+            "num_skipped": batch.get("num_skipped", 0),
+            "block_size": b,
+        }
+        for pix_key, grid_key, _ in MEDIA:
+            if pix_key in batch:
+                out[pix_key], out[grid_key] = batch[pix_key], batch[grid_key]
+        return out
