@@ -156,7 +156,8 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         if pad_id is None or pad_id == tok.unk_token_id:
             raise BardConfigError(f"bard.response_pad_token={self.bard.response_pad_token!r} is not in the tokenizer")
         mask_id = self.bard.mask_token_id if self.bard.mask_token_id is not None else model.config.mask_token_id
-        first_block = self.block_merge.stages[0].block_size if self.block_merge else self.bard.block_size
+        first_block = (self.block_merge.stages[0].block_size if self.block_merge
+                       else self.bard.block_size or int(model.config.block_size))
         self.layout = BlockLayout(
             block_size=first_block, mask_token_id=mask_id, pad_token_id=pad_id, max_length=self.bard.max_length,
             noise=self.bard.noise, clean_attention=self.bard.clean_attention, mask_backend=self.bard.mask_backend,

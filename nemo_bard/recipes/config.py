@@ -24,9 +24,13 @@ class LossSettings:
 
 @dataclass
 class BardSettings:
-    """``bard:`` section. ``block_size`` is the training block size when no ``block_merge`` schedule is given."""
+    """``bard:`` section.
 
-    block_size: int = 4
+    ``block_size``: training block size when no ``block_merge`` schedule is given (default: the model
+    config's ``block_size``).
+    """
+
+    block_size: int | None = None
     mask_token_id: int | None = None
     response_pad_token: str = "<|im_end|>"
     max_length: int | None = 8192
@@ -38,6 +42,7 @@ class BardSettings:
     length_grouped: bool = True
     length_group_mult: int = 50
     export_dtype: str | None = None
+    export_final: bool = True
     seed: int | None = None
 
 
@@ -65,9 +70,9 @@ def parse_bard_settings(raw: Any) -> BardSettings:
     settings.noise, settings.loss = noise, loss
     if settings.loss.reduction not in ("sample_mean", "token_mean"):
         raise BardConfigError(f"bard.loss.reduction={settings.loss.reduction!r}; use 'sample_mean' or 'token_mean'")
-    if settings.block_size < 1:
+    if settings.block_size is not None and settings.block_size < 1:
         raise BardConfigError(f"bard.block_size must be >= 1, got {settings.block_size}")
-    if settings.max_length is not None and settings.max_length < 2 * settings.block_size:
+    if settings.max_length is not None and settings.max_length < 2 * (settings.block_size or 1):
         raise BardConfigError(f"bard.max_length={settings.max_length} is shorter than two blocks")
     if settings.export_dtype not in (None, "bfloat16", "float16", "float32"):
         raise BardConfigError(f"bard.export_dtype={settings.export_dtype!r}; use bfloat16, float16, float32 or null")

@@ -1,0 +1,211 @@
+"""Stage 2 — Stage-Wise Distillation (BARD_SPEC §8).
+
+``automodel finetune --config conf/bard_swd.yaml``: a large-block ``bard_vl`` student (a PBM stage
+export, B8/B16/B32) learns from a frozen small-block ``bard_vl`` anchor (B4, possibly a larger model).
+One corrupted batch in the student layout per micro-batch; the teacher sees the same tokens and
+positions under a mask built at its own block size; both forwards compute logits only at the masked
+noisy positions; loss = ce_weight * CE + kd_weight * top-k KD, token-mean over loss positions.
+
+The teacher is built through NeMo's model builder with the student's distributed setup (FSDP2-sharded
+like the student), kept in eval mode without gradients in the attribute ``teacher_model`` (which NeMo's
+checkpointer skips), and optionally offloaded to CPU between forwards (GPU only).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from nemo_bard.attention.masks import training_mask
+from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
+from nemo_bard.recipes.base import BardRecipeBase
+from nemo_bard.recipes.config import BardConfigError, to_plain
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KDSettings:
+    """``kd:`` section (reference defaults: top-16 forward KL, weights 1.0 / 0.5)."""
+
+    top_k: int = 16
+    temperature: float = 1.0
+    direction: str = "forward"
+    ce_weight: float = 1.0
+    kd_weight: float = 0.5
+    teacher_block_size: int | None = None
+
+
+def _pretrained_path(node: Any, section: str) -> str:
+    path = node.get("pretrained_model_name_or_path", None) if node is not None else None
+    if not path:
+        raise BardConfigError(f"`{section}.pretrained_model_name_or_path` is required for SWD")
+    return str(path)
+
+
+def check_teacher_student(student_path: str, teacher_path: str, student_block: int | None,
+                          teacher_block: int | None) -> tuple[int, int]:
+    """Pre-flight checks (configs and tokenizers only); returns (student B, teacher B)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    import os
+
+    cfgs = {}
+    for role, path in (("student", student_path), ("teacher", teacher_path)):
+        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
+        if looks_local and not os.path.isdir(path):
+            key = "model" if role == "student" else "teacher_model"
+            raise BardConfigError(
+                f"SWD {role} directory {path} not found; run PBM first (its stage exports are "
+                f"<run>/stages/b<B>) or set {key}.pretrained_model_name_or_path"
+            )
+        try:
+            cfgs[role] = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as exc:
+            raise BardConfigError(f"SWD {role} model {path!r} cannot be read: {exc}") from None
+        if cfgs[role].model_type != "bard_vl":
+            raise BardConfigError(
+                f"SWD {role} {path} is model_type {cfgs[role].model_type!r}, not bard_vl. Convert it first: "
+                f"python -m nemo_bard.convert --src {path} --dst <out> --block-size <B>"
+            )
+    s, t = cfgs["student"], cfgs["teacher"]
+    if s.text_config.vocab_size != t.text_config.vocab_size or s.mask_token_id != t.mask_token_id:
+        raise BardConfigError(
+            f"teacher and student vocabularies differ: student {student_path} (vocab_size "
+            f"{s.text_config.vocab_size}, mask_token_id {s.mask_token_id}) vs teacher {teacher_path} (vocab_size "
+            f"{t.text_config.vocab_size}, mask_token_id {t.mask_token_id}); SWD needs the same tokenizer"
+        )
+    try:
+        s_vocab = AutoTokenizer.from_pretrained(student_path).get_vocab()
+        t_vocab = AutoTokenizer.from_pretrained(teacher_path).get_vocab()
+    except (OSError, ValueError):
+        s_vocab = t_vocab = None  # no tokenizer files next to the weights: the config checks above stand
+    if s_vocab is not None and s_vocab != t_vocab:
+        raise BardConfigError(
+            f"teacher and student tokenizers differ: student {student_path} ({len(s_vocab)} tokens) vs teacher "
+            f"{teacher_path} ({len(t_vocab)} tokens); SWD needs the same tokenizer/vocabulary"
+        )
+    b_s = int(student_block or s.block_size)
+    b_t = int(teacher_block or t.block_size)
+    if b_s % b_t:
+        raise BardConfigError(
+            f"teacher block size {b_t} does not divide student block size {b_s}; SWD distills a small-block "
+            "anchor into a larger block (e.g. teacher 4, student 8/16/32)"
+        )
+    return b_s, b_t
+
+
+class BardSWDRecipe(BardRecipeBase):
+    """Distill a large-block student from a frozen small-block BARD anchor."""
+
+    def _validate_before_setup(self) -> None:
+        kd_raw = to_plain(self.cfg.get("kd", None)) or {}
+        unknown = sorted(set(kd_raw) - {f.name for f in fields(KDSettings)})
+        if unknown:
+            raise BardConfigError(f"unknown key(s) in kd: {unknown}")
+        self.kd = KDSettings(**kd_raw)
+        if self.cfg.get("block_merge", None) is not None:
+            raise BardConfigError("block_merge is a PBM setting; remove it from the SWD config")
+        bard_raw = to_plain(self.cfg.get("bard", None)) or {}
+        self.student_block, self.teacher_block = check_teacher_student(
+            _pretrained_path(self.cfg.get("model", None), "model"),
+            _pretrained_path(self.cfg.get("teacher_model", None), "teacher_model"),
+            bard_raw.get("block_size"), self.kd.teacher_block_size,
+        )
+        super()._validate_before_setup()
+        self.bard.block_size = self.student_block
+        if self.bard.loss.reduction != "token_mean":
+            logger.info("SWD reduces CE and KD as a token mean over loss positions (BARD_SPEC §8)")
+            self.bard.loss.reduction = "token_mean"
+
+    def setup_stage(self) -> None:
+        from nemo_automodel.recipes.vlm.kd import _build_teacher_model
+
+        self.offload_teacher = bool(self.cfg.get("offload_teacher_model", False)) and torch.cuda.is_available()
+        self.teacher_model = _build_teacher_model(
+            self.cfg.teacher_model, cfg_freeze=None, seed=int(self.cfg.get("seed", 42)),
+            distributed_setup=self.distributed_setup,
+            device="cpu" if self.offload_teacher else self.dist_env.device,
+        )
+        self.kd_loss_fn = TopKDistillationLoss(self.kd.top_k, self.kd.temperature, self.kd.direction)
+        logger.info("SWD: student block %d, teacher block %d, top-%d %s KD, weights ce %.2f / kd %.2f",
+                    self.student_block, self.teacher_block, self.kd.top_k, self.kd.direction,
+                    self.kd.ce_weight, self.kd.kd_weight)
+
+    def teacher_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The student's tokens, positions and media with the attention mask rebuilt at the teacher block size."""
+        inputs = self._model_inputs(batch)
+        mask = training_mask(
+            batch["prefix_lens"], batch["resp_lens"], self.teacher_block, int(batch["input_ids"].shape[1]),
+            self.bard.clean_attention, self.bard.mask_backend,
+        )
+        inputs["attention_mask"] = mask.to(self.dist_env.device) if isinstance(mask, torch.Tensor) else mask
+        return inputs
+
+    def compute_loss(
+        self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        from nemo_automodel.components.training.utils import ScopedModuleOffloading
+
+        loss_mask = batch["loss_mask"].to(self.dist_env.device)
+        offload = ScopedModuleOffloading(self.teacher_model, enabled=True) if self.offload_teacher else nullcontext()
+        with offload, torch.no_grad():
+            t_logits = self.teacher_model(**self.teacher_inputs(batch), logits_mask=loss_mask).logits
+            values, indices = teacher_topk(t_logits, self.kd.top_k)
+            del t_logits
+        s_logits = model(**self._model_inputs(batch), logits_mask=loss_mask).logits
+        targets = batch["targets"].to(loss_mask.device)[loss_mask]
+        ce_sum = F.cross_entropy(s_logits.float(), targets, reduction="sum")
+        kd = self.kd_loss_fn(s_logits, values, indices, denominator)
+        loss = self.kd.ce_weight * ce_sum / max(denominator, 1.0) + self.kd.kd_weight * kd.loss
+        keepalive = self.vision_keepalive(model, batch) if is_train else None
+        if keepalive is not None:
+            loss = loss + keepalive
+        with torch.no_grad():
+            stats = {
+                "ce_sum": ce_sum.double(),
+                "kd_sum": kd.loss.double() * max(denominator, 1.0),
+                "teacher_entropy_sum": kd.teacher_entropy_sum.double(),
+                "top1_agree_sum": kd.top1_agree_sum.double(),
+                "num_correct": (s_logits.argmax(-1) == targets).sum().double(),
+                "num_positions": torch.tensor(float(targets.numel()), dtype=torch.float64),
+                "t_sum": batch["mask_rates"][batch["loss_mask"]].double().sum(),
+            }
+        return loss, stats
+
+    def summarize_stats(self, sums: dict[str, float]) -> dict[str, float]:
+        out = super().summarize_stats(sums)
+        n = max(sums.get("num_positions", 0.0), 1.0)
+        out.update({"ce_loss": sums["ce_sum"] / n, "kd_loss": sums["kd_sum"] / n,
+                    "teacher_entropy": sums["teacher_entropy_sum"] / n, "top1_agree": sums["top1_agree_sum"] / n})
+        return out
+
+    def log_keys(self) -> tuple[str, ...]:
+        return ("ce_loss", "kd_loss", "masked_acc", "top1_agree", "teacher_entropy", "mean_t")
+
+    def run_train_validation_loop(self):
+        result = super().run_train_validation_loop()
+        if self.bard.export_final:
+            self.export_model(f"{self.checkpoint_root}/student_b{self.student_block}", block_size=self.student_block)
+        return result
+
+
+def main(config_path: str | None = None) -> None:
+    """Entry for ``python -m nemo_bard.recipes.swd -c cfg.yaml`` (NeMo's script-style launchers)."""
+    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+    cfg = parse_args_and_load_config(config_path)
+    recipe = BardSWDRecipe(cfg)
+    recipe.setup()
+    recipe.run_train_validation_loop()
+
+
+if __name__ == "__main__":
+    import nemo_bard  # noqa: F401  (absolute import: registers bard_vl when run as a script)
+
+    main()
