@@ -138,9 +138,11 @@ class BlockMergeCallback(BardCallback):
             prev = self.stages[idx - 1]
             if self.export_stages and not (self.stage_dir(recipe, prev) / "config.json").exists():
                 self._export(recipe, prev)  # resumed exactly at a boundary whose export was not written
-        recipe.set_block_size(self.stages[idx].block_size)
-        if self.reset_lr_schedule and step == 0:
-            recipe.reset_lr_schedule(stage_steps=self.stages[0].steps, steps_into_stage=0)
+        stage = self.stages[idx]
+        recipe.set_block_size(stage.block_size)
+        if self.reset_lr_schedule:
+            # a restored scheduler carries the run-wide decay; put it back on this stage's own schedule
+            recipe.reset_lr_schedule(stage_steps=stage.steps, steps_into_stage=step - stage.start)
 
     def on_step_start(self, recipe: Any, step: int) -> None:
         idx = self.stage_index(step)

@@ -57,7 +57,7 @@ def content_text(content: Any) -> str:
         return ""
     if isinstance(content, str):
         return content
-    return "".join(it.get("text", "") for it in content if isinstance(it, dict) and it.get("type", "text") == "text")
+    return "".join(it.get("text") or "" for it in content if isinstance(it, dict) and (it.get("type") or "text") == "text")
 
 
 def _read_jsonl(paths: Iterable[Path]) -> list[dict]:

@@ -1,0 +1,107 @@
+"""Block-merge schedule validation, switching, export and resume behaviour (with a stand-in recipe)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from nemo_bard.callbacks import BardCallback, BlockMergeCallback, CallbackList, ScheduleError, parse_schedule
+
+SCHEDULE = [{"block_size": 4, "steps": 3}, {"block_size": 8, "steps": 2}, {"block_size": 32, "steps": 2}]
+
+
+class FakeRecipe:
+    def __init__(self, tmp_path, step=0):
+        self.block_size = 0
+        self.step_scheduler = SimpleNamespace(step=step)
+        self.checkpoint_root = str(tmp_path)
+        self.exports, self.lr_resets, self.opt_resets = [], [], 0
+
+    def set_block_size(self, b):
+        self.block_size = b
+
+    def export_model(self, path, block_size):
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text("{}")
+        self.exports.append((path.name, block_size, self.step_scheduler.step))
+        return path
+
+    def reset_lr_schedule(self, stage_steps, steps_into_stage=0):
+        self.lr_resets.append((stage_steps, steps_into_stage))
+
+    def reset_optimizer_state(self):
+        self.opt_resets += 1
+
+
+@pytest.mark.parametrize(
+    "schedule,match",
+    [
+        ([{"block_size": 8, "steps": 2}, {"block_size": 4, "steps": 2}], "must grow"),
+        ([{"block_size": 4, "steps": 2}, {"block_size": 6, "steps": 2}], "not a multiple"),
+        ([{"block_size": 4, "steps": 0}], ">= 1"),
+        ([{"block_size": 4}], "integer 'block_size' and 'steps'"),
+        ([], "empty"),
+    ],
+)
+def test_schedule_errors(schedule, match):
+    with pytest.raises(ScheduleError, match=match):
+        parse_schedule(schedule)
+
+
+def test_schedule_must_sum_to_max_steps():
+    with pytest.raises(ScheduleError, match="sum to 7 but step_scheduler.max_steps=8"):
+        parse_schedule(SCHEDULE, max_steps=8)
+    assert [s.start for s in parse_schedule(SCHEDULE, max_steps=7)] == [0, 3, 5]
+
+
+def test_switches_exports_and_resets_at_boundaries(tmp_path):
+    cb = BlockMergeCallback(SCHEDULE, reset_lr_schedule=True, reset_optimizer=True)
+    recipe = FakeRecipe(tmp_path)
+    cb.on_train_start(recipe)
+    seen = []
+    for step in range(7):
+        recipe.step_scheduler.step = step
+        cb.on_step_start(recipe, step)
+        seen.append(recipe.block_size)
+    recipe.step_scheduler.step = 7
+    cb.on_train_end(recipe)
+    assert seen == [4, 4, 4, 8, 8, 32, 32]
+    assert cb.switches == [(3, 4, 8), (5, 8, 32)]
+    # each stage exported once, when it finished (b4 before step 3 runs, b8 before step 5, b32 at the end)
+    assert recipe.exports == [("b4", 4, 3), ("b8", 8, 5), ("b32", 32, 7)]
+    assert recipe.lr_resets == [(3, 0), (2, 0), (2, 0)] and recipe.opt_resets == 2
+
+
+def test_resume_mid_stage_restores_block_size_without_export(tmp_path):
+    cb = BlockMergeCallback(SCHEDULE, reset_lr_schedule=True)
+    recipe = FakeRecipe(tmp_path, step=4)  # resumed inside the B=8 stage
+    cb.on_train_start(recipe)
+    assert recipe.block_size == 8 and recipe.exports == []
+    assert recipe.lr_resets == [(2, 1)]  # the stage's LR schedule, one step in
+
+
+def test_resume_at_boundary_exports_missing_stage(tmp_path):
+    cb = BlockMergeCallback(SCHEDULE)
+    recipe = FakeRecipe(tmp_path, step=3)  # checkpoint taken at the last step of the B=4 stage
+    cb.on_train_start(recipe)
+    assert recipe.block_size == 8 and recipe.exports == [("b4", 4, 3)]
+    cb.on_train_start(FakeRecipe(tmp_path, step=3))  # export exists now: not written twice
+    assert len(recipe.exports) == 1
+
+
+def test_callback_list_calls_in_order_and_rejects_non_callbacks():
+    calls = []
+
+    class Rec(BardCallback):
+        def __init__(self, name):
+            self.name = name
+
+        def on_step_end(self, recipe, step, metrics):
+            calls.append((self.name, step, metrics["loss"]))
+
+    cbs = CallbackList([Rec("a"), Rec("b")])
+    cbs.on_step_end(None, 3, {"loss": 1.5})
+    assert calls == [("a", 3, 1.5), ("b", 3, 1.5)]
+    with pytest.raises(TypeError, match="BardCallback"):
+        CallbackList([object()])

@@ -1,0 +1,128 @@
+"""Datasets (save_to_disk / JSONL), bad input handling, and the processor collate."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+from nemo_bard.data.collate import bard_collate_fn, split_last_turn
+from nemo_bard.data.datasets import BardChatDataset, DataError
+from tests.conftest import random_image
+
+
+def _row(image="images/a.png", answer="red", **extra):
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+    return {"messages": msgs, **extra}
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    (tmp_path / "images").mkdir()
+    random_image(0).save(tmp_path / "images" / "a.png")
+    random_image(1, 64, 96).save(tmp_path / "images" / "b.png")
+    return tmp_path
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_split_last_turn():
+    text = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nold<|im_end|>\n<|im_start|>user\nq<|im_end|>\n" \
+           "<|im_start|>assistant\n\n\nnew answer<|im_end|>\n"
+    prefix, resp = split_last_turn(text)
+    assert prefix.endswith("<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n")
+    assert "old<|im_end|>" in prefix  # earlier turns stay in the prefix
+    assert resp == "new answer<|im_end|>"  # repeated newlines collapsed, first <|im_end|> included
+
+
+def test_jsonl_dataset_skips_rows_without_response(data_dir):
+    rows = [_row(), _row(answer=""), {"messages": [{"role": "user", "content": "hi"}]}, _row(image="images/b.png")]
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "d.jsonl", rows)))
+    assert len(ds) == 2 and ds.num_skipped_no_response == 2
+    item = ds[1]
+    assert item["row"] == 3 and item["conversation"][1]["content"][0]["image"].size == (96, 64)
+
+
+def test_save_to_disk_with_json_messages_and_length(data_dir):
+    from datasets import Dataset
+
+    rows = [
+        {"messages": json.dumps(_row()["messages"]), "length": 30},
+        {"messages": json.dumps(_row(image="images/b.png")["messages"]), "length": 10},
+    ]
+    Dataset.from_list(rows).save_to_disk(str(data_dir / "arrow"))
+    ds = BardChatDataset(str(data_dir / "arrow"), root_dir=str(data_dir))
+    assert len(ds) == 2 and ds.lengths == [30, 10]
+    assert ds[0]["conversation"][1]["content"][0]["image"].size == (64, 64)
+    assert ds[1]["conversation"][2]["content"][0]["text"] == "red"
+
+
+def test_save_to_disk_with_list_messages_and_image_bytes(data_dir):
+    from datasets import Dataset
+
+    buf = io.BytesIO()
+    random_image(3, 32, 96).save(buf, format="PNG")
+    msgs = [
+        {"role": "user", "content": [{"type": "image", "text": None, "image": {"bytes": buf.getvalue(), "path": None}},
+                                     {"type": "text", "text": "Colour?", "image": None}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "blue", "image": None}]},
+    ]
+    Dataset.from_list([{"messages": msgs}]).save_to_disk(str(data_dir / "arrow_bytes"))
+    ds = BardChatDataset(str(data_dir / "arrow_bytes"))
+    item = ds[0]
+    assert item["conversation"][0]["content"][0]["image"].size == (96, 32)
+    assert item["conversation"][1]["content"][0]["text"] == "blue"
+
+
+def test_missing_image_error_names_row_and_path(data_dir):
+    path = _write_jsonl(data_dir / "d.jsonl", [_row(), _row(image="images/missing.png")])
+    ds = BardChatDataset(str(path))
+    with pytest.raises(DataError, match=r"row 1: image file .*missing.png not found"):
+        ds[1]
+    skipping = BardChatDataset(str(path), skip_bad_samples=True)
+    assert skipping[1] is None and skipping.num_skipped_media == 1
+
+
+def test_empty_dataset_and_bad_rows_are_clear_errors(data_dir):
+    with pytest.raises(DataError, match="no usable rows"):
+        BardChatDataset(str(_write_jsonl(data_dir / "e.jsonl", [_row(answer="")])))
+    with pytest.raises(DataError, match="does not exist"):
+        BardChatDataset(str(data_dir / "nope.jsonl"))
+    (data_dir / "bad.jsonl").write_text('{"messages": []}\nnot json\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        BardChatDataset(str(data_dir / "bad.jsonl"))
+    with pytest.raises(DataError, match="unknown role"):
+        BardChatDataset(str(_write_jsonl(data_dir / "r.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])))
+
+
+def test_collate_prefix_response_and_skips(data_dir, tiny_processor):
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "d.jsonl", [_row(answer="12 34"), _row(image="images/b.png")])))
+    tok = tiny_processor.tokenizer
+    batch = bard_collate_fn([ds[0], None, ds[1]], tiny_processor)
+    assert batch["num_skipped"] == 1
+    assert batch["prefix_ids"].shape[0] == 2 and batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
+    header = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    for i in range(2):
+        p = int(batch["prefix_lens"][i])
+        assert batch["prefix_ids"][i, p - len(header) : p].tolist() == header
+    r0 = batch["response_ids"][0, : batch["response_lens"][0]].tolist()
+    assert tok.decode(r0) == "12 34<|im_end|>"
+    assert batch["response_ids"][1, batch["response_lens"][1] :].eq(-1).all()
+    n_img_tokens = (batch["prefix_ids"] == tok.convert_tokens_to_ids("<|image_pad|>")).sum(-1)
+    assert n_img_tokens.tolist() == [4, 6]
+    assert batch["pixel_values"].shape[0] == 16 + 24
+
+
+def test_collate_respects_max_pixels(data_dir, tiny_processor):
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "d.jsonl", [_row(image="images/b.png")])))
+    small = bard_collate_fn([ds[0]], tiny_processor, max_pixels=32 * 32)
+    assert int(small["image_grid_thw"].prod()) <= 4
