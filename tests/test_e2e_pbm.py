@@ -1,0 +1,139 @@
+"""End-to-end PBM on CPU through the real `automodel` front door (tiny model, tiny offline data)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+
+import pytest
+import torch
+import yaml
+
+from tests.e2e_utils import fixed_masked_ce, run_cli, start_cli, training_log, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def data_path(tmp_path_factory):
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("colours"), rows=48, seed=0)
+
+
+def tiny_args(model_dir, data_path, run_root, *extra):
+    return ["finetune", "--config", "conf/bard_tiny.yaml", f"paths.model={model_dir}", f"paths.data={data_path}",
+            f"paths.run_root={run_root}", *extra]
+
+
+@pytest.fixture(scope="module")
+def pbm_run(tiny_bard_dir, data_path, tmp_path_factory):
+    """PBM 4 -> 8 (4 + 4 steps), checkpoints every 3 steps; Hydra overrides + a NeMo-style override."""
+    root = tmp_path_factory.mktemp("pbm")
+    proc = run_cli(tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3"))
+    return root / "bard_pbm_tiny", proc
+
+
+def test_block_size_switches_at_boundary_and_stages_export(pbm_run):
+    run, proc = pbm_run
+    log = training_log(run)
+    assert sorted(log) == list(range(8))
+    assert [log[s]["block_size"] for s in range(8)] == [4, 4, 4, 4, 8, 8, 8, 8]
+    assert "block size 4 -> 8" in proc.stderr + proc.stdout
+    resolved = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    assert resolved["optimizer"]["lr"] == 2e-3  # NeMo-style override folded into the resolved file
+    assert resolved["recipe"] == "nemo_bard.recipes.pbm.BardPBMRecipe"
+
+
+def test_stage_export_loads_with_from_pretrained(pbm_run, tiny_bard_dir):
+    from transformers import AutoModelForImageTextToText
+
+    from nemo_bard import BardVLForConditionalGeneration
+
+    run, _ = pbm_run
+    for b in (4, 8):
+        model = AutoModelForImageTextToText.from_pretrained(run / "stages" / f"b{b}")
+        assert isinstance(model, BardVLForConditionalGeneration) and model.config.block_size == b
+    before = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir).state_dict()
+    after = AutoModelForImageTextToText.from_pretrained(run / "stages" / "b4").state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "stage export must hold trained weights"
+
+
+def test_loss_decreases(pbm_run, tiny_bard_dir, data_path):
+    run, _ = pbm_run
+    start = fixed_masked_ce(tiny_bard_dir, data_path)
+    end = fixed_masked_ce(run / "stages" / "b8", data_path)
+    assert end < start - 0.5, (start, end)
+    log = training_log(run)
+    assert all(torch.isfinite(torch.tensor(rec["loss"])) for rec in log.values())
+
+
+def test_nemo_native_cli_form_reaches_recipe(pbm_run, tmp_path):
+    """`automodel <plain NeMo yaml> --a.b=c` (NeMo AutoModel 0.7's own form) runs unchanged."""
+    run, _ = pbm_run
+    cfg = yaml.safe_load((run / "resolved_config.yaml").read_text())
+    cfg["checkpoint"]["checkpoint_dir"] = str(tmp_path / "native")
+    cfg.pop("block_merge")
+    cfg["bard"]["block_size"] = 4
+    plain = tmp_path / "plain_nemo.yaml"
+    plain.write_text(yaml.safe_dump(cfg))
+    run_cli([str(plain), "--step_scheduler.max_steps=2", "--checkpoint.enabled=false"])
+    log = training_log(tmp_path / "native")
+    assert list(log) == [0, 1] and log[1]["block_size"] == 4
+
+
+def test_bad_schedule_is_a_clear_error_before_training(tiny_bard_dir, data_path, tmp_path):
+    proc = run_cli(tiny_args(tiny_bard_dir, data_path, tmp_path, "step_scheduler.max_steps=9"), check=False)
+    assert proc.returncode != 0
+    assert "block_merge.schedule steps sum to 8 but step_scheduler.max_steps=9" in proc.stderr + proc.stdout
+    assert not (tmp_path / "bard_pbm_tiny" / "training.jsonl").exists()
+
+
+def test_empty_dataset_fails_before_model_loads(tiny_bard_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    proc = run_cli(tiny_args(tiny_bard_dir, empty, tmp_path), check=False)
+    out = proc.stderr + proc.stdout
+    assert proc.returncode != 0 and "has no usable rows" in out
+    assert "Instantiating" not in out and "Loading weights" not in out
+
+
+def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, tmp_path):
+    """Kill after the step-2 checkpoint (mid B=4 stage), resume, and the losses match the uninterrupted run."""
+    full, _ = pbm_run
+    root = tmp_path / "killed"
+    args = tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3")
+    proc = start_cli(args, tmp_path / "log.txt")
+    ckpt = root / "bard_pbm_tiny" / "epoch_0_step_2"
+    try:
+        wait_for(lambda: (root / "bard_pbm_tiny" / "LATEST").resolve() == ckpt.resolve(), timeout=400, proc=proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ckpt, resumed / "bard_pbm_tiny" / "epoch_0_step_2")
+    run_cli(tiny_args(tiny_bard_dir, data_path, resumed, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3",
+                      f"checkpoint.restore_from={resumed / 'bard_pbm_tiny' / 'epoch_0_step_2'}"))
+    a, b = training_log(full), training_log(resumed / "bard_pbm_tiny")
+    assert sorted(b) == list(range(3, 8))
+    for step in range(3, 8):
+        assert b[step]["block_size"] == a[step]["block_size"]
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
+    assert (resumed / "bard_pbm_tiny" / "stages" / "b4" / "config.json").exists()
+
+
+def test_two_process_fsdp2(tiny_bard_dir, data_path, tmp_path):
+    """--nproc-per-node 2: real FSDP2 sharding on CPU (gloo); one model shard file per rank."""
+    proc = run_cli(tiny_args(tiny_bard_dir, data_path, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=4",
+                             "step_scheduler.ckpt_every_steps=100",
+                             "block_merge.schedule=[{block_size:4,steps:2},{block_size:8,steps:2}]"))
+    run = tmp_path / "bard_pbm_tiny"
+    log = training_log(run)
+    assert [log[s]["block_size"] for s in range(4)] == [4, 4, 8, 8]
+    shards = sorted(p.name for p in (run / "epoch_0_step_3" / "model").glob("shard-*.safetensors"))
+    assert len(shards) == 2, shards
+    assert "torch.distributed.run" in proc.stdout
+    from transformers import AutoModelForImageTextToText
+
+    assert AutoModelForImageTextToText.from_pretrained(run / "stages" / "b4").config.block_size == 4
