@@ -202,3 +202,23 @@ def test_convert_adds_mask_token_at_requested_id(tmp_path, tiny_ar_dir):
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.convert_tokens_to_ids("<|mask|>") == 349
     assert tok.decode([349]) == "<|mask|>"
+
+
+@torch.no_grad()
+def test_flex_attention_block_mask_matches_dense(tiny_bard_dir, tiny_bard_model):
+    from transformers import AutoModelForImageTextToText
+
+    from nemo_bard.attention.masks import PAD, flex_block_mask
+
+    flex = AutoModelForImageTextToText.from_pretrained(
+        tiny_bard_dir, dtype=torch.float32,
+        attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"},
+    ).eval()
+    p, r, length = torch.tensor([5, 3]), torch.tensor([8, 4]), 21
+    kind, block = training_token_meta(p, r, B, length)
+    ids = torch.randint(0, 300, (2, length), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(length)[None, None].expand(3, 2, length)
+    dense = tiny_bard_model(input_ids=ids, attention_mask=dense_mask(kind, block), position_ids=pos).logits
+    out = flex(input_ids=ids, attention_mask=flex_block_mask(kind, block), position_ids=pos).logits
+    real = kind != PAD
+    torch.testing.assert_close(out[real], dense[real], rtol=0, atol=1e-5)

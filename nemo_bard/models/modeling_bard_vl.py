@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import transformers.models.qwen3_vl.modeling_qwen3_vl as _qwen3_vl_modeling
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLCausalLMOutputWithPast
 
 from nemo_automodel.components.models.qwen3_vl.model import (
@@ -26,6 +27,12 @@ from nemo_automodel.components.models.qwen3_vl.model import (
 )
 from nemo_bard.attention.masks import additive_mask, prefill_mask
 from nemo_bard.models.configuration_bard_vl import BardVLConfig
+
+# transformers 5.18 refuses attn_implementation="flex_attention" for the Qwen3-VL text decoder only
+# because the flag is unset; its attention goes through the generic interface and matches SDPA with
+# the equivalent dense mask (tests/test_model.py). Enable it so long sequences can use a BlockMask:
+# attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"}.
+_qwen3_vl_modeling.Qwen3VLTextModel._supports_flex_attn = True
 
 
 def text_attn_implementation(model: torch.nn.Module) -> str:
