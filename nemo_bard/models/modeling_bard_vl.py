@@ -79,8 +79,8 @@ class BardVLForConditionalGeneration(_NeMoQwen3VLForConditionalGeneration):
             )
         valid = attention_mask_2d.bool()
         pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        lens = valid.long().sum(-1, keepdim=True)
-        deltas = lens - input_ids.shape[1]
+        # text only: positions are 0..n-1 over the real tokens, so max + 1 - n = 0 (get_rope_index's convention)
+        deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
         return pos[None].expand(3, -1, -1).contiguous(), deltas
 
     def forward(

@@ -1,0 +1,175 @@
+"""Answer one prompt with a BARD (``bard_vl``) checkpoint by block-diffusion decoding.
+
+    python -m nemo_bard.generate --model DIR [--image PATH ...] [--video PATH ...] --prompt TEXT
+        [--system TEXT] [--block-size 32] [--denoising-steps 32] [--confidence-threshold 0.9]
+        [--remasking-strategy low_confidence_dynamic] [--temperature 0] [--max-new-tokens 1024]
+        [--stream] [--stats-json FILE] [--device cuda|cpu] [--dtype auto] [--seed N]
+
+Images are read with PIL. A video is a directory of frame images (sorted by name) or, when PyAV /
+decord / OpenCV / torchcodec is installed, a video file. On a GPU the default is bf16, on CPU fp32.
+Every option also accepts its underscore spelling (``--block_size``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+class UsageError(ValueError):
+    """A user-fixable problem; printed as one line and exit code 2."""
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add ``--a-b`` together with its underscore spelling ``--a_b``."""
+    spellings = [f"--{name}"] + ([f"--{name.replace('-', '_')}"] if "-" in name else [])
+    parser.add_argument(*spellings, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nemo_bard.generation.sampling import REMASKING_STRATEGIES
+
+    ap = argparse.ArgumentParser(prog="python -m nemo_bard.generate", description=__doc__.splitlines()[0])
+    _flag(ap, "model", required=True, help="bard_vl checkpoint directory")
+    _flag(ap, "image", action="append", default=[], help="image file (repeatable)")
+    _flag(ap, "video", action="append", default=[], help="video file or directory of frames (repeatable)")
+    _flag(ap, "video-fps", type=float, default=2.0, help="frame rate of a frame directory (default 2)")
+    _flag(ap, "prompt", required=True, help="user text")
+    _flag(ap, "system", default=None, help="optional system message")
+    _flag(ap, "block-size", type=int, default=None, help="block size B (default: the checkpoint's)")
+    _flag(ap, "denoising-steps", type=int, default=None, help="max denoising steps per block S (default B)")
+    _flag(ap, "confidence-threshold", type=float, default=0.9, help="tau of the dynamic strategy (default 0.9)")
+    _flag(ap, "remasking-strategy", default="low_confidence_dynamic", choices=REMASKING_STRATEGIES)
+    _flag(ap, "temperature", type=float, default=0.0, help="0 = greedy (default)")
+    _flag(ap, "top-k", type=int, default=None)
+    _flag(ap, "top-p", type=float, default=None)
+    _flag(ap, "max-new-tokens", type=int, default=1024)
+    _flag(ap, "stream", action="store_true", help="print the answer block by block as blocks commit")
+    _flag(ap, "stats-json", default=None, help="write decoding statistics to this JSON file")
+    _flag(ap, "device", default=None, help="cuda or cpu (default: cuda when available)")
+    _flag(ap, "dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
+    _flag(ap, "seed", type=int, default=None)
+    return ap
+
+
+def check_model_dir(path: str) -> dict:
+    """The checkpoint's config.json as a dict; raises :class:`UsageError` unless it is a bard_vl directory."""
+    model_dir = Path(path)
+    cfg_path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise UsageError(f"--model {path}: no such directory; pass a bard_vl checkpoint directory")
+    if not cfg_path.is_file():
+        raise UsageError(f"--model {path}: no config.json; pass a Hugging Face bard_vl checkpoint directory")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("model_type") != "bard_vl":
+        raise UsageError(
+            f"--model {path}: config.json model_type is {cfg.get('model_type')!r}, not 'bard_vl'; convert an "
+            f"autoregressive Qwen3-VL first: python -m nemo_bard.convert --src {path} --dst OUT"
+        )
+    return cfg
+
+
+def check_args(args: argparse.Namespace) -> dict:
+    """Validate paths and numbers before any heavy work; returns the checkpoint config."""
+    cfg = check_model_dir(args.model)
+    for flag, paths in (("--image", args.image), ("--video", args.video)):
+        for p in paths:
+            if not Path(p).exists():
+                raise UsageError(f"{flag} {p}: file not found; pass the path of an existing {flag[2:]}")
+    for flag, value in (("--block-size", args.block_size), ("--denoising-steps", args.denoising_steps),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be >= 1, got {value}")
+    recorded = cfg.get("block_size")
+    if args.block_size is not None and recorded is not None and args.block_size != recorded:
+        print(
+            f"nemo_bard.generate: warning: --block-size {args.block_size} differs from the checkpoint's block_size "
+            f"{recorded} (config.json); decoding with {args.block_size} may lose accuracy",
+            file=sys.stderr,
+        )
+    return cfg
+
+
+def _device_dtype(args: argparse.Namespace):
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
+    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    return device, getattr(torch, name)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Load, decode, print; returns the statistics dict."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import nemo_bard  # noqa: F401  registers bard_vl
+    from nemo_bard.generation import block_diffusion_generate
+    from nemo_bard.generation.inputs import build_inputs, load_image, load_video
+
+    device, dtype = _device_dtype(args)
+    images = [load_image(p) for p in args.image]
+    videos = [load_video(p, args.video_fps) for p in args.video]
+    processor = AutoProcessor.from_pretrained(args.model)
+    model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    inputs = build_inputs(processor, [args.prompt], [images], [videos], system=args.system)
+    for key in ("pixel_values", "pixel_values_videos"):
+        if key in inputs:
+            inputs[key] = inputs[key].to(dtype)
+
+    tokenizer = processor.tokenizer
+    streamed: list[int] = []
+    printed = [0]
+
+    def on_block(row: int, tokens: list[int]) -> None:  # print the new suffix of the decoded answer
+        streamed.extend(tokens)
+        text = tokenizer.decode(streamed, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # hold back a character split across blocks
+            print(text[printed[0]:], end="", flush=True)
+            printed[0] = len(text)
+
+    out = block_diffusion_generate(
+        model, **inputs, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+        denoising_steps=args.denoising_steps, remasking_strategy=args.remasking_strategy,
+        confidence_threshold=args.confidence_threshold, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, streamer=on_block if args.stream else None,
+    )
+    answer = tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
+    print(answer[printed[0]:] if args.stream else answer, flush=True)
+    block_size = args.block_size or model.config.block_size
+    stats = out.stats()
+    stats.update(
+        answer=answer, model=str(args.model), block_size=block_size,
+        denoising_steps=min(args.denoising_steps or block_size, block_size),
+        remasking_strategy=args.remasking_strategy, confidence_threshold=args.confidence_threshold,
+        temperature=args.temperature, max_new_tokens=args.max_new_tokens, device=str(device),
+        dtype=str(dtype).replace("torch.", ""), prompt_tokens=int(inputs["input_ids"].shape[1]),
+    )
+    if args.stats_json:
+        Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.stats_json).write_text(json.dumps(stats, indent=2) + "\n")
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for usage errors)."""
+    from nemo_bard.generation.inputs import InputError
+
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        run(args)
+    except (UsageError, InputError) as exc:
+        print(f"nemo_bard.generate: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

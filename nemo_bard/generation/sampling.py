@@ -1,0 +1,64 @@
+"""Token sampling and remasking (which masked positions to commit) for block diffusion (BARD_SPEC §7)."""
+
+from __future__ import annotations
+
+import torch
+
+REMASKING_STRATEGIES = ("low_confidence_dynamic", "low_confidence_static")
+
+
+def step_schedule(block_size: int, steps: int) -> list[int]:
+    """Tokens to commit at each step: ``[B//S + 1] * (B % S) + [B//S] * (S - B % S)``."""
+    base, rem = divmod(block_size, steps)
+    return [base + 1] * rem + [base] * (steps - rem)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row of ``logits [N, V]``; return ``(tokens [N], confidence [N])``.
+
+    Temperature 0 is greedy argmax. The confidence is the full-vocabulary softmax probability of the
+    chosen token under the raw logits (temperature and top-k/top-p only shape the sampling).
+    """
+    logits = logits.float()
+    probs = logits.softmax(-1)
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+    else:
+        scaled = logits / temperature
+        if top_k is not None and 0 < top_k < scaled.shape[-1]:
+            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
+            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        if top_p is not None and 0 < top_p < 1:
+            sorted_logits, order = scaled.sort(-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            scaled = scaled.masked_fill(drop, float("-inf"))
+        tokens = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+    return tokens, probs.gather(-1, tokens[:, None])[:, 0]
+
+
+def select_commits(
+    confidence: torch.Tensor, masked: torch.Tensor, n_commit: int, strategy: str, threshold: float
+) -> torch.Tensor:
+    """Positions to commit this step, ``[b, B]`` bool, from ``confidence`` (-inf where not masked).
+
+    ``low_confidence_static``: the ``n_commit`` most confident masked positions.
+    ``low_confidence_dynamic``: every masked position with confidence ``> threshold`` if there are at least
+    ``n_commit`` of them, else the ``n_commit`` most confident. Never more than the masked positions of a row.
+    """
+    k = masked.sum(-1, keepdim=True).clamp(max=n_commit)
+    rank = confidence.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    top = masked & (rank < k)
+    if strategy == "low_confidence_static":
+        return top
+    if strategy != "low_confidence_dynamic":
+        raise ValueError(f"remasking_strategy={strategy!r} is not one of {REMASKING_STRATEGIES}")
+    high = masked & (confidence > threshold)
+    return torch.where(high.sum(-1, keepdim=True) >= n_commit, high, top)

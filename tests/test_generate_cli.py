@@ -1,0 +1,104 @@
+"""``python -m nemo_bard.generate``: answer + stats JSON on the tiny model, and one-line usage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nemo_bard.generate import build_parser, main
+from nemo_bard.generation.inputs import video_backend
+from tests.conftest import random_image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "digits.png"
+    random_image(5, 64, 96).save(path)
+    return path
+
+
+def test_cli_subprocess_writes_stats_json(tiny_bard_dir, image_path, tmp_path):
+    stats_path = tmp_path / "stats.json"
+    cmd = [
+        sys.executable, "-m", "nemo_bard.generate", "--model", str(tiny_bard_dir), "--image", str(image_path),
+        "--prompt", "Read the digits.", "--max-new-tokens", "8", "--stats-json", str(stats_path),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    stats = json.loads(stats_path.read_text())
+    for key in ("response_tokens", "num_forwards", "tokens_per_forward", "wall_time", "prefill_time", "answer"):
+        assert key in stats
+    assert 1 <= stats["response_tokens"] <= 8 and stats["num_forwards"] >= 2  # two blocks of B=4
+    assert stats["tokens_per_forward"] == pytest.approx(stats["response_tokens"] / stats["num_forwards"])
+    assert stats["block_size"] == 4 and stats["device"] == "cpu" and stats["dtype"] == "float32"
+    assert stats["answer"] in proc.stdout
+
+
+def test_cli_stream_and_block_size_warning(tiny_bard_dir, image_path, tmp_path, capsys):
+    stats_path = tmp_path / "s.json"
+    rc = main([
+        "--model", str(tiny_bard_dir), "--image", str(image_path), "--prompt", "Describe the image.",
+        "--block_size", "2", "--denoising_steps", "2", "--max_new_tokens", "6", "--stream",
+        "--stats_json", str(stats_path),
+    ])
+    out = capsys.readouterr()
+    assert rc == 0
+    assert "warning: --block-size 2 differs from the checkpoint's block_size 4" in out.err
+    stats = json.loads(stats_path.read_text())
+    assert stats["block_size"] == 2 and stats["denoising_steps"] == 2
+    assert out.out == stats["answer"] + "\n"  # streamed block by block, then a newline
+
+
+def test_cli_video_frame_directory(tiny_bard_dir, tmp_path, capsys):
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(4):
+        random_image(20 + i).save(frames / f"{i:03d}.png")
+    stats_path = tmp_path / "v.json"
+    rc = main(["--model", str(tiny_bard_dir), "--video", str(frames), "--prompt", "Describe.",
+               "--max-new-tokens", "4", "--stats-json", str(stats_path)])
+    assert rc == 0 and json.loads(stats_path.read_text())["prompt_tokens"] > 20
+
+
+@pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "video_file"])
+def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys):
+    argv = ["--model", str(tiny_bard_dir), "--prompt", "hi"]
+    if case == "missing_image":
+        argv += ["--image", str(tmp_path / "nope.png")]
+        expected = f"--image {tmp_path / 'nope.png'}: file not found"
+    elif case == "ar_model":
+        argv[1] = str(tiny_ar_dir)
+        expected = f"python -m nemo_bard.convert --src {tiny_ar_dir} --dst OUT"
+    elif case == "missing_model":
+        argv[1] = str(tmp_path / "none")
+        expected = "no such directory"
+    else:
+        if video_backend() is not None:
+            pytest.skip("a video decoder is installed; video files are supported")
+        clip = tmp_path / "clip.mp4"
+        clip.write_bytes(b"\x00")
+        argv += ["--video", str(clip)]
+        expected = "pass a directory of frame images"
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("nemo_bard.generate: error: ") and expected in err[0]
+
+
+def test_cli_accepts_dash_and_underscore_spellings():
+    parser = build_parser()
+    dash = parser.parse_args(["--model", "m", "--prompt", "p", "--block-size", "8", "--denoising-steps", "4",
+                              "--confidence-threshold", "0.5", "--max-new-tokens", "3",
+                              "--remasking-strategy", "low_confidence_static", "--stats-json", "x.json"])
+    under = parser.parse_args(["--model", "m", "--prompt", "p", "--block_size", "8", "--denoising_steps", "4",
+                               "--confidence_threshold", "0.5", "--max_new_tokens", "3",
+                               "--remasking_strategy", "low_confidence_static", "--stats_json", "x.json"])
+    assert vars(dash) == vars(under)
+    assert (dash.block_size, dash.denoising_steps, dash.confidence_threshold, dash.max_new_tokens) == (8, 4, 0.5, 3)

@@ -1,0 +1,364 @@
+"""Block-diffusion decoding: exactness against an uncached reference, fused commit, batching, stats, streaming."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from nemo_bard.attention.masks import CLEAN, NOISY, PREFIX, dense_mask
+from nemo_bard.generation import (
+    BlockKVCache,
+    GenerationOutput,
+    ar_generate,
+    block_diffusion_generate,
+    select_commits,
+    step_schedule,
+)
+from tests.conftest import random_image
+
+STATIC, DYNAMIC = "low_confidence_static", "low_confidence_dynamic"
+# (text, [(image seed, height, width), ...]) -- uneven lengths and image counts
+PROMPTS = [
+    ("hello", []),
+    ("Read the digits.", [(1, 64, 64)]),
+    ("Describe the image.", [(2, 64, 64), (3, 64, 96)]),
+    ("What is the number? 12 + 7", [(4, 96, 64)]),
+]
+
+
+def encode(processor, items, side: str = "left"):
+    """Chat-format prompts with their images, padded on ``side``."""
+    texts = [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * len(ims) + [{"type": "text", "text": text}]}],
+            tokenize=False, add_generation_prompt=True,
+        )
+        for text, ims in items
+    ]
+    images = [random_image(s, h, w) for _, ims in items for s, h, w in ims]
+    return dict(processor(text=texts, images=images or None, padding=True, padding_side=side, return_tensors="pt"))
+
+
+@pytest.fixture(scope="module")
+def sharp_model(tiny_bard_model):
+    """The tiny model with a 30x lm_head: peaked confidences, so thresholds commit several tokens per step."""
+    model = copy.deepcopy(tiny_bard_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+class LogitsRecorder:
+    """Records every non-empty logits tensor the model produces (i.e. every denoising step)."""
+
+    def __init__(self, model):
+        self.logits: list[torch.Tensor] = []
+        self.handle = model.lm_head.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, out):
+        if out.numel():
+            self.logits.append(out.detach().clone())
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+@torch.no_grad()
+def reference_decode(model, enc, block_size, steps, strategy, threshold, max_new_tokens, stops, pos_shift=0):
+    """Slow reference: full recompute of [prompt | committed blocks | current block] every step, no cache.
+
+    Written from BARD_SPEC §2/§4/§7 independently of the decoder (per-position Python, topk, one prompt).
+    Returns ``(tokens, logits_per_step)`` with the logits at the still-masked positions of each step.
+    """
+    ids, mm = enc["input_ids"], enc["mm_token_type_ids"]
+    p, mask_id = ids.shape[1], model.config.mask_token_id
+    pos_p, _ = model.rope_positions(ids, None, mm, enc.get("image_grid_thw"))
+    start = int(pos_p.max()) + 1 + pos_shift
+    first = -(-p // block_size)
+    resp, all_logits = [], []
+    for k in range(-(-max_new_tokens // block_size)):
+        x = torch.full((block_size,), mask_id)
+        for n in step_schedule(block_size, steps):
+            masked = x == mask_id
+            if not masked.any():
+                break
+            r = len(resp)
+            seq = torch.cat([ids[0], torch.tensor(resp, dtype=torch.long), x])[None]
+            kind = torch.tensor([PREFIX] * p + [CLEAN] * r + [NOISY] * block_size)[None]
+            ids_of_blocks = [i // block_size for i in range(p)] + [first + j // block_size for j in range(r)]
+            block = torch.tensor(ids_of_blocks + [first + k] * block_size)[None]
+            pos = torch.cat([pos_p, (start + torch.arange(r + block_size)).view(1, 1, -1).expand(3, 1, -1)], -1)
+            logits = model(
+                input_ids=seq, attention_mask=dense_mask(kind, block), position_ids=pos,
+                pixel_values=enc.get("pixel_values"), image_grid_thw=enc.get("image_grid_thw"),
+                mm_token_type_ids=torch.cat([mm[0], torch.zeros(r + block_size, dtype=mm.dtype)])[None],
+            ).logits[0, -block_size:]
+            all_logits.append(logits[masked].clone())
+            logits[:, mask_id] = float("-inf")
+            probs = logits.float().softmax(-1)
+            pred = probs.argmax(-1)
+            conf = torch.where(masked, probs.gather(-1, pred[:, None])[:, 0], torch.tensor(float("-inf")))
+            chosen = torch.topk(conf, min(n, int(masked.sum()))).indices.tolist()
+            if strategy == DYNAMIC:
+                high = [i for i in range(block_size) if masked[i] and conf[i] > threshold]
+                if len(high) >= n:
+                    chosen = high
+            for i in chosen:
+                x[i] = pred[i]
+        resp += x.tolist()
+        if any(t in stops for t in x.tolist()):
+            break
+    resp = resp[:max_new_tokens]
+    cut = next((i + 1 for i, t in enumerate(resp) if t in stops), len(resp))
+    return resp[:cut], all_logits
+
+
+CASES = [  # (model, block size, steps, strategy, threshold)
+    ("tiny", 2, 2, STATIC, 1.0),  # one token per forward
+    ("tiny", 4, 4, DYNAMIC, 1.0),  # tau = 1.0: dynamic degenerates to one token per forward
+    ("tiny", 8, 8, STATIC, 1.0),
+    ("tiny", 4, 2, STATIC, 1.0),  # two tokens per step
+    ("tiny", 8, 3, STATIC, 1.0),  # uneven schedule [3, 3, 2]
+    ("sharp", 4, 4, DYNAMIC, 0.5),  # threshold commits several tokens per step
+    ("sharp", 8, 8, DYNAMIC, 0.6),
+    ("sharp", 8, 4, DYNAMIC, 0.3),
+]
+
+
+@pytest.mark.parametrize("which,bs,steps,strategy,tau", CASES)
+def test_cached_fused_decoder_matches_uncached_reference(
+    which, bs, steps, strategy, tau, tiny_bard_model, sharp_model, tiny_processor
+):
+    model = sharp_model if which == "sharp" else tiny_bard_model
+    stops = [model.generation_config.eos_token_id]
+    for items in ([PROMPTS[2]], [PROMPTS[1]]):
+        enc = encode(tiny_processor, items)
+        with LogitsRecorder(model) as rec:
+            out = block_diffusion_generate(
+                model, **enc, max_new_tokens=16, block_size=bs, denoising_steps=steps,
+                remasking_strategy=strategy, confidence_threshold=tau,
+            )
+        ref, ref_logits = reference_decode(model, enc, bs, steps, strategy, tau, 16, stops)
+        assert out.sequences[0, : out.lengths[0]].tolist() == ref
+        assert out.num_forwards == len(ref_logits) == len(rec.logits)
+        for got, want in zip(rec.logits, ref_logits):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    if which == "sharp":
+        assert out.tokens_per_forward > 1.0  # the threshold really committed several tokens per step
+    # The comparison is sensitive: positions off by one give different logits.
+    _, shifted = reference_decode(model, enc, bs, steps, strategy, tau, 16, stops, pos_shift=1)
+    assert (shifted[0] - ref_logits[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("which,strategy,tau", [("tiny", STATIC, 1.0), ("sharp", DYNAMIC, 0.5)])
+def test_fused_commit_equals_separate_commit_forward(
+    which, strategy, tau, tiny_bard_model, sharp_model, tiny_processor
+):
+    model = sharp_model if which == "sharp" else tiny_bard_model
+    enc = encode(tiny_processor, [PROMPTS[3]])
+    kw = dict(max_new_tokens=16, block_size=4, remasking_strategy=strategy, confidence_threshold=tau, eos_token_id=[])
+    with LogitsRecorder(model) as fused_rec:
+        fused = block_diffusion_generate(model, **enc, **kw)
+    with LogitsRecorder(model) as sep_rec:
+        separate = block_diffusion_generate(model, **enc, **kw, fuse_commit=False)
+    assert torch.equal(fused.sequences, separate.sequences)
+    assert len(fused_rec.logits) == len(sep_rec.logits) == fused.num_forwards
+    for a, b in zip(fused_rec.logits, sep_rec.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    assert separate.num_forwards == fused.num_forwards + 3  # one commit forward per block but the last
+    # a batch whose rows stop at different blocks (rows dropped between blocks) agrees as well
+    batch = encode(tiny_processor, PROMPTS)
+    kw.update(max_new_tokens=24, eos_token_id=None, stop_token_ids=[37])
+    fused = block_diffusion_generate(model, **batch, **kw)
+    separate = block_diffusion_generate(model, **batch, **kw, fuse_commit=False)
+    assert torch.equal(fused.sequences, separate.sequences) and torch.equal(fused.lengths, separate.lengths)
+    assert len(set(fused.lengths.tolist())) > 2
+
+
+def _batch_sizes(model):
+    """Records the batch size of every model forward (prefill included)."""
+    sizes: list[int] = []
+    handle = model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: sizes.append(kwargs["inputs_embeds"].shape[0]), with_kwargs=True
+    )
+    return sizes, handle
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_batch_of_uneven_prompts_equals_each_alone(side, tiny_bard_model, tiny_processor):
+    model = tiny_bard_model
+    kw = dict(max_new_tokens=24, block_size=4, remasking_strategy=STATIC, stop_token_ids=[37])
+    alone = [block_diffusion_generate(model, **encode(tiny_processor, [item]), **kw) for item in PROMPTS]
+    finish_blocks = [-(-int(o.lengths[0]) // 4) for o in alone]
+    assert len(set(finish_blocks)) >= 3 and max(finish_blocks) == 6  # rows really stop at different blocks
+
+    sizes, handle = _batch_sizes(model)
+    try:
+        batch = block_diffusion_generate(model, **encode(tiny_processor, PROMPTS, side), **kw)
+    finally:
+        handle.remove()
+    for i, o in enumerate(alone):
+        n = int(o.lengths[0])
+        assert int(batch.lengths[i]) == n
+        assert batch.sequences[i, :n].tolist() == o.sequences[0, :n].tolist()
+        assert (batch.sequences[i, n:] == model.generation_config.pad_token_id).all()
+        assert int(batch.row_forwards[i]) == o.num_forwards
+    assert batch.num_forwards == max(o.num_forwards for o in alone)
+    # finished rows leave the running batch: forwards shrink as rows stop
+    expected = [4] + [sum(fb > k for fb in finish_blocks) for k in range(6) for _ in range(4)]
+    assert sizes == expected
+
+
+@pytest.mark.parametrize("steps", [4, 2, 3])
+def test_static_forwards_per_block_equal_steps(steps, tiny_bard_model, tiny_processor):
+    enc = encode(tiny_processor, [PROMPTS[1]])
+    calls: list[int] = []
+    sizes, handle = _batch_sizes(tiny_bard_model)
+    try:
+        out = block_diffusion_generate(
+            tiny_bard_model, **enc, max_new_tokens=16, block_size=4, denoising_steps=steps,
+            remasking_strategy=STATIC, eos_token_id=[], streamer=lambda row, toks: calls.append(len(sizes)),
+        )
+    finally:
+        handle.remove()
+    assert out.num_forwards == 4 * steps and len(sizes) == 1 + 4 * steps  # prefill + S per block, no commit forward
+    assert calls == [1 + steps * (k + 1) for k in range(4)]  # every block took exactly S forwards
+    assert out.tokens_per_forward == pytest.approx(16 / (4 * steps))
+
+
+def test_mask_token_never_produced(tiny_bard_model, tiny_processor):
+    model = copy.deepcopy(tiny_bard_model)
+    mask_id = model.config.mask_token_id
+    with torch.no_grad():  # make the mask token the argmax everywhere
+        model.lm_head.weight[mask_id] = model.lm_head.weight.sum(0) * 10
+    enc = encode(tiny_processor, [PROMPTS[1]])
+    with LogitsRecorder(model) as rec:
+        out = block_diffusion_generate(model, **enc, max_new_tokens=12, block_size=4, eos_token_id=[])
+    assert all((lg.argmax(-1) == mask_id).all() for lg in rec.logits)  # the raw model wants the mask token...
+    assert not (out.sequences == mask_id).any() and out.lengths.tolist() == [12]  # ...and never gets it
+
+
+def test_lengths_count_up_to_and_including_eos(tiny_bard_model, tiny_processor):
+    enc = encode(tiny_processor, [PROMPTS[0], PROMPTS[1]])
+    free = block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=24, block_size=4, eos_token_id=[])
+    eos = 164  # row 0 emits it mid-block (index 5), row 1 never
+    assert free.sequences[0].tolist().index(eos) == 5 and eos not in free.sequences[1].tolist()
+    out = block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=24, block_size=4, eos_token_id=eos,
+                                   pad_token_id=0)
+    assert out.lengths.tolist() == [6, 24]
+    assert out.sequences.shape == (2, 24)
+    assert out.sequences[0, :6].tolist() == free.sequences[0, :6].tolist() and out.sequences[0, 5] == eos
+    assert (out.sequences[0, 6:] == 0).all()
+    assert out.tokens_per_forward == pytest.approx(30 / out.num_forwards)
+    assert out.row_forwards.tolist() == [8, 24]  # row 0 stopped after its second block
+
+
+def test_streamer_receives_committed_blocks_in_order(tiny_bard_model, tiny_processor):
+    from transformers.generation.streamers import BaseStreamer, TextStreamer
+
+    enc = encode(tiny_processor, [PROMPTS[0], PROMPTS[2]])
+    got: list[tuple[int, list[int]]] = []
+    out = block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=22, block_size=4, eos_token_id=164,
+                                   streamer=lambda row, toks: got.append((row, toks)))
+    for row in range(2):
+        blocks = [t for r, t in got if r == row]
+        assert sum(blocks, []) == out.sequences[row, : out.lengths[row]].tolist()
+        assert all(len(b) == 4 for b in blocks[:-1])
+    assert [len(t) for r, t in got if r == 1][-1] == 2  # max_new_tokens=22 cuts the last block
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.puts, self.ended = [], 0
+
+        def put(self, value):
+            self.puts.append(value.tolist())
+
+        def end(self):
+            self.ended += 1
+
+    single = encode(tiny_processor, [PROMPTS[1]])
+    rec = Recorder()
+    out = block_diffusion_generate(tiny_bard_model, **single, max_new_tokens=12, block_size=4, streamer=rec)
+    assert rec.puts[0] == single["input_ids"].tolist()  # the prompt first, as HF generate does
+    assert sum(rec.puts[1:], []) == out.sequences[0, : out.lengths[0]].tolist() and rec.ended == 1
+    with pytest.raises(ValueError, match="batch size 1"):
+        block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=4, streamer=Recorder())
+    text = TextStreamer(tiny_processor.tokenizer, skip_prompt=True)  # HF's own streamer works as is
+    block_diffusion_generate(tiny_bard_model, **single, max_new_tokens=8, block_size=4, streamer=text)
+
+
+def test_model_generate_delegates_and_defaults(tiny_bard_model, tiny_processor):
+    enc = encode(tiny_processor, [PROMPTS[1]])
+    out = tiny_bard_model.generate(**enc, max_new_tokens=8)
+    assert isinstance(out, GenerationOutput)
+    same = block_diffusion_generate(
+        tiny_bard_model, **enc, max_new_tokens=8, block_size=4, denoising_steps=4,
+        remasking_strategy=DYNAMIC, confidence_threshold=0.9,
+    )
+    assert torch.equal(out.sequences, same.sequences) and out.num_forwards == same.num_forwards
+    assert out.wall_time > 0 and 0 < out.prefill_time < out.wall_time
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy(tiny_bard_model, tiny_processor):
+    enc = encode(tiny_processor, [PROMPTS[1]])
+    kw = dict(max_new_tokens=12, block_size=4, eos_token_id=[])
+    a = block_diffusion_generate(tiny_bard_model, **enc, **kw, temperature=1.0, seed=3)
+    b = block_diffusion_generate(tiny_bard_model, **enc, **kw, temperature=1.0, seed=3)
+    c = block_diffusion_generate(tiny_bard_model, **enc, **kw, temperature=1.0, seed=4)
+    assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
+    greedy = block_diffusion_generate(tiny_bard_model, **enc, **kw)
+    top1 = block_diffusion_generate(tiny_bard_model, **enc, **kw, temperature=0.7, top_k=1, seed=0)
+    nucleus = block_diffusion_generate(tiny_bard_model, **enc, **kw, temperature=0.7, top_p=1e-6, seed=0)
+    assert torch.equal(greedy.sequences, top1.sequences) and torch.equal(greedy.sequences, nucleus.sequences)
+
+
+def test_schedule_and_commit_rules():
+    assert step_schedule(32, 32) == [1] * 32
+    assert step_schedule(8, 3) == [3, 3, 2]
+    assert step_schedule(32, 5) == [7, 7, 6, 6, 6]
+    conf = torch.tensor([[0.95, 0.2, 0.91, 0.5], [0.95, 0.2, 0.3, float("-inf")], [0.9, 0.1, 0.2, 0.3]])
+    masked = conf > float("-inf")
+    static = select_commits(conf, masked, 1, STATIC, 0.9)
+    assert static.tolist() == [[True, False, False, False], [True, False, False, False], [True, False, False, False]]
+    dyn = select_commits(conf, masked, 1, DYNAMIC, 0.9)
+    # row 0: two above tau; row 1: one above tau (>= n); row 2: 0.9 is not > 0.9 -> the top-1
+    assert dyn.tolist() == [[True, False, True, False], [True, False, False, False], [True, False, False, False]]
+    assert select_commits(conf, masked, 3, DYNAMIC, 0.9)[0].tolist() == [True, False, True, True]  # 2 < n: top-3
+    assert select_commits(conf, masked, 4, STATIC, 0.9)[1].tolist() == [True, True, True, False]  # clamp to masked
+
+
+def test_cache_writes_after_committed_length_without_copies():
+    cache = BlockKVCache(num_layers=1, capacity=10)
+    k = torch.randn(2, 1, 4, 3)
+    keys, _ = cache.update(k, k, 0)
+    ptr = keys.data_ptr()
+    assert keys.shape[2] == 4 and torch.equal(keys, k)
+    cache.commit(4)
+    scratch = torch.randn(2, 1, 3, 3)
+    keys, _ = cache.update(scratch, scratch, 0)
+    assert keys.shape[2] == 7 and keys.data_ptr() == ptr  # a view of the same buffer
+    again = torch.randn(2, 1, 3, 3)
+    keys, _ = cache.update(again, again, 0)  # uncommitted slots are overwritten, not appended
+    assert keys.shape[2] == 7 and torch.equal(keys[:, :, 4:], again) and torch.equal(keys[:, :, :4], k)
+    cache.select_rows(torch.tensor([1]))
+    assert cache.layers[0].keys.shape[0] == 1 and cache.get_seq_length() == 4
+    with pytest.raises(RuntimeError, match="capacity"):
+        cache.commit(7)
+
+
+def test_ar_baseline_greedy(tiny_ar_dir, tiny_processor):
+    from transformers import AutoModelForImageTextToText
+
+    ar = AutoModelForImageTextToText.from_pretrained(tiny_ar_dir, dtype=torch.float32).eval()
+    enc = encode(tiny_processor, [PROMPTS[1]])
+    out = ar_generate(ar, **enc, max_new_tokens=8, eos_token_id=[])
+    assert out.lengths.tolist() == [8] and out.num_forwards == 8 and out.tokens_per_forward == 1.0
+    ref = ar.generate(**enc, max_new_tokens=8, do_sample=False)[0, enc["input_ids"].shape[1]:]
+    assert out.sequences[0].tolist() == ref.tolist()
+    batch = ar_generate(ar, **encode(tiny_processor, PROMPTS[:2]), max_new_tokens=8, eos_token_id=[])
+    assert batch.sequences.shape == (2, 8) and batch.sequences[1].tolist() == out.sequences[0].tolist()
