@@ -1,0 +1,82 @@
+"""Evaluate BARD / AR Qwen3-VL checkpoints on a chat dataset with reference answers.
+
+    python -m nemo_bard.eval --model DIR [--model DIR2 ...] --data DATA [--root-dir DIR] [--limit N]
+        [--points 4:4:1.0,16:16:0.9,...] [--batch-size 8] [--max-new-tokens 64]
+        [--out-dir DIR] [--name LABEL ...] [--ar]
+
+A ``bard_vl`` model is evaluated at every point ``BLOCK:STEPS:THRESHOLD[:static|dynamic]``
+(strategy default: static when THRESHOLD >= 1.0, else dynamic; default points: the checkpoint's
+block size at 1.0 and 0.9); a ``qwen3_vl`` model (or any model with ``--ar``) with the AR
+baseline. All rows land in one results.json / results.md / results.png under ``--out-dir``,
+with tokens/s relative to the AR row when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m nemo_bard.eval", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", required=True, help="checkpoint directory (repeatable)")
+    ap.add_argument("--data", required=True, help="save_to_disk directory, .jsonl file or directory of .jsonl")
+    ap.add_argument("--root-dir", default=None,
+                    help="base of relative image paths (default: the dataset dir, or its parent)")
+    ap.add_argument("--split", default=None, help="split name when --data holds a DatasetDict")
+    ap.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
+    ap.add_argument("--points", default=None, help="comma-separated BLOCK:STEPS:THRESHOLD[:static|dynamic]")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--out-dir", default="eval_results", help="where results.{json,md,png} go (default ./eval_results)")
+    ap.add_argument("--name", action="append", default=None, help="label per --model (default: directory name)")
+    ap.add_argument("--ar", action="store_true", help="decode every --model with the AR baseline (causal Qwen3-VL)")
+    ap.add_argument("--reference", default=None, help="row name the ×AR column divides by (default: first AR row)")
+    ap.add_argument("--title", default=None, help="title of the table and plot")
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    ap.add_argument("--dtype", default="auto", help="float32 / bfloat16 / auto (bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (1 gives stable timings on a small, shared CPU)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
+    ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from nemo_bard.eval.evaluate import evaluate, load_samples, parse_points
+    from nemo_bard.eval.report import markdown_table, write_report
+
+    names = args.name or []
+    if len(names) > len(args.model):
+        print(f"error: {len(names)} --name for {len(args.model)} --model", file=sys.stderr)
+        return 2
+    try:
+        points = parse_points(args.points)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    samples = load_samples(args.data, args.root_dir, args.limit, args.split)
+    print(f"{len(samples)} samples from {args.data}")
+    rows = []
+    for i, model_dir in enumerate(args.model):
+        rows += evaluate(
+            model_dir, samples, points, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+            name=names[i] if i < len(names) else None, force_ar=args.ar, device=args.device, dtype=args.dtype,
+            warmup=not args.no_warmup, progress=not args.no_progress,
+        )
+    paths = write_report(rows, args.out_dir, reference=args.reference, title=args.title)
+    print(markdown_table(rows, args.reference), end="")
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

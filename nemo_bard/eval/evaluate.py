@@ -1,0 +1,457 @@
+"""Evaluate a ``bard_vl`` (block diffusion) or AR Qwen3-VL checkpoint on a chat dataset with reference answers.
+
+The reference of a row is its ``answer`` column when present, else the text of its last assistant
+turn; the prompt is the conversation before that turn, rendered with the processor's chat
+template (``add_generation_prompt=True``) and batched with left padding. Predictions are decoded
+with special tokens skipped and stripped, then scored with :mod:`nemo_bard.eval.metrics`.
+
+A ``bard_vl`` model is evaluated at a list of decoding points ``(block size, denoising steps,
+threshold[, strategy])``; an AR model (``model_type: qwen3_vl``, or any model with ``force_ar``)
+through :func:`nemo_bard.generation.ar_generate`. Speed numbers per point:
+
+* ``tokens_per_second`` = response tokens (up to and including eos) / summed wall time of the
+  generation calls (prefill included; prompt building and scoring excluded);
+* ``tokens_per_forward`` (TPF) = response tokens / per-row decoding forwards, i.e. the tokens a
+  sequence gains per forward as if decoded alone (independent of the batch size; exactly 1.0
+  for AR, 1.0 for block diffusion at threshold 1.0 with S = B);
+* ``num_forwards`` = batched decoding forwards summed over batches (prefill excluded; one batched
+  forward counts once); ``row_forwards`` = the same counted per sequence;
+  ``tokens_per_batch_forward`` = response tokens / ``num_forwards``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from nemo_bard.eval.metrics import aggregate, score
+
+logger = logging.getLogger(__name__)
+
+STRATEGY_ALIASES = {
+    "static": "low_confidence_static",
+    "dynamic": "low_confidence_dynamic",
+    "low_confidence_static": "low_confidence_static",
+    "low_confidence_dynamic": "low_confidence_dynamic",
+}
+_PROCESSOR_KEYS = (
+    "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+    "mm_token_type_ids",
+)
+
+
+@dataclass(frozen=True)
+class DecodePoint:
+    """One decoding setting. All fields None = the AR baseline.
+
+    ``strategy`` defaults to ``low_confidence_static`` when ``threshold >= 1.0`` (a fixed number of
+    tokens per step; with S = B that is one token per forward) and ``low_confidence_dynamic``
+    otherwise (commit every position with confidence > threshold, at least the scheduled number).
+    """
+
+    block_size: int | None = None
+    denoising_steps: int | None = None
+    threshold: float | None = None
+    strategy: str | None = None
+
+    @property
+    def is_ar(self) -> bool:
+        return self.block_size is None
+
+    @property
+    def remasking_strategy(self) -> str | None:
+        if self.is_ar:
+            return None
+        if self.strategy:
+            return STRATEGY_ALIASES[self.strategy]
+        return "low_confidence_static" if (self.threshold if self.threshold is not None else 1.0) >= 1.0 \
+            else "low_confidence_dynamic"
+
+    @property
+    def label(self) -> str:
+        """Short name, e.g. ``B16 S16 t0.9`` or ``AR``."""
+        if self.is_ar:
+            return "AR"
+        tau = 1.0 if self.threshold is None else self.threshold
+        text = f"B{self.block_size} S{self.denoising_steps or self.block_size} t{tau:g}"
+        if self.strategy:
+            text += f" {self.remasking_strategy.removeprefix('low_confidence_')}"
+        return text
+
+    @classmethod
+    def parse(cls, spec: str) -> "DecodePoint":
+        """``"B:S:tau"`` or ``"B:S:tau:static|dynamic"``; ``"AR"`` for the AR baseline."""
+        spec = spec.strip()
+        if spec.lower() == "ar":
+            return cls()
+        parts = spec.split(":")
+        if not 3 <= len(parts) <= 4:
+            raise ValueError(f"decoding point {spec!r}: expected BLOCK:STEPS:THRESHOLD[:static|dynamic]")
+        try:
+            b, s, tau = int(parts[0]), int(parts[1]), float(parts[2])
+        except ValueError:
+            raise ValueError(f"decoding point {spec!r}: BLOCK and STEPS must be integers, THRESHOLD a number") from None
+        if b < 1 or not 1 <= s <= b:
+            raise ValueError(f"decoding point {spec!r}: need BLOCK >= 1 and 1 <= STEPS <= BLOCK")
+        strategy = parts[3].strip() if len(parts) == 4 else None
+        if strategy is not None and strategy not in STRATEGY_ALIASES:
+            raise ValueError(f"decoding point {spec!r}: strategy must be one of {sorted(STRATEGY_ALIASES)}")
+        return cls(b, s, tau, strategy)
+
+
+def parse_points(spec: str | Sequence[str | DecodePoint] | None) -> list[DecodePoint]:
+    """Comma-separated point specs (``"4:4:1.0,16:16:0.9"``) or a list of specs / points."""
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    items = [p for p in items if not (isinstance(p, str) and not p.strip())]
+    return [p if isinstance(p, DecodePoint) else DecodePoint.parse(p) for p in items]
+
+
+def default_points(block_size: int) -> list[DecodePoint]:
+    """One token per forward (tau 1.0) and the fast dynamic setting (tau 0.9) at the checkpoint's block size."""
+    return [DecodePoint(block_size, block_size, 1.0), DecodePoint(block_size, block_size, 0.9)]
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation."""
+
+    model: torch.nn.Module
+    processor: Any
+    kind: str  # "bard" or "ar"
+    path: str
+    name: str
+
+    @property
+    def tokenizer(self):
+        return getattr(self.processor, "tokenizer", self.processor)
+
+
+def model_type(model_dir: str | Path) -> str | None:
+    """``model_type`` of a checkpoint directory's config.json."""
+    import json
+
+    cfg = Path(model_dir) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{model_dir} has no config.json; --model must be a Hugging Face checkpoint directory")
+    return json.loads(cfg.read_text()).get("model_type")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(
+    model_dir: str | Path,
+    *,
+    force_ar: bool = False,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    name: str | None = None,
+) -> LoadedModel:
+    """Load a checkpoint and its processor; ``bard_vl`` -> block diffusion, otherwise (or ``force_ar``) AR.
+
+    ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU. With ``force_ar`` a ``bard_vl``
+    directory is loaded into the causal Qwen3-VL class (its weights decoded autoregressively).
+    """
+    from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
+
+    import nemo_bard  # noqa: F401  (registers bard_vl with the Auto classes)
+
+    path = Path(model_dir)
+    mtype = model_type(path)
+    device = device or default_device()
+    if dtype is None or dtype == "auto":
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kind = "bard" if mtype == "bard_vl" and not force_ar else "ar"
+    if kind == "bard":
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
+    else:
+        if mtype not in ("qwen3_vl", "bard_vl"):
+            logger.warning("%s has model_type %r; loading it as a causal Qwen3-VL for the AR baseline", path, mtype)
+        model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    model = model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return LoadedModel(model, processor, kind, str(path), name or path.name)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class EvalSample:
+    """A prompt (chat turns before the reference answer, media loaded) and its reference."""
+
+    prompt: list[dict]
+    reference: str
+    row: int
+
+
+def _last_assistant(messages: list[dict]) -> int | None:
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i].get("role") == "assistant":
+            return i
+    return None
+
+
+def _first_relative_media(table: Any, indices: list[int]) -> str | None:
+    import json
+    import os
+
+    for i in indices[:1]:
+        raw = table[i]["messages"]
+        msgs = json.loads(raw) if isinstance(raw, str) else raw
+        for m in msgs:
+            content = m.get("content")
+            if not isinstance(content, list):
+                continue
+            for it in content:
+                ref = it.get("image", it.get("video")) if isinstance(it, dict) else None
+                ref = ref.get("path") if isinstance(ref, dict) else ref
+                if isinstance(ref, str) and not os.path.isabs(ref):
+                    return ref
+    return None
+
+
+def load_samples(
+    data: str | Path,
+    root_dir: str | Path | None = None,
+    limit: int | None = None,
+    split: str | None = None,
+) -> list[EvalSample]:
+    """Read a chat dataset (save_to_disk dir or JSONL) into prompts + references.
+
+    Without ``root_dir``, relative media paths resolve against the dataset directory, or its parent
+    when they exist only there (the layout of :mod:`nemo_bard.data.digits`).
+    """
+    from nemo_bard.data.datasets import BardChatDataset, content_text
+
+    ds = BardChatDataset(str(data), root_dir=str(root_dir) if root_dir else None, split=split, max_samples=limit)
+    if root_dir is None:
+        rel = _first_relative_media(ds.table, ds.indices)
+        if rel and not (ds.root_dir / rel).exists() and (ds.root_dir.parent / rel).exists():
+            ds.root_dir = ds.root_dir.parent
+            logger.info("media paths resolve against %s (pass --root-dir to override)", ds.root_dir)
+    samples = []
+    for i in range(len(ds)):
+        item = ds[i]
+        conv = item["conversation"]
+        last = _last_assistant(conv)
+        row = ds.table[item["row"]]
+        answer = row.get("answer") if isinstance(row, dict) else None
+        reference = str(answer) if answer is not None else content_text(conv[last]["content"])
+        samples.append(EvalSample(conv[:last], reference.strip(), item["row"]))
+    return samples
+
+
+def _media(prompt: list[dict]) -> tuple[list, list]:
+    images, videos = [], []
+    for m in prompt:
+        content = m.get("content")
+        if isinstance(content, list):
+            for it in content:
+                if it.get("type") == "image":
+                    images.append(it["image"])
+                elif it.get("type") == "video":
+                    videos.append(it["video"])
+    return images, videos
+
+
+def build_inputs(processor: Any, prompts: list[list[dict]]) -> dict[str, torch.Tensor]:
+    """Chat-template + processor call for a batch of prompts (left padding)."""
+    texts = processor.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+    if isinstance(texts, str):
+        texts = [texts]
+    images, videos = [], []
+    for p in prompts:
+        im, vid = _media(p)
+        images += im
+        videos += vid
+    kwargs: dict[str, Any] = {}
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs["videos"] = videos
+    batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+    return {k: batch[k] for k in _PROCESSOR_KEYS if k in batch}
+
+
+# ----------------------------------------------------------------------------------- generation
+
+
+def stop_ids(loaded: LoadedModel) -> list[int]:
+    """eos ids: the generation config's (or config's) eos plus the tokenizer's eos."""
+    out: list[int] = []
+    for src in (getattr(loaded.model, "generation_config", None), loaded.model.config):
+        eos = getattr(src, "eos_token_id", None)
+        if eos is not None:
+            out += [eos] if isinstance(eos, int) else list(eos)
+            break
+    tok_eos = getattr(loaded.tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        out.append(tok_eos)
+    return list(dict.fromkeys(int(i) for i in out))
+
+
+def generate_batch(
+    loaded: LoadedModel,
+    inputs: dict[str, torch.Tensor],
+    point: DecodePoint,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+):
+    """One generation call for a batch at ``point`` (greedy unless ``temperature > 0``; AR is always greedy)."""
+    from nemo_bard.generation import ar_generate, block_diffusion_generate
+
+    pad = getattr(loaded.tokenizer, "pad_token_id", None)
+    if point.is_ar:
+        if loaded.kind != "ar":
+            raise ValueError(f"{loaded.path} is a bard_vl model; load it with force_ar=True for AR decoding")
+        return ar_generate(loaded.model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(loaded),
+                           pad_token_id=pad)
+    if loaded.kind != "bard":
+        raise ValueError(f"{loaded.path} is an AR model; block-diffusion point {point.label} needs a bard_vl model")
+    return block_diffusion_generate(
+        loaded.model, **inputs, max_new_tokens=max_new_tokens, block_size=point.block_size,
+        denoising_steps=point.denoising_steps or point.block_size, remasking_strategy=point.remasking_strategy,
+        confidence_threshold=1.0 if point.threshold is None else point.threshold, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=stop_ids(loaded), pad_token_id=pad,
+    )
+
+
+def evaluate_point(
+    loaded: LoadedModel,
+    samples: list[EvalSample],
+    point: DecodePoint,
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool = True,
+) -> dict:
+    """Evaluate one decoding point; returns a result row (see :func:`evaluate`)."""
+    from tqdm.auto import tqdm
+
+    name = f"{loaded.name} {point.label}"
+    predictions, scores = [], []
+    tokens = forwards = row_forwards = 0
+    gen_time = 0.0
+    t_start = time.perf_counter()
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    for batch in tqdm(batches, desc=name, unit="batch", disable=not progress, leave=False):
+        inputs = build_inputs(loaded.processor, [s.prompt for s in batch])
+        out = generate_batch(loaded, inputs, point, max_new_tokens)
+        texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        tokens += int(out.lengths.sum())
+        forwards += int(out.num_forwards)
+        rf = getattr(out, "row_forwards", None)
+        row_forwards += int(rf.sum()) if rf is not None else int(out.num_forwards) * len(batch)
+        gen_time += float(out.wall_time)
+        for s, text in zip(batch, texts):
+            text = text.strip()
+            sc = score(text, s.reference)
+            scores.append(sc)
+            predictions.append({"row": s.row, "reference": s.reference, "prediction": text, **sc})
+    agg = aggregate(scores)
+    return {
+        "name": name,
+        "model": loaded.name,
+        "model_dir": loaded.path,
+        "kind": "ar" if point.is_ar else "bard",
+        "block_size": point.block_size,
+        "denoising_steps": None if point.is_ar else (point.denoising_steps or point.block_size),
+        "threshold": None if point.is_ar else (1.0 if point.threshold is None else point.threshold),
+        "remasking_strategy": point.remasking_strategy,
+        "n": len(samples),
+        **agg,
+        "tokens_per_forward": tokens / row_forwards if row_forwards else float("nan"),
+        "tokens_per_second": tokens / gen_time if gen_time > 0 else float("nan"),
+        "num_forwards": forwards,
+        "row_forwards": row_forwards,
+        "tokens_per_batch_forward": tokens / forwards if forwards else float("nan"),
+        "response_tokens": tokens,
+        "wall_time": gen_time,
+        "eval_time": time.perf_counter() - t_start,
+        "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens,
+        "device": str(loaded.model.device),
+        "dtype": str(loaded.model.dtype).removeprefix("torch."),
+        "predictions": predictions,
+    }
+
+
+def evaluate(
+    model: str | Path | LoadedModel,
+    data: str | Path | list[EvalSample],
+    points: str | Sequence[str | DecodePoint] | None = None,
+    *,
+    root_dir: str | Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    name: str | None = None,
+    force_ar: bool = False,
+    device: str | None = None,
+    dtype: str | torch.dtype | None = None,
+    warmup: bool = True,
+    progress: bool = True,
+) -> list[dict]:
+    """Evaluate a checkpoint at each decoding point; returns one result row per point.
+
+    Args:
+        model: checkpoint directory (or a :class:`LoadedModel`).
+        data: chat dataset path (save_to_disk dir, .jsonl) or already loaded samples.
+        points: decoding points for a ``bard_vl`` model (``"B:S:tau[:strategy]"``, comma-separated or a
+            list); default: the checkpoint's block size at tau 1.0 and 0.9. Ignored for AR models.
+        root_dir, split, limit: see :func:`load_samples`.
+        batch_size, max_new_tokens: generation batch and response budget.
+        name: model label in the rows (default: the directory name).
+        force_ar: decode with the AR baseline whatever the model type.
+        warmup: run one untimed call (first batch, one block) before timing, so one-off costs
+            (allocator, kernel selection) do not land on the first point.
+
+    Row keys: name, model, model_dir, kind ("bard"/"ar"), block_size, denoising_steps, threshold,
+    remasking_strategy, n, accuracy (exact match), char_accuracy, position_accuracy,
+    tokens_per_forward, tokens_per_second, num_forwards, row_forwards, tokens_per_batch_forward,
+    response_tokens, wall_time (generation
+    seconds), eval_time (seconds incl. prompt building), batch_size, max_new_tokens, device, dtype,
+    predictions (per-sample list).
+    """
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        model, force_ar=force_ar, device=device, dtype=dtype, name=name)
+    samples = data if isinstance(data, list) else load_samples(data, root_dir, limit, split)
+    if limit is not None:
+        samples = samples[:limit]
+    if not samples:
+        raise ValueError(f"no samples to evaluate in {data}")
+    if loaded.kind == "ar":
+        if points:
+            logger.warning("%s is evaluated with the AR baseline; decoding points %s are ignored", loaded.path, points)
+        todo = [DecodePoint()]
+    else:
+        todo = parse_points(points) or default_points(int(loaded.model.config.block_size))
+    if warmup:
+        inputs = build_inputs(loaded.processor, [s.prompt for s in samples[:batch_size]])
+        generate_batch(loaded, inputs, todo[0], min(max_new_tokens, todo[0].block_size or 4))
+    rows = []
+    for point in todo:
+        row = evaluate_point(loaded, samples, point, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                             progress=progress)
+        logger.info("%s: accuracy %.3f, char %.3f, TPF %.2f, %.1f tok/s", row["name"], row["accuracy"],
+                    row["char_accuracy"], row["tokens_per_forward"], row["tokens_per_second"])
+        rows.append(row)
+    return rows

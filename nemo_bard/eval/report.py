@@ -1,0 +1,156 @@
+"""Write evaluation rows (from :func:`nemo_bard.eval.evaluate`) as JSON, a markdown table and a plot.
+
+``write_report(rows, out_dir)`` writes
+
+* ``results.json``: ``{"reference": <AR row name or null>, "results": [row, ...]}`` (rows without
+  their per-sample predictions);
+* ``results.md``: one table row per setting, with a "×AR" column (tokens/s relative to the
+  reference row) when an AR row is present;
+* ``results.png``: exact match and char accuracy against tokens/s, one point per setting, AR rows
+  drawn as red stars;
+* ``predictions/<setting>.jsonl``: per-sample references, predictions and scores.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+TABLE_COLUMNS = ("setting", "B", "S", "τ", "strategy", "n", "exact match", "char acc", "TPF", "tokens/s",
+                 "×AR", "forwards", "wall s")
+
+
+def reference_row(rows: list[dict], reference: str | None = None) -> dict | None:
+    """The row named ``reference``, else the first AR row, else None."""
+    if reference is not None:
+        for r in rows:
+            if r["name"] == reference:
+                return r
+        raise ValueError(f"reference {reference!r} is not one of the rows {[r['name'] for r in rows]}")
+    return next((r for r in rows if r.get("kind") == "ar"), None)
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def relative_speed(row: dict, ref: dict | None) -> float | None:
+    """``row`` tokens/s divided by the reference's (None without a usable reference)."""
+    if ref is None or not ref.get("tokens_per_second") or math.isnan(ref["tokens_per_second"]):
+        return None
+    return row["tokens_per_second"] / ref["tokens_per_second"]
+
+
+def markdown_table(rows: list[dict], reference: str | None = None) -> str:
+    """Markdown table of the rows; the "×AR" column only when a reference row exists."""
+    ref = reference_row(rows, reference)
+    cols = [c for c in TABLE_COLUMNS if c != "×AR" or ref is not None]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("setting", "strategy") else "---:"
+                                                            for c in cols) + "|"]
+    for r in rows:
+        rel = relative_speed(r, ref)
+        strategy = (r.get("remasking_strategy") or "ar").removeprefix("low_confidence_")
+        cells = {
+            "setting": r["name"], "B": _fmt(r.get("block_size")), "S": _fmt(r.get("denoising_steps")),
+            "τ": _fmt(r.get("threshold"), 2) if r.get("threshold") is not None else "–", "strategy": strategy,
+            "n": _fmt(r["n"]), "exact match": _fmt(r["accuracy"]), "char acc": _fmt(r["char_accuracy"]),
+            "TPF": _fmt(r["tokens_per_forward"], 2), "tokens/s": _fmt(r["tokens_per_second"], 1),
+            "×AR": "–" if rel is None else f"{rel:.2f}×", "forwards": _fmt(r["num_forwards"]),
+            "wall s": _fmt(r["wall_time"], 2),
+        }
+        lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
+    """Accuracy (exact, char) vs tokens/s, one point per row; block-diffusion rows coloured by model, AR rows as
+    red stars. Uses the Agg canvas directly (no display, no global backend switch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5), dpi=110)
+    FigureCanvasAgg(fig)
+    palette = ["tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown", "tab:cyan", "tab:olive", "tab:gray"]
+    models = list(dict.fromkeys(r["model"] for r in rows if r.get("kind") != "ar"))
+    colour = {m: palette[i % len(palette)] for i, m in enumerate(models)}
+    axes = fig.subplots(1, 2)
+    for ax, key, label in zip(axes, ("accuracy", "char_accuracy"), ("exact match", "char accuracy")):
+        for r in rows:
+            x, y = r["tokens_per_second"], r[key]
+            if r.get("kind") == "ar":
+                ax.scatter([x], [y], marker="*", s=220, color="tab:red", edgecolor="black", zorder=3)
+            else:
+                ax.scatter([x], [y], marker="o", s=60, color=colour[r["model"]], edgecolor="black", zorder=2)
+            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+        ax.set_xlabel("tokens / s")
+        ax.set_ylabel(label)
+        ax.set_ylim(-0.03, 1.05)
+        ax.grid(alpha=0.3)
+    handles = [
+        axes[0].scatter([], [], marker="o", s=60, color=colour[m], edgecolor="black", label=f"{m} (block diffusion)")
+        for m in models
+    ]
+    if any(r.get("kind") == "ar" for r in rows):
+        handles.append(axes[0].scatter([], [], marker="*", s=220, color="tab:red", edgecolor="black", label="AR"))
+    axes[0].legend(handles=handles, loc="best", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN/inf -> None so results.json is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "row"
+
+
+def write_report(
+    rows: list[dict],
+    out_dir: str | Path,
+    reference: str | None = None,
+    title: str | None = None,
+) -> dict[str, Path]:
+    """Write results.json, results.md, results.png and predictions/*.jsonl; returns their paths.
+
+    ``reference`` names the row "×AR" divides by (default: the first AR row, if any).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ref = reference_row(rows, reference)
+    clean = []
+    pred_dir = out / "predictions"
+    for r in rows:
+        row = {k: v for k, v in r.items() if k != "predictions"}
+        row["speedup_vs_reference"] = relative_speed(r, ref)
+        clean.append(row)
+        if r.get("predictions") is not None:
+            pred_dir.mkdir(exist_ok=True)
+            with open(pred_dir / f"{_slug(r['name'])}.jsonl", "w", encoding="utf-8") as f:
+                for p in r["predictions"]:
+                    f.write(json.dumps(_json_safe(p)) + "\n")
+    paths = {"json": out / "results.json", "markdown": out / "results.md", "plot": out / "results.png"}
+    summary = {"reference": ref["name"] if ref else None, "results": clean}
+    paths["json"].write_text(json.dumps(_json_safe(summary), indent=2) + "\n")
+    header = f"# {title}\n\n" if title else ""
+    paths["markdown"].write_text(header + markdown_table(rows, ref["name"] if ref else None))
+    plot(rows, paths["plot"], title)
+    return paths
