@@ -24,7 +24,8 @@ setup(
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         # Megatron-FSDP backend on GPU clusters. megatron-core >= 0.17 needs Python >= 3.12.
         "megatron": ["megatron-core>=0.17; python_version >= '3.12'"],
-        "lmms-eval": ["lmms-eval"],
+        # lmms-eval 0.7.3 needs filelock < 4; installing it may also downgrade antlr4 (used by Hydra).
+        "lmms-eval": ["lmms-eval>=0.7.3,<0.8", "filelock<4"],
     },
     entry_points={
         "console_scripts": [
@@ -33,6 +34,7 @@ setup(
             "automodel = nemo_bard.cli:main",
             "nemo-bard = nemo_bard.cli:main",
         ],
+        "lmms_eval.models": ["nemo_bard = nemo_bard.eval.lmms:lmms_eval_manifest"],
         "nemo_automodel.architectures": [
             "BardVLForConditionalGeneration = nemo_bard.models.modeling_bard_vl:BardVLForConditionalGeneration",
         ],

@@ -5,6 +5,7 @@ Accepted forms::
     automodel finetune --config conf/bard_pbm.yaml [--nproc-per-node N] [k=v ...] [--a.b=c ...]
     automodel conf/bard_pbm.yaml [--nproc-per-node N] [--a.b=c ...]      # NeMo AutoModel 0.7's own form
     nemo-bard finetune --config conf/bard_swd.yaml stage=swd model=qwen3vl_4b step_scheduler.max_steps=10
+    nemo-bard finetune --config conf/bard_pbm.yaml --print-resolved [k=v ...]   # compose only (SLURM)
 
 A config with a Hydra ``defaults:`` list (the files under ``conf/``), or any
 Hydra-style ``key=value`` override, is composed with Hydra; NeMo-style
@@ -35,7 +36,7 @@ class CLIError(ValueError):
 
 def split_argv(argv: list[str]) -> tuple[Path, int | None, list[str], list[str]]:
     """Split argv into (config path, nproc, Hydra overrides, NeMo-style overrides)."""
-    args = list(argv)
+    args = [a for a in argv if a != "--print-resolved"]
     config: str | None = None
     if args and args[0] in COMMANDS:
         args = args[1:]
@@ -200,12 +201,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     try:
         config, nproc, hydra_overrides, nemo_overrides = split_argv(argv)
-        if _is_torchrun_worker() or not _needs_hydra(config, hydra_overrides):
+        print_only = "--print-resolved" in argv
+        if not print_only and (_is_torchrun_worker() or not _needs_hydra(config, hydra_overrides)):
             return launch(config, nproc, nemo_overrides)
         resolved = write_resolved(compose(config, hydra_overrides, nemo_overrides), config)
     except CLIError as exc:
         print(f"automodel: error: {exc}", file=sys.stderr)
         return 2
+    if print_only:  # for launchers (SLURM): compose once, print the file every worker will read
+        print(resolved, flush=True)
+        return 0
     print(f"nemo-bard: resolved config written to {resolved}", flush=True)
     return launch(resolved, nproc, [])
 

@@ -112,3 +112,18 @@ def bard_collate_fn(
         if key in enc:
             batch[key] = enc[key]
     return batch
+
+
+def ar_sft_collate_fn(examples: list[dict | None], processor: Any, **kwargs: Any) -> dict[str, Any]:
+    """NeMo AutoModel's default VLM SFT collate for *autoregressive* training on the same rows.
+
+    Used by the offline demo to train the "pretrained" AR model with NeMo's own ``FinetuneRecipeForVLM``.
+    It calls ``nemo_automodel``'s ``default_collate_fn`` unchanged and only makes its pre-shifted
+    ``labels`` contiguous (0.7.0 returns a strided view that ``MaskedCrossEntropy`` cannot ``view``
+    when the batch holds more than one sample). Rows dropped by the dataset (``None``) are skipped.
+    """
+    from nemo_automodel.components.datasets.vlm.collate_fns import default_collate_fn
+
+    batch = default_collate_fn([e for e in examples if e is not None], processor, **kwargs)
+    batch["labels"] = batch["labels"].contiguous()
+    return batch

@@ -1,0 +1,108 @@
+"""The `automodel` / `nemo-bard` front door: argument forms, Hydra composition, hand-over to NeMo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from nemo_bard.cli import CLIError, compose, split_argv
+from tests.e2e_utils import AUTOMODEL, REPO
+
+FIX = REPO / "tests" / "fixtures"
+
+
+def test_split_argv_forms():
+    cfg, nproc, hydra, nemo = split_argv(["finetune", "--config", str(FIX / "echo_plain.yaml"), "a.b=1", "--x.y=2",
+                                          "--nproc-per-node", "2", "--z.w", "3"])
+    assert cfg == (FIX / "echo_plain.yaml").resolve() and nproc == 2
+    assert hydra == ["a.b=1"] and nemo == ["--x.y=2", "--z.w", "3"]
+    cfg2, nproc2, hydra2, nemo2 = split_argv([str(FIX / "echo_plain.yaml"), "--nproc_per_node=4", "--flag"])
+    assert cfg2 == cfg and nproc2 == 4 and hydra2 == [] and nemo2 == ["--flag"]
+
+
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["finetune"], "no config given"),
+        (["finetune", "--config", "nope.yaml"], "does not exist"),
+        (["finetune", "--config"], "needs a path"),
+        (["conf/bard_pbm.yaml", "--nproc-per-node", "two"], "expects an integer"),
+        (["conf/bard_pbm.yaml", "stray"], "unexpected argument"),
+    ],
+)
+def test_split_argv_errors(argv, match):
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        with pytest.raises(CLIError, match=match):
+            split_argv(argv)
+    finally:
+        os.chdir(cwd)
+
+
+def test_compose_config_groups_and_overrides():
+    pbm = compose(REPO / "conf" / "bard_pbm.yaml", [], [])
+    assert pbm["recipe"] == "nemo_bard.recipes.pbm.BardPBMRecipe"
+    assert [s["block_size"] for s in pbm["block_merge"]["schedule"]] == [4, 8, 16, 32]
+    assert pbm["optimizer"]["lr"] == 2e-5 and pbm["optimizer"]["param_group_overrides"][0]["lr_mult"] == 0.1
+    assert "defaults" not in pbm and "${" not in json.dumps(pbm)  # every interpolation resolved
+    swd = compose(REPO / "conf" / "bard_pbm.yaml", ["stage=swd", "model=qwen3vl_2b", "step_scheduler.max_steps=10"],
+                  ["--optimizer.lr=3e-6", "--kd.top_k=8"])
+    assert swd["recipe"] == "nemo_bard.recipes.swd.BardSWDRecipe" and "block_merge" not in swd
+    assert swd["model"]["pretrained_model_name_or_path"] == "runs/bard_pbm_qwen3vl_2b/stages/b16"
+    assert swd["teacher_model"]["pretrained_model_name_or_path"] == "runs/bard_pbm_qwen3vl_2b/stages/b4"
+    assert swd["step_scheduler"]["max_steps"] == 10 and swd["optimizer"]["lr"] == 3e-6 and swd["kd"]["top_k"] == 8
+    assert swd["bard"]["noise"] == {"type": "uniform_sample", "min_rate": 0.1, "max_rate": 0.5}
+    assert compose(REPO / "conf" / "bard_swd.yaml", [], []) == compose(REPO / "conf" / "bard_pbm.yaml", ["stage=swd"], [])
+    with pytest.raises(CLIError, match="could not compose"):
+        compose(REPO / "conf" / "bard_pbm.yaml", ["model=qwen3vl_99b"], [])
+
+
+def _run(args, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([AUTOMODEL, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp_path / "echo.json").read_text()), proc
+
+
+def test_nemo_form_reaches_recipe_unchanged(tmp_path):
+    out, _ = _run([str(FIX / "echo_plain.yaml"), f"--echo_file={tmp_path / 'echo.json'}", "--optimizer.lr=3e-4"],
+                  tmp_path)
+    assert out["optimizer"]["lr"] == 3e-4 and out["nested"] == {"a": 1} and out["_world_size"] == 1
+
+
+def test_finetune_form_without_and_with_hydra_overrides(tmp_path):
+    out, _ = _run(["finetune", "--config", str(FIX / "echo_plain.yaml"), f"--echo_file={tmp_path / 'echo.json'}"],
+                  tmp_path)
+    assert out["optimizer"]["lr"] == 1e-4
+    out, proc = _run(["finetune", "--config", str(FIX / "hydra" / "echo.yaml"), "opt=sgd", "opt.lr=0.5",
+                      f"echo_file={tmp_path / 'echo.json'}", f"checkpoint.checkpoint_dir={tmp_path / 'run'}"],
+                     tmp_path)
+    assert out["opt"] == {"kind": "sgd", "lr": 0.5} and out["name"] == "run_sgd"
+    resolved = tmp_path / "run" / "resolved_config.yaml"
+    assert yaml.safe_load(resolved.read_text())["opt"]["kind"] == "sgd"
+    assert str(resolved) in proc.stdout
+
+
+def test_print_resolved_only_composes(tmp_path):
+    proc = subprocess.run([AUTOMODEL, "finetune", "--config", str(FIX / "hydra" / "echo.yaml"), "--print-resolved",
+                           f"checkpoint.checkpoint_dir={tmp_path / 'r'}", f"echo_file={tmp_path / 'never.json'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "r" / "resolved_config.yaml")
+    assert not (tmp_path / "never.json").exists()
+
+
+def test_nemo_bard_alias_and_two_workers(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    nemo_bard = str(Path(AUTOMODEL).with_name("nemo-bard"))
+    proc = subprocess.run([nemo_bard, "finetune", "--config", str(FIX / "echo_plain.yaml"), "--nproc-per-node", "2",
+                           f"--echo_file={tmp_path / 'echo.json'}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "echo.json").read_text())["_world_size"] == 2
