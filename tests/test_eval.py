@@ -124,7 +124,7 @@ def test_write_report(eval_rows, tmp_path):
     assert data["results"][0]["speedup_vs_reference"] == 1.0
     md = paths["markdown"].read_text().splitlines()
     header = [c.strip() for c in md[2].strip("|").split("|")]
-    assert header[:3] == ["setting", "B", "S"] and "×AR" in header and "tokens/s" in header and "TPF" in header
+    assert header[:3] == ["model", "B", "S"] and "×AR" in header and "tokens/s" in header and "TPF" in header
     assert len(md) == 2 + 2 + 3 and "1.00×" in md[4]
     assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "predictions").glob("*.jsonl"))) == 3
@@ -141,7 +141,7 @@ def test_cli(tiny_bard_dir, digits_data, tmp_path, capsys):
                "--points", "4:4:0.9", "--max-new-tokens", "4", "--batch-size", "2", "--out-dir", str(tmp_path),
                "--name", "tiny", "--no-warmup", "--no-progress"])
     assert rc == 0
-    assert "| tiny B4 S4 t0.9 |" in capsys.readouterr().out
+    assert "| tiny | 4 | 4 | 0.90 | dynamic | 2 |" in capsys.readouterr().out
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert len(rows) == 1 and rows[0]["n"] == 2 and rows[0]["threshold"] == 0.9
     assert (tmp_path / "results.md").is_file() and (tmp_path / "results.png").is_file()

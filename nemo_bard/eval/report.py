@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-TABLE_COLUMNS = ("setting", "B", "S", "τ", "strategy", "n", "exact match", "char acc", "TPF", "tokens/s",
+TABLE_COLUMNS = ("model", "B", "S", "τ", "strategy", "n", "exact match", "char acc", "TPF", "tokens/s",
                  "×AR", "forwards", "wall s")
 
 
@@ -52,13 +52,13 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
     """Markdown table of the rows; the "×AR" column only when a reference row exists."""
     ref = reference_row(rows, reference)
     cols = [c for c in TABLE_COLUMNS if c != "×AR" or ref is not None]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("setting", "strategy") else "---:"
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("model", "strategy") else "---:"
                                                             for c in cols) + "|"]
     for r in rows:
         rel = relative_speed(r, ref)
         strategy = (r.get("remasking_strategy") or "ar").removeprefix("low_confidence_")
         cells = {
-            "setting": r["name"], "B": _fmt(r.get("block_size")), "S": _fmt(r.get("denoising_steps")),
+            "model": r.get("model") or r["name"], "B": _fmt(r.get("block_size")), "S": _fmt(r.get("denoising_steps")),
             "τ": _fmt(r.get("threshold"), 2) if r.get("threshold") is not None else "–", "strategy": strategy,
             "n": _fmt(r["n"]), "exact match": _fmt(r["accuracy"]), "char acc": _fmt(r["char_accuracy"]),
             "TPF": _fmt(r["tokens_per_forward"], 2), "tokens/s": _fmt(r["tokens_per_second"], 1),

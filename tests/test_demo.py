@@ -1,0 +1,40 @@
+"""The CI-sized offline demo pipeline: every stage runs through the real CLI; artefacts and report schema."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.e2e_utils import REPO
+
+pytestmark = pytest.mark.e2e
+
+
+def test_quick_demo_pipeline(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "nemo_bard.demo", "--quick", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in ("ar_sft/training.jsonl", "bard_init/config.json", "bard_pbm_demo/stages/b4/config.json",
+                  "bard_pbm_demo/stages/b8/config.json", "bard_pbm_demo/stages/b16/config.json",
+                  "bard_swd_demo/student_b16/model.safetensors", "bard_pbm_demo/resolved_config.yaml"):
+        assert (out / stage).exists(), stage
+    assert json.loads((out / "bard_init" / "config.json").read_text())["model_type"] == "bard_vl"
+    report = json.loads((out / "report" / "results.json").read_text())
+    rows = report["results"]
+    assert report["reference"] == rows[0]["name"] and rows[0]["kind"] == "ar"
+    assert [r["model"] for r in rows].count("SWD B16 (B4 anchor)") == 3
+    keys = {"accuracy", "char_accuracy", "tokens_per_forward", "tokens_per_second", "num_forwards", "wall_time",
+            "block_size", "denoising_steps", "threshold", "speedup_vs_reference", "n"}
+    for r in rows:
+        assert keys <= set(r), keys - set(r)
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 16
+    assert {r["block_size"] for r in rows if r["kind"] == "bard"} == {4, 8, 16}
+    table = (out / "report" / "results.md").read_text()
+    assert table.count("\n| ") >= len(rows) and "×AR" in table
+    assert (out / "report" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    meta = json.loads((out / "report" / "run.json").read_text())
+    assert set(meta["times_s"]) == {"setup", "ar_sft", "pbm", "swd", "eval", "total"}
