@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # batch size 1: per-request decoding latency, the setting of the paper's speed claim
     data = out / "digits" / "test"
-    common = dict(root_dir=out / "digits", max_new_tokens=32, progress=not q, batch_size=1)
+    common = dict(root_dir=out / "digits", max_new_tokens=32, progress=sys.stderr.isatty(), batch_size=1)
     tau = args.threshold
     runs = [
         ("AR (NeMo SFT)", ar_dir, ["ar"]),

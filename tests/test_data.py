@@ -126,3 +126,60 @@ def test_collate_respects_max_pixels(data_dir, tiny_processor):
     ds = BardChatDataset(str(_write_jsonl(data_dir / "d.jsonl", [_row(image="images/b.png")])))
     small = bard_collate_fn([ds[0]], tiny_processor, max_pixels=32 * 32)
     assert int(small["image_grid_thw"].prod()) <= 4
+
+
+def test_video_frames_through_collate_layout_and_model(data_dir, tiny_processor, tiny_bard_model):
+    """A row with a video (a directory of frames) goes through the dataset, collate, layout and a forward."""
+    from nemo_bard.data.layout import BlockLayout
+
+    frames = data_dir / "clip"
+    frames.mkdir()
+    for i in range(4):
+        random_image(10 + i).save(frames / f"{i:03d}.png")
+    video_row = {"messages": [
+        {"role": "user", "content": [{"type": "video", "video": "clip"}, {"type": "text", "text": "What happens?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "colours change"}]},
+    ]}
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "v.jsonl", [video_row, _row()])))
+    assert len(ds[0]["conversation"][0]["content"][0]["video"]) == 4
+    batch = bard_collate_fn([ds[0], ds[1]], tiny_processor, video_fps=2)
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]]  # 4 frames / temporal patch 2
+    assert batch["n_videos_per_sample"].tolist() == [1, 0] and batch["image_grid_thw"].shape[0] == 1
+    layout = BlockLayout(block_size=4, mask_token_id=tiny_bard_model.config.mask_token_id,
+                         pad_token_id=tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    built = layout.build(batch, [0, 1], tiny_bard_model.rope_positions)
+    keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw",
+            "pixel_values_videos", "video_grid_thw")
+    with torch.no_grad():
+        out = tiny_bard_model(**{k: built[k] for k in keys}, logits_mask=built["loss_mask"])
+    assert out.logits.shape[0] == int(built["loss_mask"].sum()) and torch.isfinite(out.logits).all()
+    # video frames get 3-D positions: the temporal axis differs from the spatial ones somewhere in the prefix
+    pos = built["position_ids"][:, 0]
+    assert not torch.equal(pos[0], pos[1])
+
+
+def test_fake_media_is_isolated(data_dir, tiny_processor, tiny_bard_model):
+    """A fake image appended for FSDP keeps every real logit unchanged and runs the vision tower."""
+    from nemo_bard.data.layout import BlockLayout, FakeMedia
+
+    text_row = {"messages": [{"role": "user", "content": "Name a colour."},
+                             {"role": "assistant", "content": "red and blue"}]}
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "t.jsonl", [text_row])))
+    batch = bard_collate_fn([ds[0]], tiny_processor)
+    cfg = tiny_bard_model.config
+    layout = BlockLayout(block_size=4, mask_token_id=cfg.mask_token_id,
+                         pad_token_id=tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    plain = layout.build(batch, [0], tiny_bard_model.rope_positions)
+    fake = layout.build(batch, [0], tiny_bard_model.rope_positions, [FakeMedia.for_model(cfg, 1)])
+    assert fake["input_ids"].shape[1] == plain["input_ids"].shape[1] + 1
+    assert fake["input_ids"][0, -1] == cfg.image_token_id and fake["image_grid_thw"].tolist() == [[1, 2, 2]]
+    assert not fake["attention_mask"][0, 0, :-1, -1].any()  # nothing attends the fake token
+    keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+    calls = []
+    hook = tiny_bard_model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        a = tiny_bard_model(**{k: plain[k] for k in keys if k in plain}, logits_mask=plain["loss_mask"]).logits
+        b = tiny_bard_model(**{k: fake[k] for k in keys}, logits_mask=fake["loss_mask"]).logits
+    hook.remove()
+    assert calls == [1]  # only the fake-media forward ran the vision tower
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

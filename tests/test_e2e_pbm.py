@@ -137,3 +137,16 @@ def test_two_process_fsdp2(tiny_bard_dir, data_path, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     assert AutoModelForImageTextToText.from_pretrained(run / "stages" / "b4").config.block_size == 4
+
+
+def test_two_process_mixed_text_only_and_image_batches(tiny_bard_dir, tmp_path):
+    """Ranks whose micro-batch has no image still run the (sharded) vision tower: no FSDP hang, finite loss."""
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "mixed", rows=24, seed=3, text_only_every=2)
+    run_cli(tiny_args(tiny_bard_dir, data, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=6",
+                      "step_scheduler.local_batch_size=1", "step_scheduler.global_batch_size=2",
+                      "step_scheduler.ckpt_every_steps=100", "bard.length_grouped=false",
+                      "block_merge.schedule=[{block_size:4,steps:3},{block_size:8,steps:3}]"), timeout=300)
+    log = training_log(tmp_path / "bard_pbm_tiny")
+    assert sorted(log) == list(range(6)) and all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())

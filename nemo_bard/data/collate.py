@@ -36,7 +36,8 @@ def split_last_turn(text: str) -> tuple[str, str]:
     return text[:cut], response
 
 
-def _media(conversation: list[dict]) -> tuple[list, list]:
+def conversation_media(conversation: list[dict]) -> tuple[list, list]:
+    """Images and videos of a conversation, in order of appearance."""
     images, videos = [], []
     for message in conversation:
         content = message.get("content")
@@ -47,6 +48,22 @@ def _media(conversation: list[dict]) -> tuple[list, list]:
                 elif item.get("type") == "video":
                     videos.append(item["video"])
     return images, videos
+
+
+def video_processor_kwargs(videos: list, fps: float | None, max_frames: int | None) -> dict[str, Any]:
+    """Processor kwargs for videos: frame lists are used as given (metadata at ``fps``), files are sampled."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    fps = 2.0 if fps is None else float(fps)
+    if all(isinstance(v, str) for v in videos):  # files: the processor's backend decodes and samples them
+        sampling = {"fps": fps} if max_frames is None else {"fps": fps, "max_frames": max_frames}
+        return {"videos": videos, "videos_kwargs": sampling}
+    if any(isinstance(v, str) for v in videos):
+        raise ValueError("a batch mixes video files and frame lists; use one kind of video per dataset")
+    frames = [np.stack([np.asarray(f) for f in v[:max_frames]]) for v in videos]
+    meta = [VideoMetadata(total_num_frames=len(f), fps=fps, frames_indices=list(range(len(f)))) for f in frames]
+    return {"videos": frames, "video_metadata": meta, "do_sample_frames": False}
 
 
 def bard_collate_fn(
@@ -72,7 +89,7 @@ def bard_collate_fn(
     for ex in rows:
         text = processor.apply_chat_template(ex["conversation"], tokenize=False)
         prefix, response = split_last_turn(text)
-        imgs, vids = _media(ex["conversation"])
+        imgs, vids = conversation_media(ex["conversation"])
         prefixes.append(prefix)
         responses.append(response)
         images += imgs
@@ -84,12 +101,10 @@ def bard_collate_fn(
         size = dict(processor.image_processor.size)
         size.update({k: v for k, v in (("shortest_edge", min_pixels), ("longest_edge", max_pixels)) if v is not None})
         kwargs["images_kwargs"] = {"size": size}
-    if videos and (video_fps is not None or video_max_frames is not None):
-        kwargs["videos_kwargs"] = {
-            k: v for k, v in (("fps", video_fps), ("max_frames", video_max_frames)) if v is not None
-        }
+    if videos:
+        kwargs.update(video_processor_kwargs(videos, video_fps, video_max_frames))
     enc = processor(
-        text=prefixes or [""], images=images or None, videos=videos or None, padding=True,
+        text=prefixes or [""], images=images or None, padding=True,
         padding_side="right", return_tensors="pt", **kwargs,
     )
     resp = [tok(r, add_special_tokens=False)["input_ids"] for r in responses]

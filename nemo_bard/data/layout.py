@@ -29,6 +29,25 @@ MEDIA = (("pixel_values", "image_grid_thw", "n_images_per_sample"),
 RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class FakeMedia:
+    """A minimal image (modality 1) or video (modality 2) that yields exactly one placeholder token."""
+
+    modality: int
+    token_id: int
+    pixels: torch.Tensor
+    grid_thw: torch.Tensor
+
+    @classmethod
+    def for_model(cls, config: Any, modality: int) -> "FakeMedia":
+        """Zero pixels for a ``[1, merge, merge]`` patch grid of the model's vision tower."""
+        vc = config.vision_config
+        merge = vc.spatial_merge_size
+        dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
+        token = config.image_token_id if modality == 1 else config.video_token_id
+        return cls(modality, int(token), torch.zeros(merge * merge, dim), torch.tensor([[1, merge, merge]]))
+
+
 def select_samples(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
     """Keep the samples where ``keep`` is True, including their media rows."""
     out = dict(batch)
@@ -97,8 +116,15 @@ class BlockLayout:
         room = (self.max_length - batch["prefix_lens"]) // (2 * b) * b
         return torch.minimum(padded, room.clamp_min(0)), room >= b
 
-    def build(self, batch: dict[str, Any], seeds: list[int], rope_fn: RopeFn) -> dict[str, Any]:
-        """Lay out, mask and noise a processor batch. ``seeds``: one noise seed per sample."""
+    def build(
+        self, batch: dict[str, Any], seeds: list[int], rope_fn: RopeFn, fake_media: list[FakeMedia] = ()
+    ) -> dict[str, Any]:
+        """Lay out, mask and noise a processor batch. ``seeds``: one noise seed per sample.
+
+        ``fake_media`` appends one isolated placeholder token per item after the batch (kind PAD: nothing
+        attends it, it attends only itself), with its pixels, so this micro-batch runs the vision tower
+        like the other data-parallel ranks' (FSDP needs every rank to run the same sharded modules).
+        """
         b = self.block_size
         resp_pad, keep = self.response_lengths(batch)
         num_dropped = int((~keep).sum())
@@ -120,7 +146,7 @@ class BlockLayout:
         masked &= cols < r[:, None]
         noisy = torch.where(masked, torch.full_like(clean, self.mask_token_id), clean)
 
-        length = int((p + 2 * r).max())
+        length = int((p + 2 * r).max()) + len(fake_media)
         idx = torch.arange(length)[None]
         off_c, off_n = idx - p[:, None], idx - (p + r)[:, None]
         in_p, in_c = idx < p[:, None], (off_c >= 0) & (off_c < r[:, None])
@@ -177,4 +203,11 @@ class BlockLayout:
         for pix_key, grid_key, _ in MEDIA:
             if pix_key in batch:
                 out[pix_key], out[grid_key] = batch[pix_key], batch[grid_key]
+        for j, fake in enumerate(fake_media):
+            col = length - len(fake_media) + j
+            input_ids[0, col], mm[0, col] = fake.token_id, fake.modality
+            pix_key, grid_key, _ = MEDIA[fake.modality - 1]
+            if pix_key in out:
+                raise ValueError(f"fake {pix_key} requested for a micro-batch that already has {pix_key}")
+            out[pix_key], out[grid_key] = fake.pixels, fake.grid_thw
         return out

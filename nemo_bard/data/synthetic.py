@@ -20,7 +20,7 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), 
            "black": (20, 20, 20), "white": (235, 235, 235)}
 
 
-def make_rows(out_dir: Path, rows: int, seed: int) -> list[dict]:
+def make_rows(out_dir: Path, rows: int, seed: int, text_only_every: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     names = sorted(COLOURS)
@@ -32,18 +32,24 @@ def make_rows(out_dir: Path, rows: int, seed: int) -> list[dict]:
         Image.fromarray(pixels).save(out_dir / rel)
         long = i % 3 == 0
         answer = f"The image is {name}. It is {name} all over." if long else name
-        messages = [
-            {"role": "user", "content": [{"type": "image", "image": rel}, {"type": "text", "text": "What colour is this?"}]},
-            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
-        ]
+        if text_only_every and i % text_only_every == text_only_every - 1:  # a text-only row
+            user = [{"type": "text", "text": f"Name the colour {name}."}]
+        else:
+            user = [{"type": "image", "image": rel}, {"type": "text", "text": "What colour is this?"}]
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
         out.append({"messages": messages, "length": 40 + len(answer), "answer": answer})
     return out
 
 
-def write_synthetic_dataset(out_dir: str | Path, rows: int = 32, fmt: str = "jsonl", seed: int = 0) -> Path:
-    """Write the dataset; returns the path to pass as ``dataset.path`` (a .jsonl file or a save_to_disk dir)."""
+def write_synthetic_dataset(
+    out_dir: str | Path, rows: int = 32, fmt: str = "jsonl", seed: int = 0, text_only_every: int = 0
+) -> Path:
+    """Write the dataset; returns the path to pass as ``dataset.path`` (a .jsonl file or a save_to_disk dir).
+
+    ``text_only_every=k`` makes every k-th row text-only (mixed batches, as in real SFT data).
+    """
     out = Path(out_dir)
-    data = make_rows(out, rows, seed)
+    data = make_rows(out, rows, seed, text_only_every)
     if fmt == "jsonl":
         path = out / "train.jsonl"
         with open(path, "w") as f:
@@ -67,8 +73,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--format", default="jsonl", choices=["jsonl", "arrow"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-only-every", type=int, default=0, help="make every k-th row text-only")
     args = ap.parse_args(argv)
-    print(write_synthetic_dataset(args.out_dir, args.rows, args.format, args.seed))
+    print(write_synthetic_dataset(args.out_dir, args.rows, args.format, args.seed, args.text_only_every))
 
 
 if __name__ == "__main__":

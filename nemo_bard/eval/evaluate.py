@@ -29,6 +29,8 @@ from typing import Any, Sequence
 
 import torch
 
+from nemo_bard.data.collate import conversation_media, video_processor_kwargs
+
 from nemo_bard.eval.metrics import aggregate, score
 
 logger = logging.getLogger(__name__)
@@ -255,19 +257,6 @@ def load_samples(
     return samples
 
 
-def _media(prompt: list[dict]) -> tuple[list, list]:
-    images, videos = [], []
-    for m in prompt:
-        content = m.get("content")
-        if isinstance(content, list):
-            for it in content:
-                if it.get("type") == "image":
-                    images.append(it["image"])
-                elif it.get("type") == "video":
-                    videos.append(it["video"])
-    return images, videos
-
-
 def build_inputs(processor: Any, prompts: list[list[dict]]) -> dict[str, torch.Tensor]:
     """Chat-template + processor call for a batch of prompts (left padding)."""
     texts = processor.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
@@ -275,14 +264,14 @@ def build_inputs(processor: Any, prompts: list[list[dict]]) -> dict[str, torch.T
         texts = [texts]
     images, videos = [], []
     for p in prompts:
-        im, vid = _media(p)
+        im, vid = conversation_media(p)
         images += im
         videos += vid
     kwargs: dict[str, Any] = {}
     if images:
         kwargs["images"] = images
     if videos:
-        kwargs["videos"] = videos
+        kwargs.update(video_processor_kwargs(videos, None, None))
     batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
     return {k: batch[k] for k in _PROCESSOR_KEYS if k in batch}
 

@@ -70,8 +70,9 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
 
 
 def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
-    """Accuracy (exact, char) vs tokens/s, one point per row; block-diffusion rows coloured by model, AR rows as
-    red stars. Uses the Agg canvas directly (no display, no global backend switch)."""
+    """Accuracy (exact, char) vs tokens/s, one point per row, labelled with its block size and threshold;
+    block-diffusion rows coloured by model, AR rows as red stars; the y axis is zoomed on the data. Uses the
+    Agg canvas directly (no display, no global backend switch)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -86,15 +87,19 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
             x, y = r["tokens_per_second"], r[key]
             if r.get("kind") == "ar":
                 ax.scatter([x], [y], marker="*", s=220, color="tab:red", edgecolor="black", zorder=3)
-            else:
-                ax.scatter([x], [y], marker="o", s=60, color=colour[r["model"]], edgecolor="black", zorder=2)
-            ax.annotate(r["name"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=7)
+                continue
+            ax.scatter([x], [y], marker="o", s=60, color=colour[r["model"]], edgecolor="black", zorder=2)
+            tau = r.get("threshold")
+            text = f"B{r['block_size']} τ{tau:g}" if tau is not None else r["name"]
+            ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ys = [r[key] for r in rows]
+        pad = max(0.02, 0.15 * (max(ys) - min(ys)))  # zoom on the data: differences of a point are visible
+        ax.set_ylim(max(0.0, min(ys) - pad), min(1.0, max(ys) + pad))
         ax.set_xlabel("tokens / s")
         ax.set_ylabel(label)
-        ax.set_ylim(-0.03, 1.05)
         ax.grid(alpha=0.3)
     handles = [
-        axes[0].scatter([], [], marker="o", s=60, color=colour[m], edgecolor="black", label=f"{m} (block diffusion)")
+        axes[0].scatter([], [], marker="o", s=60, color=colour[m], edgecolor="black", label=m)
         for m in models
     ]
     if any(r.get("kind") == "ar" for r in rows):

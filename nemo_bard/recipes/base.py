@@ -36,7 +36,7 @@ from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
 from nemo_bard.callbacks.base import BardCallback, CallbackList
 from nemo_bard.callbacks.block_merge import BlockMergeCallback, ScheduleError
 from nemo_bard.cpu import apply_cpu_patches
-from nemo_bard.data.layout import BlockLayout
+from nemo_bard.data.layout import BlockLayout, FakeMedia
 from nemo_bard.recipes.config import BardConfigError, BardSettings, parse_bard_settings, to_plain
 
 logger = logging.getLogger(__name__)
@@ -164,7 +164,6 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             pad_weight=self.bard.loss.pad_weight, min_loss_t=self.bard.loss.min_t, flex_compile=self.bard.flex_compile,
         )
         self.noise_seed = int(self.bard.seed if self.bard.seed is not None else self.cfg.get("seed", 42))
-        self.vision_dummy = None
         self.setup_stage()
 
     def setup_stage(self) -> None:
@@ -212,7 +211,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         lbs = int(self.cfg.get("step_scheduler.local_batch_size", 1))
         dp_rank, dp_size = self._get_dp_rank(), self._get_dp_group_size()
         seeds = [sample_seed(self.noise_seed, step, dp_rank, dp_size, lbs, grad_acc, microbatch, i) for i in range(n)]
-        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions)
+        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, self.fake_media_for(batch))
         if built["num_samples"] == 0:
             raise BardConfigError(
                 f"every sample of a micro-batch was dropped (over bard.max_length={self.bard.max_length} or bad "
@@ -229,20 +228,17 @@ class BardRecipeBase(FinetuneRecipeForVLM):
                 out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         return out
 
-    def vision_keepalive(self, model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor | None:
-        """Zero-valued vision-tower output for a micro-batch without images (FSDP ranks must all run it)."""
-        if "pixel_values" in batch or self._get_dp_group_size() <= 1:
-            return None
-        visual = model.model.visual
-        if self.vision_dummy is None:
-            vc = model.config.vision_config
-            merge = vc.spatial_merge_size
-            dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
-            self.vision_dummy = (torch.zeros(merge * merge, dim), torch.tensor([[1, merge, merge]]))
-        pix, grid = self.vision_dummy
-        out = visual(pix.to(self.dist_env.device, visual.dtype), grid_thw=grid.to(self.dist_env.device))
-        pooled = out.pooler_output if hasattr(out, "pooler_output") else out[0]
-        return 0.0 * (pooled.float().sum() + sum(f.float().sum() for f in (getattr(out, "deepstack_features", None) or [])))
+    def fake_media_for(self, batch: dict[str, Any]) -> list[FakeMedia]:
+        """Fake image/video items so this micro-batch runs the vision tower whenever another DP rank's does.
+
+        One small all-reduce per micro-batch; nothing at data-parallel size 1.
+        """
+        if self._get_dp_group_size() <= 1:
+            return []
+        local = torch.tensor([int("pixel_values" in batch), int("pixel_values_videos" in batch)])
+        glob = self._dp_allreduce(local.clone(), op=torch.distributed.ReduceOp.MAX)
+        config = self.model_parts[0].config
+        return [FakeMedia.for_model(config, m + 1) for m in range(2) if glob[m] and not local[m]]
 
     # --------------------------------------------------------------- the step
     def compute_loss(

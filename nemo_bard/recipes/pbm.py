@@ -32,9 +32,6 @@ class BardPBMRecipe(BardRecipeBase):
             batch["loss_weights"].to(loss_mask.device)[loss_mask], sample_ids, int(loss_mask.shape[0]), denominator,
         )
         loss = res.loss
-        keepalive = self.vision_keepalive(model, batch) if is_train else None
-        if keepalive is not None:
-            loss = loss + keepalive
         stats = {
             "num_correct": res.num_correct.double(),
             "num_positions": res.num_positions.double(),

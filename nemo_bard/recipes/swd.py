@@ -163,9 +163,6 @@ class BardSWDRecipe(BardRecipeBase):
         ce_sum = F.cross_entropy(s_logits.float(), targets, reduction="sum")
         kd = self.kd_loss_fn(s_logits, values, indices, denominator)
         loss = self.kd.ce_weight * ce_sum / max(denominator, 1.0) + self.kd.kd_weight * kd.loss
-        keepalive = self.vision_keepalive(model, batch) if is_train else None
-        if keepalive is not None:
-            loss = loss + keepalive
         with torch.no_grad():
             stats = {
                 "ce_sum": ce_sum.double(),
