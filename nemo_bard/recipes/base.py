@@ -61,6 +61,15 @@ def sample_seed(base: int, step: int, dp_rank: int, dp_size: int, lbs: int, grad
     return corruption_sample_seed(base, step, dp_rank, dp_size, lbs, grad_acc, mb, i)
 
 
+def run_main(recipe_cls: type, config_path: str | None = None) -> None:
+    """Load ``-c cfg.yaml`` (+ ``--a.b=c`` overrides) the NeMo way, then set up and run ``recipe_cls``."""
+    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
+
+    recipe = recipe_cls(parse_args_and_load_config(config_path))
+    recipe.setup()
+    recipe.run_train_validation_loop()
+
+
 class BardRecipeBase(FinetuneRecipeForVLM):
     """Block-layout batches, masked forward, global normalisation and callbacks for the BARD stages."""
 

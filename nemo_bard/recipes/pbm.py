@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from nemo_bard.loss.denoise import MaskedDenoisingLoss
-from nemo_bard.recipes.base import BardRecipeBase
+from nemo_bard.recipes.base import BardRecipeBase, run_main
 
 
 class BardPBMRecipe(BardRecipeBase):
@@ -42,12 +42,7 @@ class BardPBMRecipe(BardRecipeBase):
 
 def main(config_path: str | None = None) -> None:
     """Entry for ``python -m nemo_bard.recipes.pbm -c cfg.yaml`` (NeMo's script-style launchers)."""
-    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
-
-    cfg = parse_args_and_load_config(config_path)
-    recipe = BardPBMRecipe(cfg)
-    recipe.setup()
-    recipe.run_train_validation_loop()
+    run_main(BardPBMRecipe, config_path)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from nemo_bard.attention.masks import training_mask
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
-from nemo_bard.recipes.base import BardRecipeBase
+from nemo_bard.recipes.base import BardRecipeBase, run_main
 from nemo_bard.recipes.config import BardConfigError, to_plain
 
 logger = logging.getLogger(__name__)
@@ -194,12 +194,7 @@ class BardSWDRecipe(BardRecipeBase):
 
 def main(config_path: str | None = None) -> None:
     """Entry for ``python -m nemo_bard.recipes.swd -c cfg.yaml`` (NeMo's script-style launchers)."""
-    from nemo_automodel.components.config._arg_parser import parse_args_and_load_config
-
-    cfg = parse_args_and_load_config(config_path)
-    recipe = BardSWDRecipe(cfg)
-    recipe.setup()
-    recipe.run_train_validation_loop()
+    run_main(BardSWDRecipe, config_path)
 
 
 if __name__ == "__main__":
