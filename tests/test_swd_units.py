@@ -116,3 +116,16 @@ def test_preflight_checks(tmp_path, tiny_bard_dir, tiny_ar_dir):
         check_teacher_student(str(student), str(tiny_ar_dir), None, None)
     with pytest.raises(BardConfigError, match="not found; run PBM first"):
         check_teacher_student(str(tmp_path / "missing"), str(tiny_bard_dir), None, None)
+
+
+def test_flex_backend_preflight_on_cpu():
+    from nemo_bard.recipes.base import BardRecipeBase
+
+    recipe = BardRecipeBase.__new__(BardRecipeBase)
+    recipe.bard = parse_bard_settings({"mask_backend": "flex"})
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only check")
+    with pytest.raises(BardConfigError, match="needs a GPU"):
+        recipe._check_mask_backend()
+    recipe.bard = parse_bard_settings({"mask_backend": "dense"})
+    recipe._check_mask_backend()  # dense needs nothing

@@ -105,7 +105,23 @@ class BardRecipeBase(FinetuneRecipeForVLM):
             self.cfg._raw.set_by_dotted("loss_fn._target_", "nemo_automodel.components.loss.masked_ce.MaskedCrossEntropy")
         if int(self.cfg.get("distributed.cp_size", 1) or 1) > 1 or int(self.cfg.get("distributed.pp_size", 1) or 1) > 1:
             raise BardConfigError("BARD recipes need distributed.cp_size=1 and pp_size=1 (custom block masks)")
+        self._check_mask_backend()
         self._prebuild_dataset()
+
+    def _check_mask_backend(self) -> None:
+        """``bard.mask_backend: flex`` needs a GPU and the text decoder in FlexAttention mode."""
+        if self.bard.mask_backend != "flex":
+            return
+        if not torch.cuda.is_available():
+            raise BardConfigError("bard.mask_backend=flex needs a GPU (FlexAttention has no CPU backward); "
+                                  "use bard.mask_backend=dense on CPU")
+        attn = to_plain(self.cfg.get("model.attn_implementation", None))
+        text_attn = attn.get("text_config") if isinstance(attn, dict) else attn
+        if text_attn != "flex_attention":
+            raise BardConfigError(
+                "bard.mask_backend=flex needs the text decoder in flex mode: set model.attn_implementation="
+                '{text_config: flex_attention, vision_config: sdpa, "": sdpa}'
+            )
 
     def _prebuild_dataset(self) -> None:
         """Build the training dataset now so an empty/missing dataset fails before the model loads."""
