@@ -106,3 +106,10 @@ def test_nemo_bard_alias_and_two_workers(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((tmp_path / "echo.json").read_text())["_world_size"] == 2
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (REPO / "README.md").read_text()
+    ci = (REPO / ".ci" / "run").read_text()
+    command = "python3 -m venv .venv && . .venv/bin/activate && pip install -e '.[test]' && python -m pytest -q"
+    assert command in readme.splitlines() and command in ci.splitlines()
