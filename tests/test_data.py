@@ -10,6 +10,7 @@ import torch
 
 from nemo_bard.data.collate import bard_collate_fn, split_last_turn
 from nemo_bard.data.datasets import BardChatDataset, DataError
+from nemo_bard.data.layout import MODEL_INPUT_KEYS
 from tests.conftest import random_image
 
 
@@ -148,10 +149,8 @@ def test_video_frames_through_collate_layout_and_model(data_dir, tiny_processor,
     layout = BlockLayout(block_size=4, mask_token_id=tiny_bard_model.config.mask_token_id,
                          pad_token_id=tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     built = layout.build(batch, [0, 1], tiny_bard_model.rope_positions)
-    keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw",
-            "pixel_values_videos", "video_grid_thw")
     with torch.no_grad():
-        out = tiny_bard_model(**{k: built[k] for k in keys}, logits_mask=built["loss_mask"])
+        out = tiny_bard_model(**{k: built[k] for k in MODEL_INPUT_KEYS}, logits_mask=built["loss_mask"])
     assert out.logits.shape[0] == int(built["loss_mask"].sum()) and torch.isfinite(out.logits).all()
     # video frames get 3-D positions: the temporal axis differs from the spatial ones somewhere in the prefix
     pos = built["position_ids"][:, 0]
@@ -174,12 +173,11 @@ def test_fake_media_is_isolated(data_dir, tiny_processor, tiny_bard_model):
     assert fake["input_ids"].shape[1] == plain["input_ids"].shape[1] + 1
     assert fake["input_ids"][0, -1] == cfg.image_token_id and fake["image_grid_thw"].tolist() == [[1, 2, 2]]
     assert not fake["attention_mask"][0, 0, :-1, -1].any()  # nothing attends the fake token
-    keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
     calls = []
     hook = tiny_bard_model.model.visual.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        a = tiny_bard_model(**{k: plain[k] for k in keys if k in plain}, logits_mask=plain["loss_mask"]).logits
-        b = tiny_bard_model(**{k: fake[k] for k in keys}, logits_mask=fake["loss_mask"]).logits
+        a = tiny_bard_model(**{k: plain[k] for k in MODEL_INPUT_KEYS if k in plain}, logits_mask=plain["loss_mask"]).logits
+        b = tiny_bard_model(**{k: fake[k] for k in MODEL_INPUT_KEYS if k in fake}, logits_mask=fake["loss_mask"]).logits
     hook.remove()
     assert calls == [1]  # only the fake-media forward ran the vision tower
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

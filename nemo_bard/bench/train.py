@@ -95,8 +95,8 @@ def run_variant(variant: str, model_dir: str, args: argparse.Namespace) -> dict:
 
     import nemo_bard  # noqa: F401
     from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy
-    from nemo_bard.data.layout import BlockLayout
-    from nemo_bard.loss.denoise import MaskedDenoisingLoss
+    from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout
+    from nemo_bard.loss.denoise import MaskedDenoisingLoss, num_loss_samples
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -130,8 +130,8 @@ def run_variant(variant: str, model_dir: str, args: argparse.Namespace) -> dict:
                              mask_backend="flex" if variant == "bard_flex" else "dense",
                              flex_compile=device.type == "cuda")
         built = layout.build(pre, list(range(args.batch_size)), model.rope_positions)
-        keys = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw")
-        inputs = {k: (built[k].to(device) if isinstance(built[k], torch.Tensor) else built[k]) for k in keys}
+        inputs = {k: (built[k].to(device) if isinstance(built[k], torch.Tensor) else built[k])
+                  for k in MODEL_INPUT_KEYS if k in built}
         lm = built["loss_mask"].to(device)
         loss_fn = MaskedDenoisingLoss()
         tokens = int((built["attention_mask"].sum(-1) > 1).sum()) if variant == "bard_dense" else int(lm.numel())
@@ -139,7 +139,7 @@ def run_variant(variant: str, model_dir: str, args: argparse.Namespace) -> dict:
         def step() -> torch.Tensor:
             out = model(**inputs, logits_mask=lm)
             return loss_fn(out.logits, built["targets"].to(device)[lm], built["loss_weights"].to(device)[lm],
-                           lm.nonzero()[:, 0], lm.shape[0], float(lm.any(-1).sum())).loss
+                           lm.nonzero()[:, 0], lm.shape[0], float(num_loss_samples(lm))).loss
 
     def one() -> float:
         if device.type == "cuda":

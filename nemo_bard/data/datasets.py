@@ -26,7 +26,6 @@ from torch.utils.data import Dataset
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
-VIDEO_FILE_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
 
 
 class DataError(ValueError):

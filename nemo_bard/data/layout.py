@@ -27,6 +27,9 @@ MEDIA = (("pixel_values", "image_grid_thw", "n_images_per_sample"),
          ("pixel_values_videos", "video_grid_thw", "n_videos_per_sample"))
 
 RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+# Keys of a built batch that are model-forward inputs (the rest is loss / bookkeeping).
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values",
+                    "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 @dataclass(frozen=True)

@@ -36,12 +36,11 @@ from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
 from nemo_bard.callbacks.base import BardCallback, CallbackList
 from nemo_bard.callbacks.block_merge import BlockMergeCallback, ScheduleError
 from nemo_bard.cpu import apply_cpu_patches
-from nemo_bard.data.layout import BlockLayout, FakeMedia
+from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout, FakeMedia
+from nemo_bard.loss.denoise import num_loss_samples
 from nemo_bard.recipes.config import BardConfigError, BardSettings, parse_bard_settings, to_plain
 
 logger = logging.getLogger(__name__)
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values",
-              "image_grid_thw", "pixel_values_videos", "video_grid_thw")
 
 
 class _PrebuiltDataset:
@@ -247,7 +246,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
     def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         device = self.dist_env.device
         out = {}
-        for k in MODEL_KEYS:
+        for k in MODEL_INPUT_KEYS:
             if k in batch:
                 v = batch[k]
                 out[k] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
@@ -275,7 +274,7 @@ class BardRecipeBase(FinetuneRecipeForVLM):
     def denominators(self, built: list[dict[str, Any]]) -> dict[str, float]:
         """Global sample / token counts of the optimizer step (all DP ranks, all micro-batches)."""
         local = torch.tensor(
-            [sum(int(b["loss_mask"].any(-1).sum()) for b in built), sum(int(b["loss_mask"].sum()) for b in built)],
+            [sum(num_loss_samples(b["loss_mask"]) for b in built), sum(int(b["loss_mask"].sum()) for b in built)],
             dtype=torch.long,
         )
         total = self._dp_allreduce(local)
@@ -369,8 +368,9 @@ class BardRecipeBase(FinetuneRecipeForVLM):
         for i, batch in enumerate(val_dataloader):
             b = self.build_block_batch(batch, step=-1 - i, microbatch=0, grad_acc=1)
             tokens = float(b["loss_mask"].sum())
-            loss, _ = self.compute_loss(self.model_parts[0], b, denominator=tokens if self.bard.loss.reduction ==
-                                        "token_mean" else float(b["loss_mask"].any(-1).sum()), is_train=False)
+            samples = float(num_loss_samples(b["loss_mask"]))
+            denominator = tokens if self.bard.loss.reduction == "token_mean" else samples
+            loss, _ = self.compute_loss(self.model_parts[0], b, denominator=denominator, is_train=False)
             total += loss.double().cpu() * tokens
             count += tokens
         total = self._dp_allreduce(total)
