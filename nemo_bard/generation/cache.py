@@ -81,3 +81,69 @@ class BlockKVCache(Cache):
         """Keep only the batch rows ``rows`` (compaction when sequences finish)."""
         for layer in self.layers:
             layer.select_rows(rows)
+
+
+class StaticKVLayer(CacheLayerMixin):
+    """One layer of :class:`StaticKVCache`: fixed ``[rows, kv_heads, capacity, head_dim]`` buffers."""
+
+    is_sliding = False
+
+    def __init__(self, owner: "StaticKVCache", keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.owner, self.keys, self.values = owner, keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:  # pragma: no cover
+        raise RuntimeError("StaticKVCache buffers are allocated up front")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        n, _, q, _ = key_states.shape
+        if self.owner.prefill:  # eager prompt prefill from slot 0: keys/values of the prompt only
+            self.keys[:n, :, :q] = key_states
+            self.values[:n, :, :q] = value_states
+            return self.keys[:n, :, :q], self.values[:n, :, :q]
+        index = self.owner.write_index[:q]
+        self.keys.index_copy_(2, index, key_states)
+        self.values.index_copy_(2, index, value_states)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.capacity, 0
+
+    def get_seq_length(self) -> int:
+        return 0
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+class StaticKVCache(Cache):
+    """KV cache with static shapes for graph-captured decoding.
+
+    Buffers never change shape or address: every decoding forward writes its ``q`` tokens at the slots
+    ``write_index[:q]`` (a device tensor the engine sets before the forward, so a captured CUDA graph
+    replays with new positions) and attends over all ``capacity`` slots under an explicit mask. In
+    ``prefill`` mode (the eager prompt forward) writes go to slots ``[0, q)`` of the first rows.
+
+    Args:
+        num_layers, rows, kv_heads, head_dim, capacity: buffer shape per layer.
+        dtype, device: of the buffers (the model's).
+    """
+
+    def __init__(
+        self, num_layers: int, rows: int, kv_heads: int, head_dim: int, capacity: int,
+        dtype: torch.dtype, device: torch.device,
+    ) -> None:
+        self.rows, self.capacity, self.prefill = int(rows), int(capacity), False
+        self.write_index = torch.zeros(0, dtype=torch.long, device=device)
+        shape = (self.rows, kv_heads, self.capacity, head_dim)
+        layers = [StaticKVLayer(self, torch.zeros(shape, dtype=dtype, device=device),
+                                torch.zeros(shape, dtype=dtype, device=device)) for _ in range(num_layers)]
+        super().__init__(layers=layers)
+
+    def copy_rows_from(self, other: "StaticKVCache", rows: torch.Tensor) -> None:
+        """``self[i] = other[rows[i]]`` for every layer (moving running rows into a smaller batch bucket)."""
+        for mine, theirs in zip(self.layers, other.layers):
+            mine.keys[: rows.numel()].copy_(theirs.keys.index_select(0, rows))
+            mine.values[: rows.numel()].copy_(theirs.values.index_select(0, rows))

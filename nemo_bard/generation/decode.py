@@ -1,4 +1,8 @@
-"""Block-diffusion decoding with a KV cache (BARD_SPEC §7).
+"""Block-diffusion decoding with a KV cache: the public entry point and the eager reference decoder.
+
+:func:`block_diffusion_generate` validates the request and runs it on the static-shape engine
+(:mod:`nemo_bard.generation.engine`, the default) or on the eager decoder below (``engine="eager"``),
+which is the readable reference the engine is tested against:
 
 1. Prefill the prompt with the block-causal mask into a :class:`BlockKVCache`.
 2. Each response block starts as ``B`` mask tokens at the next ``B`` positions and is denoised against
@@ -13,13 +17,13 @@ every forward's mask is ``dense_mask(kind, block, q_slice=<slots forwarded>)``.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable
 
 import torch
 
 from nemo_bard.attention.masks import CLEAN, NOISY, dense_mask, num_prompt_blocks, prompt_token_meta
 from nemo_bard.generation.cache import BlockKVCache
+from nemo_bard.generation.engine import DecodeEngine, check_engine, device_sync
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule
 
@@ -92,8 +96,8 @@ def _prefill(model, ids, am, media, bs: int, n_blocks: int):
 class _Streamer:
     """Sends committed blocks to an HF ``BaseStreamer`` (batch 1) or a ``callable(row, tokens)``."""
 
-    def __init__(self, streamer: Any, batch: int, prompt: torch.Tensor, stops: set[int], limit: int) -> None:
-        self.streamer, self.stops, self.limit = streamer, stops, limit
+    def __init__(self, streamer: Any, batch: int, prompt: torch.Tensor, limit: int) -> None:
+        self.streamer, self.limit = streamer, limit
         self.hf = streamer is not None and hasattr(streamer, "put") and hasattr(streamer, "end")
         if self.hf:
             if batch != 1:
@@ -102,25 +106,25 @@ class _Streamer:
         elif streamer is not None and not callable(streamer):
             raise TypeError("streamer must be a transformers BaseStreamer or a callable(row_index, tokens)")
 
-    def block(self, rows: torch.Tensor, x: torch.Tensor, offset: int) -> None:
+    def emit(self, row: int, tokens: list[int]) -> None:
+        """Send one row's newly committed tokens (already cut after a stop token)."""
+        if self.hf:
+            self.streamer.put(torch.tensor(tokens))
+        elif self.streamer is not None:
+            self.streamer(row, tokens)
+
+    def block(self, rows: torch.Tensor, x: torch.Tensor, offset: int, stops: torch.Tensor) -> None:
+        """Send a committed block ``x`` of the running ``rows`` at response ``offset`` (eager decoder)."""
         if self.streamer is None:
             return
+        stop_set = set(stops.tolist())
         for row, toks in zip(rows.tolist(), x[:, : self.limit - offset].tolist()):
-            cut = next((i + 1 for i, t in enumerate(toks) if t in self.stops), len(toks))
-            if self.hf:
-                self.streamer.put(torch.tensor(toks[:cut]))
-            else:
-                self.streamer(row, toks[:cut])
+            cut = next((i + 1 for i, t in enumerate(toks) if t in stop_set), len(toks))
+            self.emit(row, toks[:cut])
 
     def end(self) -> None:
         if self.hf:
             self.streamer.end()
-
-
-def _sync(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 @torch.no_grad()
@@ -148,6 +152,7 @@ def block_diffusion_generate(
     seed: int | None = None,
     streamer: Any | Callable[[int, list[int]], None] | None = None,
     fuse_commit: bool = True,
+    engine: str = "static",
 ) -> GenerationOutput:
     """Block-diffusion decoding of (left- or right-) padded prompts; see the module docstring.
 
@@ -158,38 +163,93 @@ def block_diffusion_generate(
         block_size: B (default ``model.config.block_size``).
         denoising_steps: S, the most steps per block (default B, clamped to ``[1, B]``).
         remasking_strategy: ``low_confidence_dynamic`` or ``low_confidence_static``.
-        confidence_threshold: τ of the dynamic strategy (strict ``> τ``).
+        confidence_threshold: τ of the dynamic strategy (strict ``> τ``), in ``[0, 1]``.
         temperature, top_k, top_p, seed: sampling (temperature 0 = greedy).
         eos_token_id, stop_token_ids: a row stops after the block holding one of them.
         pad_token_id: fills ``sequences`` after a row's eos.
         streamer: HF ``BaseStreamer`` (batch 1) or ``callable(row_index, tokens)``; gets every committed block.
         fuse_commit: commit a finished block in the next block's first forward (False: a separate forward).
+        engine: ``static`` (default: :class:`~nemo_bard.generation.engine.DecodeEngine`, static shapes, CUDA
+            graphs on GPU), ``compiled`` (the same with ``torch.compile``) or ``eager`` (the reference decoder
+            below; same tokens, slower).
     """
+    check_engine(engine)
     if remasking_strategy not in REMASKING_STRATEGIES:
         raise ValueError(f"remasking_strategy={remasking_strategy!r} is not one of {REMASKING_STRATEGIES}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
     bs = int(block_size or model.config.block_size)
     if bs < 1:
         raise ValueError(f"block_size must be >= 1, got {bs}")
     schedule = step_schedule(bs, min(max(int(denoising_steps or bs), 1), bs))
-    mask_id = int(model.config.mask_token_id)
     stop_list, pad = special_token_ids(model, eos_token_id, stop_token_ids, pad_token_id)
     device = model.device
     stops = torch.tensor(stop_list, dtype=torch.long, device=device)
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    inputs = model_inputs(device, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
+                          video_grid_thw, mm_token_type_ids)
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    stream = _Streamer(streamer, ids.shape[0], ids[:, am[0].bool()], max_new_tokens)
+    kwargs = dict(block_size=bs, schedule=schedule, max_new_tokens=max_new_tokens, mask_token_id=int(
+        model.config.mask_token_id), stops=stops, pad=pad, strategy=remasking_strategy,
+        threshold=confidence_threshold, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
+        fuse_commit=fuse_commit)
+    if engine == "eager":
+        out = _eager_block_diffusion(model, inputs, stream, **kwargs)
+    else:
+        session = DecodeEngine.for_model(model, engine).start_block_diffusion(inputs, **kwargs)
+        out = run_session(session, stream)
+    stream.end()
+    return out
+
+
+def run_session(session: Any, stream: "_Streamer | None" = None) -> GenerationOutput:
+    """Drive an engine session to the end, streaming committed blocks; returns its output."""
+    live = stream is not None and stream.streamer is not None
+    try:
+        while not session.done:
+            session.step()
+            if live:
+                for row, tokens in session.collect():
+                    stream.emit(row, tokens)
+    except BaseException:
+        session.close()
+        raise
+    if live:
+        for row, tokens in session.collect():
+            stream.emit(row, tokens)
+    return session.result()
+
+
+def model_inputs(device: torch.device, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
+                 mm_token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """The processor's outputs on ``device`` (an all-ones attention mask when none is given)."""
     ids = input_ids.to(device)
     am = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
-    media = {k: v.to(device) if v is not None else None for k, v in dict(
-        pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-        video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids).items()}
+    media = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
+                 video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids)
+    return {"input_ids": ids, "attention_mask": am, **{k: v.to(device) if v is not None else None
+                                                       for k, v in media.items()}}
+
+
+def _eager_block_diffusion(model, inputs, stream, *, block_size: int, schedule: list[int], max_new_tokens: int,
+                           mask_token_id: int, stops: torch.Tensor, pad: int, strategy: str, threshold: float,
+                           temperature: float, top_k: int | None, top_p: float | None,
+                           generator: torch.Generator | None, fuse_commit: bool) -> GenerationOutput:
+    """The reference decoder (``engine="eager"``): dynamic shapes, rows leave the batch when they finish."""
+    bs, mask_id, device = block_size, mask_token_id, model.device
+    ids, am = inputs["input_ids"], inputs["attention_mask"]
+    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     b, lp = ids.shape
     n_blocks = -(-max_new_tokens // bs)
-    t0 = _sync(device)
+    t0 = device_sync(device)
     cache, kind, block, start = _prefill(model, ids, am, media, bs, n_blocks)
-    prefill_time = _sync(device) - t0
+    prefill_time = device_sync(device) - t0
 
-    stream = _Streamer(streamer, b, ids[:, am[0].bool()], set(stop_list), max_new_tokens)
     rows = torch.arange(b, device=device)  # original index of each running row
     out = torch.full((b, n_blocks * bs), pad, dtype=torch.long, device=device)
     row_forwards = torch.zeros(b, dtype=torch.long, device=device)
@@ -210,15 +270,15 @@ def block_diffusion_generate(
                 cache.commit(bs)
                 pending = None
             logits[:, mask_id] = float("-inf")  # never produce the mask token
-            tok, conf = sample_tokens(logits, temperature, top_k, top_p, gen)
+            tok, conf = sample_tokens(logits, temperature, top_k, top_p, generator)
             confidence = torch.full(x.shape, float("-inf"), device=device).masked_scatter(masked, conf)
-            commit = select_commits(confidence, masked, n_commit, remasking_strategy, confidence_threshold)
+            commit = select_commits(confidence, masked, n_commit, strategy, threshold)
             x = torch.where(commit, x.masked_scatter(masked, tok), x)
             num_forwards += 1
             row_forwards[rows] += masked.any(-1).long()
         kind[:, s0:s0 + bs] = CLEAN
         out[rows, k * bs:(k + 1) * bs] = x
-        stream.block(rows, x, k * bs)
+        stream.block(rows, x, k * bs, stops)
         if k + 1 == n_blocks:
             break
         done = torch.isin(x, stops).any(-1)
@@ -236,11 +296,10 @@ def block_diffusion_generate(
             cache.commit(bs)
             num_forwards += 1
             row_forwards[rows] += 1
-    stream.end()
 
     sequences, lengths = finalize(out[:, :max_new_tokens], stops, pad)
-    wall = _sync(device) - t0
+    wall = device_sync(device) - t0
     return GenerationOutput(
         sequences=sequences, lengths=lengths, num_forwards=num_forwards, row_forwards=row_forwards,
-        tokens_per_forward=float(lengths.sum()) / max(num_forwards, 1), wall_time=wall, prefill_time=prefill_time,
+        wall_time=wall, prefill_time=prefill_time, decode_forwards=num_forwards, engine="eager",
     )
