@@ -4,6 +4,7 @@
         [--system TEXT] [--block-size 32] [--denoising-steps 32] [--confidence-threshold 0.9]
         [--remasking-strategy low_confidence_dynamic] [--temperature 0] [--max-new-tokens 1024]
         [--stream] [--stats-json FILE] [--device cuda|cpu] [--dtype auto] [--seed N]
+        [--engine static|compiled|eager]
 
 Images are read with PIL. A video is a directory of frame images (sorted by name) or, when PyAV /
 decord / OpenCV / torchcodec is installed, a video file. On a GPU the default is bf16, on CPU fp32.
@@ -18,7 +19,6 @@ import sys
 from pathlib import Path
 
 EXIT_USAGE = 2
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class UsageError(ValueError):
@@ -32,7 +32,8 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_bard.generation.sampling import REMASKING_STRATEGIES
+    from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
+    from nemo_bard.models.loading import DTYPES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.generate", description=__doc__.splitlines()[0])
     _flag(ap, "model", required=True, help="bard_vl checkpoint directory")
@@ -54,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ap, "device", default=None, help="cuda or cpu (default: cuda when available)")
     _flag(ap, "dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
     _flag(ap, "seed", type=int, default=None)
+    _flag(ap, "engine", default="static", choices=ENGINES,
+          help="decoding engine: static (default; CUDA graphs on GPU), compiled (+ torch.compile), eager (reference)")
     return ap
 
 
@@ -85,6 +88,10 @@ def check_args(args: argparse.Namespace) -> dict:
                         ("--max-new-tokens", args.max_new_tokens)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
+    if not 0.0 <= args.confidence_threshold <= 1.0:
+        raise UsageError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     recorded = cfg.get("block_size")
     if args.block_size is not None and recorded is not None and args.block_size != recorded:
         print(
@@ -95,16 +102,6 @@ def check_args(args: argparse.Namespace) -> dict:
     return cfg
 
 
-def _device_dtype(args: argparse.Namespace):
-    import torch
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available; use --device cpu")
-    name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
-    return device, getattr(torch, name)
-
-
 def run(args: argparse.Namespace) -> dict:
     """Load, decode, print; returns the statistics dict."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -113,7 +110,12 @@ def run(args: argparse.Namespace) -> dict:
     from nemo_bard.generation import block_diffusion_generate
     from nemo_bard.generation.inputs import build_inputs, load_image, load_video
 
-    device, dtype = _device_dtype(args)
+    from nemo_bard.models.loading import resolve_device_dtype
+
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     images = [load_image(p) for p in args.image]
     videos = [load_video(p, args.video_fps) for p in args.video]
     processor = AutoProcessor.from_pretrained(args.model)
@@ -138,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         model, **inputs, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
         denoising_steps=args.denoising_steps, remasking_strategy=args.remasking_strategy,
         confidence_threshold=args.confidence_threshold, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, streamer=on_block if args.stream else None,
+        top_p=args.top_p, seed=args.seed, streamer=on_block if args.stream else None, engine=args.engine,
     )
     answer = tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
     print(answer[printed[0]:] if args.stream else answer, flush=True)

@@ -1,23 +1,35 @@
-"""Decoding throughput: AR Qwen3-VL vs BARD block diffusion, side by side in one process.
+"""Decoding speed: BARD block diffusion vs the AR baseline, every engine side by side in one process.
 
-    python -m nemo_bard.bench.decode --model BARD_DIR --ar-model AR_DIR [--batch-sizes 1 8]
-        [--points 4:1.0,4:0.9,8:0.9] [--max-new-tokens 64] [--repeats 3] [--ignore-eos] [--json OUT]
+    python -m nemo_bard.bench.decode [--model BARD_DIR --ar-model AR_DIR | --preset qwen3vl_2b]
+        [--engine eager,static,compiled] [--batch-sizes 1 8] [--points 16:4:0.9,32:4:0.9]
+        [--max-new-tokens 128] [--repeats 3] [--ignore-eos] [--json OUT]
 
-Both models decode the same prompts (synthetic images + text, built offline, tokenised once with the
-BARD processor). Every (decoder, batch size) cell gets one warm-up run and the median of ``--repeats``
-timed runs; ratios (BARD / AR tokens per second) come from cells of this run only. A point ``B:tau``
-is block size B, ``tau`` the dynamic confidence threshold (``--denoising-steps``, default B). Without
-``--model``/``--ar-model`` the tiny random test model is written and converted in a temporary
-directory (mechanics only: its speeds say nothing about real checkpoints).
+Both models decode the same prompts (synthetic images + text, built offline). For each batch size:
+
+* AR rows: Hugging Face ``generate`` (``engine=hf``, also the reference tokens) and the AR baseline on each
+  selected engine (one-token causal steps on the same static cache and graphs as block diffusion);
+* BARD rows: every decoding point ``BLOCK:STEPS:THRESHOLD[:static|dynamic]`` on every selected engine; the
+  eager decoder always runs once to give the reference tokens.
+
+Each cell gets one untimed warm-up (compilation, graph capture), then ``--repeats`` runs interleaved across
+engines; the median is reported. Every row carries ``engine``, ``ms_per_forward`` (after the prefill),
+``tokens_per_second`` (prefill included), ``decode_tokens_per_second``, ``tokens_per_forward`` (per row)
+and ``tokens_match_eager``; ``x_ar`` / ``decode_x_ar`` divide by the fastest AR row of the same batch size
+in this run. ``--preset`` builds a randomly initialised model of a real Qwen3-VL shape directly on the
+device (AR copy + its ``bard_vl`` view, shared weights; tiny offline tokenizer); with random weights
+confidences are tiny, so tokens per forward are forced by ``STEPS`` (B/S). Without ``--model``/``--preset``
+the tiny test model is used (mechanics only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Callable
 
 PROMPTS = [
     ("Read the digits.", 1),
@@ -46,40 +58,13 @@ def synthetic_image(seed: int, size: int = 64):
     return img
 
 
-def parse_points(text: str) -> list[tuple[int, float]]:
-    """``"4:1.0,8:0.9"`` -> ``[(4, 1.0), (8, 0.9)]``."""
-    try:
-        points = [(int(b), float(t)) for b, t in (p.split(":") for p in text.split(",") if p)]
-    except ValueError:
-        raise SystemExit(f"--points {text!r}: expected BLOCK:THRESHOLD[,BLOCK:THRESHOLD...], e.g. 4:1.0,4:0.9")
-    if not points or any(b < 1 for b, _ in points):
-        raise SystemExit(f"--points {text!r}: give at least one point with block size >= 1")
-    return points
-
-
-def _inputs(processor, batch_size: int) -> dict:
+def prompt_batch(processor, batch_size: int) -> dict:
+    """The benchmark's prompts for one batch (cycled), tokenised with left padding."""
     from nemo_bard.generation.inputs import build_inputs
 
     items = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
     images = [[synthetic_image(10 * i + j) for j in range(n)] for i, (_, n) in enumerate(items)]
     return build_inputs(processor, [t for t, _ in items], images)
-
-
-def _time(fn, repeats: int):
-    """One warm-up call, then the run with the median wall time of ``repeats`` calls."""
-    fn()
-    runs = sorted((fn() for _ in range(repeats)), key=lambda o: o.wall_time)
-    return runs[len(runs) // 2]
-
-
-def _row(decoder: str, bs: int, out, **extra) -> dict:
-    return {
-        "decoder": decoder, "batch_size": bs, **extra,
-        "response_tokens": out.response_tokens, "num_forwards": out.num_forwards,
-        "tokens_per_forward": round(out.tokens_per_forward, 4),
-        "mean_tokens_per_row_forward": round(out.response_tokens / max(int(out.row_forwards.sum()), 1), 4),
-        "wall_time": round(out.wall_time, 4), "tokens_per_second": round(out.tokens_per_second, 2),
-    }
 
 
 def tiny_models(root: Path, block_size: int) -> tuple[Path, Path]:
@@ -91,74 +76,135 @@ def tiny_models(root: Path, block_size: int) -> tuple[Path, Path]:
     return convert(ar, root / "bard", block_size=block_size), ar
 
 
-def run(args: argparse.Namespace) -> dict:
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import nemo_bard  # noqa: F401  registers bard_vl
-    from nemo_bard.generation import ar_generate, block_diffusion_generate
-
-    points = parse_points(args.points)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype if args.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32"))
-    tmp = None
-    if args.model is None or args.ar_model is None:
-        tmp = tempfile.TemporaryDirectory(prefix="bard_bench_")
-        args.model, args.ar_model = tiny_models(Path(tmp.name), points[0][0])
-    processor = AutoProcessor.from_pretrained(args.model)
-    bard = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    ar = AutoModelForImageTextToText.from_pretrained(args.ar_model, dtype=dtype).to(device).eval()
-    no_eos = {"eos_token_id": []} if args.ignore_eos else {}
-
-    rows = []
-    for bs in args.batch_sizes:
-        enc = {k: v.to(device) for k, v in _inputs(processor, bs).items()}
-        for key in ("pixel_values", "pixel_values_videos"):
-            if key in enc:
-                enc[key] = enc[key].to(dtype)
-        ar_out = _time(lambda: ar_generate(ar, **enc, max_new_tokens=args.max_new_tokens, **no_eos), args.repeats)
-        ar_row = _row("ar", bs, ar_out)
-        rows.append(ar_row)
-        for block_size, tau in points:
-            out = _time(lambda: block_diffusion_generate(
-                bard, **enc, max_new_tokens=args.max_new_tokens, block_size=block_size,
-                denoising_steps=args.denoising_steps or block_size, remasking_strategy="low_confidence_dynamic",
-                confidence_threshold=tau, **no_eos,
-            ), args.repeats)
-            row = _row("bard", bs, out, block_size=block_size, threshold=tau)
-            row["speedup_vs_ar"] = round(row["tokens_per_second"] / ar_row["tokens_per_second"], 3)
-            rows.append(row)
-    if tmp is not None:
-        tmp.cleanup()
-
-    def tps(decoder, bs, **point):
-        return next(r["tokens_per_second"] for r in rows if r["decoder"] == decoder and r["batch_size"] == bs
-                    and all(r.get(k) == v for k, v in point.items()))
-
-    scaling = {}
-    if len(args.batch_sizes) > 1:
-        lo, hi = min(args.batch_sizes), max(args.batch_sizes)
-        scaling["ar"] = round(tps("ar", hi) / tps("ar", lo), 3)
-        for b, t in points:
-            point = dict(block_size=b, threshold=t)
-            scaling[f"bard B{b} tau{t}"] = round(tps("bard", hi, **point) / tps("bard", lo, **point), 3)
+def _row(model: str, engine: str, batch_size: int, out, ref, **extra) -> dict:
+    decode_tps = out.response_tokens / out.decode_time if out.decode_time else None
     return {
-        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "torch_threads": torch.get_num_threads(),
-        "model": str(args.model), "ar_model": str(args.ar_model), "tiny_random_models": tmp is not None,
-        "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
-        "results": rows, f"throughput_bs{max(args.batch_sizes)}_over_bs{min(args.batch_sizes)}": scaling,
+        "model": model, "engine": engine, "batch_size": batch_size, **extra,
+        "response_tokens": out.response_tokens, "num_forwards": out.num_forwards,
+        "decode_forwards": out.decode_forwards, "tokens_per_forward": round(out.tokens_per_forward, 4),
+        "tokens_per_batch_forward": round(out.tokens_per_batch_forward, 4),
+        "wall_time": round(out.wall_time, 5),
+        "prefill_time": None if out.prefill_time is None else round(out.prefill_time, 5),
+        "ms_per_forward": round(out.ms_per_forward, 4), "tokens_per_second": round(out.tokens_per_second, 2),
+        "decode_tokens_per_second": None if decode_tps is None else round(decode_tps, 2),
+        "tokens_match_eager": bool(out.sequences.shape == ref.sequences.shape
+                                   and bool((out.sequences == ref.sequences).all())),
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def _median_runs(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
+    """Warm each engine up once, then run them interleaved ``repeats`` times; the median-wall run of each."""
+    for fn in fns.values():
+        fn()
+    runs: dict[str, list] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            runs[name].append(fn())
+    return {name: sorted(r, key=lambda o: o.wall_time)[len(r) // 2] for name, r in runs.items()}
+
+
+def load_models(args: argparse.Namespace, device, dtype, block_size: int, tmp: Path):
+    """``(ar, bard, processor, description)`` from --preset, --model/--ar-model, or the tiny test model."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import nemo_bard  # noqa: F401  registers bard_vl
+
+    if args.preset:
+        from nemo_bard.bench.presets import build_preset, num_parameters
+
+        ar, bard, processor = build_preset(args.preset, device, dtype, block_size)
+        return ar, bard, processor, f"preset {args.preset} ({num_parameters(bard) / 1e9:.2f} B parameters, random)"
+    if args.model is None or args.ar_model is None:
+        args.model, args.ar_model = tiny_models(tmp, block_size)
+    processor = AutoProcessor.from_pretrained(args.model)
+    bard = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    ar = AutoModelForImageTextToText.from_pretrained(args.ar_model, dtype=dtype).to(device).eval()
+    return ar, bard, processor, f"{args.model} vs {args.ar_model}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the benchmark; returns the report (also printed as a table by :func:`main`)."""
+    import torch
+
+    from nemo_bard.generation import ar_generate, block_diffusion_generate
+    from nemo_bard.generation.points import parse_points
+    from nemo_bard.models.loading import resolve_device_dtype
+
+    points = parse_points(args.points)
+    if not points or any(p.is_ar for p in points):
+        raise SystemExit("nemo_bard.bench.decode: --points lists block-diffusion points BLOCK:STEPS:THRESHOLD")
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = resolve_device_dtype(args.device, args.dtype)
+    tmp = tempfile.TemporaryDirectory(prefix="bard_bench_")
+    ar, bard, processor, description = load_models(args, device, dtype, points[0].block_size, Path(tmp.name))
+    eos = {"eos_token_id": []} if args.ignore_eos else {}
+    fast = [e for e in engines if e != "eager"]
+
+    rows = []
+    for bs in args.batch_sizes:
+        enc = {k: v.to(device) for k, v in prompt_batch(processor, bs).items()}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in enc:
+                enc[key] = enc[key].to(dtype)
+        ar_fns = {e: (lambda e=e: ar_generate(ar, **enc, max_new_tokens=args.max_new_tokens, engine=e, **eos))
+                  for e in ["hf", *fast]}
+        best = _median_runs(ar_fns, args.repeats)
+        ar_rows = [_row("ar", e, bs, out, best["hf"]) for e, out in best.items()]
+        rows += ar_rows
+        for point in points:
+            kw = dict(max_new_tokens=args.max_new_tokens, block_size=point.block_size,
+                      denoising_steps=point.denoising_steps, remasking_strategy=point.remasking_strategy,
+                      confidence_threshold=point.threshold, **eos)
+            fns = {e: (lambda e=e: block_diffusion_generate(bard, **enc, engine=e, **kw)) for e in ["eager", *fast]}
+            if "eager" in engines:
+                best = _median_runs(fns, args.repeats)
+            else:  # the eager decoder runs once, for the reference tokens only
+                best = {"eager": fns["eager"](), **_median_runs({e: fns[e] for e in fast}, args.repeats)}
+            for e in engines:
+                rows.append(_row("bard", e, bs, best[e], best["eager"], point=point.label,
+                                 block_size=point.block_size, denoising_steps=point.denoising_steps,
+                                 threshold=point.threshold, strategy=point.remasking_strategy))
+        fastest = max(r["tokens_per_second"] for r in ar_rows)
+        fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in ar_rows)
+        for r in rows:
+            if r["batch_size"] == bs:
+                r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
+                r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
+                                    if r["decode_tokens_per_second"] and fastest_decode else None)
+    tmp.cleanup()
+    return {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
+        "dtype": str(dtype).replace("torch.", ""), "models": description, "engines": engines,
+        "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
+        "results": rows,
+    }
+
+
+def markdown(report: dict) -> str:
+    """The report's rows as a markdown table."""
+    head = ("| batch | model | engine | point | TPF | ms/forward | tokens/s | decode tokens/s | x AR | decode x AR "
+            "| same tokens as eager |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    lines = []
+    for r in report["results"]:
+        dec = "–" if r["decode_tokens_per_second"] is None else f"{r['decode_tokens_per_second']:.1f}"
+        dx = "–" if r.get("decode_x_ar") is None else f"{r['decode_x_ar']:.2f}"
+        lines.append(f"| {r['batch_size']} | {r['model']} | {r['engine']} | {r.get('point', 'AR')} | "
+                     f"{r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {r['tokens_per_second']:.1f} | "
+                     f"{dec} | {r['x_ar']:.2f} | {dx} | {'yes' if r['tokens_match_eager'] else 'NO'} |")
+    return head + "\n".join(lines) + "\n"
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.bench.decode", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None, help="bard_vl checkpoint directory")
     ap.add_argument("--ar-model", "--ar_model", default=None, help="autoregressive Qwen3-VL directory (the baseline)")
+    ap.add_argument("--preset", default=None, help="qwen3vl_2b | qwen3vl_4b | qwen3vl_8b | tiny: random real-shape models")
+    ap.add_argument("--engine", default=None,
+                    help="comma-separated engines (eager, static, compiled); default: all on GPU, eager,static on CPU")
     ap.add_argument("--batch-sizes", "--batch_sizes", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--points", default="4:1.0,4:0.9,8:0.9", help="BLOCK:THRESHOLD list (dynamic strategy)")
-    ap.add_argument("--denoising-steps", "--denoising_steps", type=int, default=None, help="default: block size")
+    ap.add_argument("--points", default="16:4:0.9,32:4:0.9", help="BLOCK:STEPS:THRESHOLD[:static|dynamic],...")
     ap.add_argument("--max-new-tokens", "--max_new_tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ignore-eos", "--ignore_eos", action="store_true", help="decode the full budget (equal lengths)")
@@ -166,18 +212,42 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="also write the report to this file")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nemo_bard.generation.points import ENGINES
+
+    args = build_parser().parse_args(argv)
+    err = None
+    if args.preset and (args.model or args.ar_model):
+        err = "--preset builds its own models; drop --model/--ar-model"
     for flag, path in (("--model", args.model), ("--ar-model", args.ar_model)):
         if path is not None and not (Path(path) / "config.json").is_file():
-            print(f"nemo_bard.bench.decode: error: {flag} {path}: no config.json (not a checkpoint directory)",
-                  file=sys.stderr)
-            return 2
-    report = run(args)
+            err = f"{flag} {path}: no config.json (not a checkpoint directory)"
+    if args.engine is None:
+        import torch
+
+        args.engine = ",".join(ENGINES[::-1]) if torch.cuda.is_available() else "eager,static"
+    bad = [e for e in args.engine.split(",") if e.strip() and e.strip() not in ENGINES]
+    if bad:
+        err = f"--engine {bad[0]!r} is not one of {', '.join(ENGINES)}"
+    if err:
+        print(f"nemo_bard.bench.decode: error: {err}", file=sys.stderr)
+        return 2
+    try:
+        report = run(args)
+    except ValueError as exc:
+        print(f"nemo_bard.bench.decode: error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(report))
     text = json.dumps(report, indent=2)
-    print(text)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
+        print(f"report: {args.json}")
+    else:
+        print(text)
     return 0
 
 

@@ -19,6 +19,8 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nemo_bard.generation.points import ENGINES
+
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True, help="checkpoint directory (repeatable)")
     ap.add_argument("--data", required=True, help="save_to_disk directory, .jsonl file or directory of .jsonl")
@@ -32,12 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out-dir", default="eval_results", help="where results.{json,md,png} go (default ./eval_results)")
     ap.add_argument("--name", action="append", default=None, help="label per --model (default: directory name)")
     ap.add_argument("--ar", action="store_true", help="decode every --model with the AR baseline (causal Qwen3-VL)")
-    ap.add_argument("--reference", default=None, help="row name the ×AR column divides by (default: first AR row)")
+    ap.add_argument("--reference", default=None, help="row name the ×AR columns divide by (default: the fastest AR row)")
     ap.add_argument("--title", default=None, help="title of the table and plot")
     ap.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     ap.add_argument("--dtype", default="auto", help="float32 / bfloat16 / auto (bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 gives stable timings on a small, shared CPU)")
+    ap.add_argument("--engine", default="static", choices=ENGINES,
+                    help="decoding engine (default static; eager = the reference decoder / HF generate for AR)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return ap
@@ -69,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += evaluate(
             model_dir, samples, points, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
             name=names[i] if i < len(names) else None, force_ar=args.ar, device=args.device, dtype=args.dtype,
-            warmup=not args.no_warmup, progress=not args.no_progress,
+            warmup=not args.no_warmup, progress=not args.no_progress, engine=args.engine,
         )
     paths = write_report(rows, args.out_dir, reference=args.reference, title=args.title)
     print(markdown_table(rows, args.reference), end="")

@@ -32,92 +32,14 @@ import torch
 from nemo_bard.data.collate import conversation_media, video_processor_kwargs
 
 from nemo_bard.eval.metrics import aggregate, score
+from nemo_bard.generation.points import DecodePoint, check_engine, default_points, parse_points
 
 logger = logging.getLogger(__name__)
 
-STRATEGY_ALIASES = {
-    "static": "low_confidence_static",
-    "dynamic": "low_confidence_dynamic",
-    "low_confidence_static": "low_confidence_static",
-    "low_confidence_dynamic": "low_confidence_dynamic",
-}
 _PROCESSOR_KEYS = (
     "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
     "mm_token_type_ids",
 )
-
-
-@dataclass(frozen=True)
-class DecodePoint:
-    """One decoding setting. All fields None = the AR baseline.
-
-    ``strategy`` defaults to ``low_confidence_static`` when ``threshold >= 1.0`` (a fixed number of
-    tokens per step; with S = B that is one token per forward) and ``low_confidence_dynamic``
-    otherwise (commit every position with confidence > threshold, at least the scheduled number).
-    """
-
-    block_size: int | None = None
-    denoising_steps: int | None = None
-    threshold: float | None = None
-    strategy: str | None = None
-
-    @property
-    def is_ar(self) -> bool:
-        return self.block_size is None
-
-    @property
-    def remasking_strategy(self) -> str | None:
-        if self.is_ar:
-            return None
-        if self.strategy:
-            return STRATEGY_ALIASES[self.strategy]
-        return "low_confidence_static" if (self.threshold if self.threshold is not None else 1.0) >= 1.0 \
-            else "low_confidence_dynamic"
-
-    @property
-    def label(self) -> str:
-        """Short name, e.g. ``B16 S16 t0.9`` or ``AR``."""
-        if self.is_ar:
-            return "AR"
-        tau = 1.0 if self.threshold is None else self.threshold
-        text = f"B{self.block_size} S{self.denoising_steps or self.block_size} t{tau:g}"
-        if self.strategy:
-            text += f" {self.remasking_strategy.removeprefix('low_confidence_')}"
-        return text
-
-    @classmethod
-    def parse(cls, spec: str) -> "DecodePoint":
-        """``"B:S:tau"`` or ``"B:S:tau:static|dynamic"``; ``"AR"`` for the AR baseline."""
-        spec = spec.strip()
-        if spec.lower() == "ar":
-            return cls()
-        parts = spec.split(":")
-        if not 3 <= len(parts) <= 4:
-            raise ValueError(f"decoding point {spec!r}: expected BLOCK:STEPS:THRESHOLD[:static|dynamic]")
-        try:
-            b, s, tau = int(parts[0]), int(parts[1]), float(parts[2])
-        except ValueError:
-            raise ValueError(f"decoding point {spec!r}: BLOCK and STEPS must be integers, THRESHOLD a number") from None
-        if b < 1 or not 1 <= s <= b:
-            raise ValueError(f"decoding point {spec!r}: need BLOCK >= 1 and 1 <= STEPS <= BLOCK")
-        strategy = parts[3].strip() if len(parts) == 4 else None
-        if strategy is not None and strategy not in STRATEGY_ALIASES:
-            raise ValueError(f"decoding point {spec!r}: strategy must be one of {sorted(STRATEGY_ALIASES)}")
-        return cls(b, s, tau, strategy)
-
-
-def parse_points(spec: str | Sequence[str | DecodePoint] | None) -> list[DecodePoint]:
-    """Comma-separated point specs (``"4:4:1.0,16:16:0.9"``) or a list of specs / points."""
-    if spec is None:
-        return []
-    items = spec.split(",") if isinstance(spec, str) else list(spec)
-    items = [p for p in items if not (isinstance(p, str) and not p.strip())]
-    return [p if isinstance(p, DecodePoint) else DecodePoint.parse(p) for p in items]
-
-
-def default_points(block_size: int) -> list[DecodePoint]:
-    """One token per forward (tau 1.0) and the fast dynamic setting (tau 0.9) at the checkpoint's block size."""
-    return [DecodePoint(block_size, block_size, 1.0), DecodePoint(block_size, block_size, 0.9)]
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -132,6 +54,7 @@ class LoadedModel:
     kind: str  # "bard" or "ar"
     path: str
     name: str
+    engine: str = "static"  # decoding engine (AR with "eager" = Hugging Face generate)
 
     @property
     def tokenizer(self):
@@ -159,6 +82,7 @@ def load_model(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     name: str | None = None,
+    engine: str = "static",
 ) -> LoadedModel:
     """Load a checkpoint and its processor; ``bard_vl`` -> block diffusion, otherwise (or ``force_ar``) AR.
 
@@ -185,7 +109,7 @@ def load_model(
         model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return LoadedModel(model, processor, kind, str(path), name or path.name)
+    return LoadedModel(model, processor, kind, str(path), name or path.name, check_engine(engine))
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -311,14 +235,14 @@ def generate_batch(
         if loaded.kind != "ar":
             raise ValueError(f"{loaded.path} is a bard_vl model; load it with force_ar=True for AR decoding")
         return ar_generate(loaded.model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(loaded),
-                           pad_token_id=pad)
+                           pad_token_id=pad, engine="hf" if loaded.engine == "eager" else loaded.engine)
     if loaded.kind != "bard":
         raise ValueError(f"{loaded.path} is an AR model; block-diffusion point {point.label} needs a bard_vl model")
     return block_diffusion_generate(
         loaded.model, **inputs, max_new_tokens=max_new_tokens, block_size=point.block_size,
         denoising_steps=point.denoising_steps or point.block_size, remasking_strategy=point.remasking_strategy,
         confidence_threshold=1.0 if point.threshold is None else point.threshold, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=stop_ids(loaded), pad_token_id=pad,
+        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=stop_ids(loaded), pad_token_id=pad, engine=loaded.engine,
     )
 
 
@@ -337,7 +261,7 @@ def evaluate_point(
     name = f"{loaded.name} {point.label}"
     predictions, scores = [], []
     tokens = forwards = row_forwards = 0
-    gen_time = 0.0
+    gen_time, prefill_time = 0.0, 0.0
     t_start = time.perf_counter()
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     for batch in tqdm(batches, desc=name, unit="batch", disable=not progress, leave=False):
@@ -349,6 +273,7 @@ def evaluate_point(
         rf = getattr(out, "row_forwards", None)
         row_forwards += int(rf.sum()) if rf is not None else int(out.num_forwards) * len(batch)
         gen_time += float(out.wall_time)
+        prefill_time = None if prefill_time is None or out.prefill_time is None else prefill_time + out.prefill_time
         for s, text in zip(batch, texts):
             text = text.strip()
             sc = score(text, s.reference)
@@ -371,11 +296,15 @@ def evaluate_point(
         "num_forwards": forwards,
         "row_forwards": row_forwards,
         "tokens_per_batch_forward": tokens / forwards if forwards else float("nan"),
+        "decode_tokens_per_second": (tokens / (gen_time - prefill_time) if prefill_time is not None
+                                     and gen_time > prefill_time else None),
         "response_tokens": tokens,
         "wall_time": gen_time,
+        "prefill_time": prefill_time,
         "eval_time": time.perf_counter() - t_start,
         "batch_size": batch_size,
         "max_new_tokens": max_new_tokens,
+        "engine": loaded.engine,
         "device": str(loaded.model.device),
         "dtype": str(loaded.model.dtype).removeprefix("torch."),
         "predictions": predictions,
@@ -398,6 +327,7 @@ def evaluate(
     dtype: str | torch.dtype | None = None,
     warmup: bool = True,
     progress: bool = True,
+    engine: str = "static",
 ) -> list[dict]:
     """Evaluate a checkpoint at each decoding point; returns one result row per point.
 
@@ -410,6 +340,7 @@ def evaluate(
         batch_size, max_new_tokens: generation batch and response budget.
         name: model label in the rows (default: the directory name).
         force_ar: decode with the AR baseline whatever the model type.
+        engine: ``static`` (default), ``compiled`` or ``eager`` (for AR: Hugging Face ``generate``).
         warmup: run one untimed call (first batch, one block) before timing, so one-off costs
             (allocator, kernel selection) do not land on the first point.
 
@@ -421,7 +352,7 @@ def evaluate(
     predictions (per-sample list).
     """
     loaded = model if isinstance(model, LoadedModel) else load_model(
-        model, force_ar=force_ar, device=device, dtype=dtype, name=name)
+        model, force_ar=force_ar, device=device, dtype=dtype, name=name, engine=engine)
     samples = data if isinstance(data, list) else load_samples(data, root_dir, limit, split)
     if limit is not None:
         samples = samples[:limit]

@@ -4,8 +4,8 @@
 
 * ``results.json``: ``{"reference": <AR row name or null>, "results": [row, ...]}`` (rows without
   their per-sample predictions);
-* ``results.md``: one table row per setting, with a "×AR" column (tokens/s relative to the
-  reference row) when an AR row is present;
+* ``results.md``: one table row per setting, with "×AR" columns (tokens/s, and decode tokens/s after the
+  prompt prefill, relative to the fastest AR row) when an AR row is present;
 * ``results.png``: exact match and char accuracy against tokens/s, one point per setting, AR rows
   drawn as red stars;
 * ``predictions/<setting>.jsonl``: per-sample references, predictions and scores.
@@ -20,17 +20,18 @@ from pathlib import Path
 from typing import Any
 
 TABLE_COLUMNS = ("model", "B", "S", "τ", "strategy", "n", "exact match", "char acc", "TPF", "tokens/s",
-                 "×AR", "forwards", "wall s")
+                 "×AR", "decode tokens/s", "decode ×AR", "forwards", "wall s")
 
 
-def reference_row(rows: list[dict], reference: str | None = None) -> dict | None:
-    """The row named ``reference``, else the first AR row, else None."""
+def reference_row(rows: list[dict], reference: str | None = None, key: str = "tokens_per_second") -> dict | None:
+    """The row named ``reference``, else the AR row with the highest ``key``, else None."""
     if reference is not None:
         for r in rows:
             if r["name"] == reference:
                 return r
         raise ValueError(f"reference {reference!r} is not one of the rows {[r['name'] for r in rows]}")
-    return next((r for r in rows if r.get("kind") == "ar"), None)
+    ar = [r for r in rows if r.get("kind") == "ar" and r.get(key) is not None and not math.isnan(r[key])]
+    return max(ar, key=lambda r: r[key], default=None)
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -41,21 +42,23 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def relative_speed(row: dict, ref: dict | None) -> float | None:
-    """``row`` tokens/s divided by the reference's (None without a usable reference)."""
-    if ref is None or not ref.get("tokens_per_second") or math.isnan(ref["tokens_per_second"]):
+def relative_speed(row: dict, ref: dict | None, key: str = "tokens_per_second") -> float | None:
+    """``row[key]`` (tokens/s by default) divided by the reference's (None without usable values)."""
+    if ref is None or not ref.get(key) or math.isnan(ref[key]) or row.get(key) is None:
         return None
-    return row["tokens_per_second"] / ref["tokens_per_second"]
+    return row[key] / ref[key]
 
 
 def markdown_table(rows: list[dict], reference: str | None = None) -> str:
     """Markdown table of the rows; the "×AR" column only when a reference row exists."""
     ref = reference_row(rows, reference)
-    cols = [c for c in TABLE_COLUMNS if c != "×AR" or ref is not None]
+    dref = reference_row(rows, reference, "decode_tokens_per_second")
+    cols = [c for c in TABLE_COLUMNS if (c != "×AR" or ref is not None) and (c != "decode ×AR" or dref is not None)]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" if c in ("model", "strategy") else "---:"
                                                             for c in cols) + "|"]
     for r in rows:
         rel = relative_speed(r, ref)
+        drel = relative_speed(r, dref, "decode_tokens_per_second")
         strategy = (r.get("remasking_strategy") or "ar").removeprefix("low_confidence_")
         cells = {
             "model": r.get("model") or r["name"], "B": _fmt(r.get("block_size")), "S": _fmt(r.get("denoising_steps")),
@@ -63,6 +66,8 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
             "n": _fmt(r["n"]), "exact match": _fmt(r["accuracy"]), "char acc": _fmt(r["char_accuracy"]),
             "TPF": _fmt(r["tokens_per_forward"], 2), "tokens/s": _fmt(r["tokens_per_second"], 1),
             "×AR": "–" if rel is None else f"{rel:.2f}×", "forwards": _fmt(r["num_forwards"]),
+            "decode tokens/s": _fmt(r.get("decode_tokens_per_second"), 1),
+            "decode ×AR": "–" if drel is None else f"{drel:.2f}×",
             "wall s": _fmt(r["wall_time"], 2),
         }
         lines.append("| " + " | ".join(cells[c] for c in cols) + " |")
@@ -136,16 +141,18 @@ def write_report(
 ) -> dict[str, Path]:
     """Write results.json, results.md, results.png and predictions/*.jsonl; returns their paths.
 
-    ``reference`` names the row "×AR" divides by (default: the first AR row, if any).
+    ``reference`` names the row "×AR" divides by (default: the fastest AR row, if any).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ref = reference_row(rows, reference)
+    dref = reference_row(rows, reference, "decode_tokens_per_second")
     clean = []
     pred_dir = out / "predictions"
     for r in rows:
         row = {k: v for k, v in r.items() if k != "predictions"}
         row["speedup_vs_reference"] = relative_speed(r, ref)
+        row["decode_speedup_vs_reference"] = relative_speed(r, dref, "decode_tokens_per_second")
         clean.append(row)
         if r.get("predictions") is not None:
             pred_dir.mkdir(exist_ok=True)

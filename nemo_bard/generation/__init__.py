@@ -1,17 +1,25 @@
-"""Block-diffusion decoding (KV cache, remasking strategies) and the autoregressive baseline."""
+"""Block-diffusion decoding (static-shape engine, eager reference, remasking strategies) and the AR baseline."""
 
-from nemo_bard.generation.ar import ar_generate
-from nemo_bard.generation.cache import BlockKVCache
-from nemo_bard.generation.decode import block_diffusion_generate
+from nemo_bard.generation.ar import AR_ENGINES, ar_generate
+from nemo_bard.generation.cache import BlockKVCache, StaticKVCache
+from nemo_bard.generation.decode import block_diffusion_generate, run_session
+from nemo_bard.generation.engine import ENGINES, DecodeEngine, DecodeSession, EngineError
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule
 
 __all__ = [
+    "AR_ENGINES",
+    "ENGINES",
     "REMASKING_STRATEGIES",
     "BlockKVCache",
+    "DecodeEngine",
+    "DecodeSession",
+    "EngineError",
     "GenerationOutput",
+    "StaticKVCache",
     "ar_generate",
     "block_diffusion_generate",
+    "run_session",
     "sample_tokens",
     "select_commits",
     "step_schedule",

@@ -40,23 +40,12 @@ import torch
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
 from nemo_bard.generation.output import GenerationOutput
+from nemo_bard.generation.points import ENGINES, EngineError, check_engine
 from nemo_bard.generation.sampling import sample_tokens, select_commits
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("static", "compiled", "eager")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-class EngineError(ValueError):
-    """A request the engine cannot serve; the message names the flag and the limit."""
-
-
-def check_engine(name: str) -> str:
-    """Validate an engine name (``--engine``)."""
-    if name not in ENGINES:
-        raise EngineError(f"--engine {name!r} is not one of {', '.join(ENGINES)}")
-    return name
 
 
 def batch_bucket(n: int) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-REMASKING_STRATEGIES = ("low_confidence_dynamic", "low_confidence_static")
+from nemo_bard.generation.points import REMASKING_STRATEGIES
 
 
 def step_schedule(block_size: int, steps: int) -> list[int]:

@@ -16,7 +16,8 @@ from typing import Any, Sequence
 
 import torch
 
-from nemo_bard.eval.evaluate import STRATEGY_ALIASES, DecodePoint, build_inputs, generate_batch, load_model
+from nemo_bard.eval.evaluate import build_inputs, generate_batch, load_model
+from nemo_bard.generation.points import STRATEGY_ALIASES, DecodePoint
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class BardLmmsModel:
         device, dtype: default cuda (``cuda:$LOCAL_RANK``) when available else cpu; bf16 on CUDA, fp32 on CPU.
         system_prompt: optional system turn.
         ar: decode with the AR baseline (causal Qwen3-VL); automatic for ``qwen3_vl`` checkpoints.
+        engine: decoding engine, ``static`` (default), ``compiled`` or ``eager``.
 
     Task generation kwargs used: ``max_new_tokens``, ``temperature`` (> 0 samples, block diffusion
     only), ``top_p``, ``top_k``, ``until`` (strings the answer is cut at; ``"\\n\\n"`` is ignored, as in
@@ -64,6 +66,7 @@ class BardLmmsModel:
         system_prompt: str | None = None,
         ar: bool | str = False,
         seed: int | None = None,
+        engine: str = "static",
         **kwargs: Any,
     ) -> None:
         super().__init__()  # lmms.__init__ in the harness class (sets rank, cache hook, task_dict)
@@ -78,7 +81,7 @@ class BardLmmsModel:
             self.task_dict: dict = {}
         if device is None or device == "cuda":
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-        self.loaded = load_model(pretrained, force_ar=_as_bool(ar), device=device, dtype=dtype)
+        self.loaded = load_model(pretrained, force_ar=_as_bool(ar), device=device, dtype=dtype, engine=engine)
         self._device = torch.device(device)
         if self.loaded.kind == "bard":
             bs = int(block_size or self.loaded.model.config.block_size)

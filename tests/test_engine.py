@@ -1,0 +1,154 @@
+"""The static-shape decoding engine: token-for-token parity with the eager decoder, buckets, sessions, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_bard.generation import (
+    DecodeEngine,
+    EngineError,
+    StaticKVCache,
+    ar_generate,
+    block_diffusion_generate,
+    run_session,
+)
+from nemo_bard.generation.decode import model_inputs
+from tests.test_generation import DYNAMIC, PROMPTS, STATIC, encode, stop_for_different_blocks
+
+# a mixed batch of 8: text-only and image prompts of different lengths
+BATCH8 = PROMPTS + [("yes", []), ("Count the red squares.", [(5, 64, 64)]), ("a b c d e f g h", []),
+                    ("Describe the top left of the picture.", [(6, 96, 96)])]
+
+
+@pytest.fixture(scope="module")
+def sharp(tiny_bard_model):
+    """The tiny model with a 30x lm_head: peaked confidences, several commits per step at tau < 1."""
+    import copy
+
+    model = copy.deepcopy(tiny_bard_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
+def _stops_mid_run(model, enc, **kw) -> list[int]:
+    """A stop id that ends the rows of ``enc`` in different blocks (picked from a free run)."""
+    free = block_diffusion_generate(model, **enc, eos_token_id=[], engine="eager", **kw).sequences
+    return [stop_for_different_blocks(free, kw["block_size"])]
+
+
+PARITY = [  # (block size, steps, strategy, threshold)
+    (4, 4, STATIC, 1.0), (4, 2, DYNAMIC, 0.5), (8, 3, STATIC, 1.0), (8, 8, DYNAMIC, 0.3),
+    (16, 16, DYNAMIC, 0.9), (16, 4, DYNAMIC, 0.2), (32, 32, STATIC, 1.0), (32, 8, DYNAMIC, 0.5),
+]
+
+
+@pytest.mark.parametrize("bs,steps,strategy,tau", PARITY)
+def test_engine_tokens_equal_eager_decoder(bs, steps, strategy, tau, sharp, tiny_processor):
+    """Greedy, fp32: same tokens, lengths and forward counts as engine='eager', for batch 1 (text, image) and a
+    mixed batch of 8 whose rows stop in different blocks."""
+    kw = dict(max_new_tokens=2 * bs + 3, block_size=bs, denoising_steps=steps, remasking_strategy=strategy,
+              confidence_threshold=tau)
+    batch = encode(tiny_processor, BATCH8)
+    stops = _stops_mid_run(sharp, batch, **kw)
+    for enc in (encode(tiny_processor, [PROMPTS[0]]), encode(tiny_processor, [PROMPTS[2]]), batch):
+        eager = block_diffusion_generate(sharp, **enc, eos_token_id=stops, engine="eager", **kw)
+        static = block_diffusion_generate(sharp, **enc, eos_token_id=stops, engine="static", **kw)
+        assert torch.equal(static.sequences, eager.sequences) and torch.equal(static.lengths, eager.lengths)
+        assert static.num_forwards == eager.num_forwards
+        assert torch.equal(static.row_forwards, eager.row_forwards)
+    assert len(set(eager.lengths.tolist())) > 2  # the batch's rows really stopped at different points
+
+
+def test_session_api_steps_and_collects_blocks(tiny_bard_model, tiny_processor):
+    """start -> step -> collect (what a server drives) gives the blocks and output of block_diffusion_generate."""
+    enc = encode(tiny_processor, PROMPTS[:2])
+    kw = dict(max_new_tokens=10, block_size=4, eos_token_id=[])
+    ref = block_diffusion_generate(tiny_bard_model, **enc, **kw)
+    engine = DecodeEngine.for_model(tiny_bard_model)
+    inputs = model_inputs(engine.device, **enc)
+    session = engine.start_block_diffusion(
+        inputs, block_size=4, schedule=[1, 1, 1, 1], max_new_tokens=10, mask_token_id=tiny_bard_model.config.mask_token_id,
+        stops=torch.tensor([], dtype=torch.long), pad=0, strategy=DYNAMIC, threshold=0.9)
+    blocks: dict[int, list[list[int]]] = {0: [], 1: []}
+    steps = 0
+    while not session.done:
+        session.step()
+        steps += 1
+        for row, tokens in session.collect():
+            blocks[row].append(tokens)
+    out = session.result()
+    assert torch.equal(out.sequences, ref.sequences) and out.num_forwards == ref.num_forwards == 12
+    for row in (0, 1):
+        assert [len(b) for b in blocks[row]] == [4, 4, 2]  # three blocks, the last cut at max_new_tokens
+        assert sum(blocks[row], []) == ref.sequences[row].tolist()
+    with pytest.raises(EngineError, match="one session at a time"):  # a second batch on held buffers is refused
+        s1 = engine.start_block_diffusion(inputs, block_size=4, schedule=[4], max_new_tokens=4, mask_token_id=1,
+                                          stops=torch.tensor([0]), pad=0, strategy=STATIC, threshold=1.0)
+        engine.start_block_diffusion(inputs, block_size=4, schedule=[4], max_new_tokens=4, mask_token_id=1,
+                                     stops=torch.tensor([0]), pad=0, strategy=STATIC, threshold=1.0)
+    s1.close()
+
+
+def test_ar_engine_batch_equals_each_alone_and_hf(tiny_ar_dir, tiny_processor):
+    from transformers import AutoModelForImageTextToText
+
+    ar = AutoModelForImageTextToText.from_pretrained(tiny_ar_dir, dtype=torch.float32).eval()
+    alone = [ar_generate(ar, **encode(tiny_processor, [p]), max_new_tokens=12, eos_token_id=[]) for p in PROMPTS]
+    stop = int(alone[1].sequences[0, 5])  # row 1 stops at its 6th token; the others when they emit it (or never)
+    alone = [ar_generate(ar, **encode(tiny_processor, [p]), max_new_tokens=12, eos_token_id=stop) for p in PROMPTS]
+    batch = ar_generate(ar, **encode(tiny_processor, PROMPTS), max_new_tokens=12, eos_token_id=stop)
+    for i, o in enumerate(alone):
+        n = int(o.lengths[0])
+        assert int(batch.lengths[i]) == n and batch.sequences[i, :n].tolist() == o.sequences[0, :n].tolist()
+    assert int(batch.lengths[1]) == 6
+    hf = ar_generate(ar, **encode(tiny_processor, [PROMPTS[3]]), max_new_tokens=12, eos_token_id=stop, engine="hf")
+    assert hf.sequences.tolist() == alone[3].sequences.tolist()
+
+
+def test_static_cache_writes_at_device_positions():
+    cache = StaticKVCache(num_layers=1, rows=2, kv_heads=1, head_dim=3, capacity=8, dtype=torch.float32,
+                          device=torch.device("cpu"))
+    prompt = torch.randn(1, 1, 3, 3)
+    cache.prefill = True
+    keys, _ = cache.update(prompt, prompt, 0)
+    assert keys.shape == (1, 1, 3, 3) and torch.equal(cache.layers[0].keys[0, :, :3], prompt[0])
+    cache.prefill = False
+    cache.write_index = torch.tensor([3, 4])
+    step = torch.randn(2, 1, 2, 3)
+    keys, _ = cache.update(step, step, 0)
+    assert keys.shape == (2, 1, 8, 3)  # static: the whole buffer, same storage every step
+    assert keys.data_ptr() == cache.layers[0].keys.data_ptr()
+    assert torch.equal(keys[:, :, 3:5], step) and torch.equal(keys[0, :, :3], prompt[0])
+    small = StaticKVCache(1, 1, 1, 3, 8, torch.float32, torch.device("cpu"))
+    small.copy_rows_from(cache, torch.tensor([1]))
+    assert torch.equal(small.layers[0].keys[0], cache.layers[0].keys[1])
+
+
+def test_engine_errors_name_the_flag_and_limit(tiny_bard_model, tiny_processor):
+    enc = encode(tiny_processor, [PROMPTS[0]])
+    with pytest.raises(ValueError, match="--engine 'turbo' is not one of static, compiled, eager"):
+        block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=4, engine="turbo")
+    limit = tiny_bard_model.config.text_config.max_position_embeddings
+    with pytest.raises(EngineError, match=f"max_position_embeddings {limit}; lower --max-new-tokens"):
+        block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=limit, block_size=4)
+    for tau in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
+            block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=4, confidence_threshold=tau)
+    # the failed calls released the engine's buffers: the next call runs
+    assert block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=4, block_size=4).lengths.numel() == 1
+
+
+def test_eager_attention_model_uses_additive_masks(tiny_bard_dir, tiny_bard_model, tiny_processor):
+    """A model loaded with eager attention gets additive masks in the engine and decodes the same tokens."""
+    from transformers import AutoModelForImageTextToText
+
+    eager_attn = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+    enc = encode(tiny_processor, [PROMPTS[1]])
+    kw = dict(max_new_tokens=8, block_size=4, eos_token_id=[])
+    assert DecodeEngine.for_model(eager_attn).additive
+    a = block_diffusion_generate(eager_attn, **enc, **kw)
+    b = block_diffusion_generate(tiny_bard_model, **enc, **kw)
+    assert torch.equal(a.sequences, b.sequences)
