@@ -343,11 +343,12 @@ class DecodeSession:
         self.orig = torch.full((bucket,), -1, dtype=torch.long, device=dev)  # original row of each bucket row
         self.orig[: self.batch] = torch.arange(self.batch, device=dev)
         self.active = self.orig >= 0
-        self.out = torch.full((self.batch, self.num_blocks * block_size), pad, dtype=torch.long, device=dev)
+        # one row per original row plus a scratch row (index ``batch``) that padding rows write into
+        self.out = torch.full((self.batch + 1, self.num_blocks * block_size), pad, dtype=torch.long, device=dev)
         self.row_forwards = torch.zeros(self.batch + 1, dtype=torch.long, device=dev)  # last entry: pad rows
         self.num_forwards = 0
         self.done = False
-        self._new: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (orig rows, tokens, offset) to collect
+        self._new: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = []  # (orig, active, tokens, offset)
         self.t0, self.prefill_time = t0, device_sync(dev) - t0
         self._prompt = ids[0, am[0].bool()]
 
@@ -364,14 +365,16 @@ class DecodeSession:
         self.pool.write_pos.fill_(self.length)
 
     def _finish_rows(self, tokens: torch.Tensor, offset: int) -> int:
-        """Record ``tokens [bucket, n]`` at ``offset``; deactivate rows that produced a stop. Returns running rows."""
-        act = self.active
-        rows = self.orig[act]
-        toks = tokens[act]
-        self.out[rows, offset:offset + tokens.shape[1]] = toks
-        self._new.append((rows, toks, offset))
-        self.active = act & ~torch.isin(tokens, self.stops).any(-1)
-        running = int(self.active.sum())  # the one host sync of a block / AR step
+        """Record ``tokens [bucket, n]`` at ``offset``; deactivate rows that produced a stop. Returns running rows.
+
+        Device-side only (no boolean indexing), except the count of running rows: the one host sync.
+        """
+        dest = self.orig.where(self.orig >= 0, self.batch)
+        cols = slice(offset, offset + tokens.shape[1])
+        self.out[dest, cols] = torch.where(self.active[:, None], tokens, self.out[dest, cols])
+        self._new.append((self.orig, self.active, tokens, offset))
+        self.active = self.active & ~torch.isin(tokens, self.stops).any(-1)
+        running = int(self.active.sum())
         if running and running <= self.pool.rows // 2:
             self._compact(running)
         return running
@@ -405,8 +408,9 @@ class DecodeSession:
         """Tokens committed since the last call, per original row: cut after a stop token and at the budget."""
         out = []
         stops = set(self.stops.tolist())
-        for rows, toks, offset in self._new:
-            for row, seq in zip(rows.tolist(), toks[:, : max(self.max_new_tokens - offset, 0)].tolist()):
+        for orig, active, toks, offset in self._new:
+            rows = orig[active]
+            for row, seq in zip(rows.tolist(), toks[active][:, : max(self.max_new_tokens - offset, 0)].tolist()):
                 cut = next((i + 1 for i, t in enumerate(seq) if t in stops), len(seq))
                 out.append((row, seq[:cut]))
         self._new = []
@@ -421,7 +425,8 @@ class DecodeSession:
         from nemo_bard.generation.decode import finalize
 
         self.close()
-        sequences, lengths = finalize(self.out[:, : self.max_new_tokens].clone(), self.stops.clone(), self.pad)
+        sequences, lengths = finalize(self.out[: self.batch, : self.max_new_tokens].clone(), self.stops.clone(),
+                                      self.pad)
         wall = device_sync(self.engine.device) - self.t0
         return GenerationOutput(
             sequences=sequences, lengths=lengths, num_forwards=self.num_forwards + self._prefill_forwards(),
