@@ -39,6 +39,19 @@ def test_exact_match():
     assert metrics.exact_match("Cat", "cat") == 0.0  # case counts
 
 
+def test_confidence_intervals():
+    lo, hi = metrics.wilson_interval(50, 100)  # textbook values: 0.5 of 100 -> [0.4038, 0.5962]
+    assert lo == pytest.approx(0.4038, abs=1e-4) and hi == pytest.approx(0.5962, abs=1e-4)
+    lo, hi = metrics.wilson_interval(0, 10)  # no successes: [0, 0.2775]
+    assert lo == 0.0 and hi == pytest.approx(0.2775, abs=1e-4)
+    lo, hi = metrics.mean_interval([0.0, 1.0, 0.5, 0.5])  # mean 0.5, sd sqrt(1/6), n 4
+    assert hi - 0.5 == pytest.approx(1.959964 * (1 / 6) ** 0.5 / 2, rel=1e-6) and lo == pytest.approx(1 - hi)
+    agg = metrics.aggregate([{"exact_match": 1.0, "char_accuracy": 1.0, "position_accuracy": 1.0}] * 3
+                            + [{"exact_match": 0.0, "char_accuracy": 0.5, "position_accuracy": 0.25}])
+    assert agg["accuracy"] == 0.75 and agg["accuracy_ci95"] == metrics.wilson_interval(3, 4)
+    assert agg["char_accuracy_ci95"] == metrics.mean_interval([1.0, 1.0, 1.0, 0.5])
+
+
 def test_char_and_position_accuracy():
     ca, pa = metrics.char_accuracy, metrics.position_accuracy
     assert ca("40173", "40172") == pytest.approx(0.8)  # 1 substitution / 5
@@ -51,7 +64,8 @@ def test_char_and_position_accuracy():
     assert pa("0172", "40172") == 0.0 and ca("0172", "40172") == pytest.approx(0.8)
     assert metrics.levenshtein("flaw", "lawn") == 2
     agg = metrics.aggregate([metrics.score("12", "12"), metrics.score("13", "12")])
-    assert agg == {"accuracy": 0.5, "char_accuracy": 0.75, "position_accuracy": 0.75}
+    means = {k: agg[k] for k in ("accuracy", "char_accuracy", "position_accuracy")}
+    assert means == {"accuracy": 0.5, "char_accuracy": 0.75, "position_accuracy": 0.75}
     assert math.isnan(metrics.aggregate([])["accuracy"])
 
 

@@ -15,7 +15,10 @@ whitespace runs collapsed to one space); nothing else is changed (case and punct
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
+
+Z95 = 1.959963984540054  # two-sided 95 % normal quantile
 
 
 def normalize(text: str) -> str:
@@ -64,8 +67,34 @@ def score(prediction: str, reference: str) -> dict[str, float]:
     }
 
 
-def aggregate(scores: Iterable[dict[str, float]]) -> dict[str, float]:
-    """Mean of each per-sample metric (``accuracy`` is the mean exact match); NaN for no samples."""
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion (95 % by default); ``(nan, nan)`` for ``n == 0``."""
+    if n == 0:
+        return float("nan"), float("nan")
+    p = successes / n
+    denom = 1 + z * z / n
+    center = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, center - half), min(1.0, center + half)
+
+
+def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:
+    """Normal-approximation interval of a mean (sample standard deviation), clipped to [0, 1]."""
+    n = len(values)
+    if n < 2:
+        return (float("nan"), float("nan")) if n == 0 else (values[0], values[0])
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = z * sd / math.sqrt(n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def aggregate(scores: Iterable[dict[str, float]]) -> dict[str, float | tuple[float, float]]:
+    """Mean of each per-sample metric (``accuracy`` is the mean exact match) and its 95 % interval.
+
+    ``accuracy_ci95`` is the Wilson interval of the exact-match proportion; ``char_accuracy_ci95`` and
+    ``position_accuracy_ci95`` are normal intervals of the per-sample means. NaN for no samples.
+    """
     scores = list(scores)
     n = len(scores)
     mean = (lambda k: sum(s[k] for s in scores) / n) if n else (lambda k: float("nan"))
@@ -73,4 +102,7 @@ def aggregate(scores: Iterable[dict[str, float]]) -> dict[str, float]:
         "accuracy": mean("exact_match"),
         "char_accuracy": mean("char_accuracy"),
         "position_accuracy": mean("position_accuracy"),
+        "accuracy_ci95": wilson_interval(sum(s["exact_match"] for s in scores), n),
+        "char_accuracy_ci95": mean_interval([s["char_accuracy"] for s in scores]),
+        "position_accuracy_ci95": mean_interval([s["position_accuracy"] for s in scores]),
     }

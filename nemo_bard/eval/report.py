@@ -34,6 +34,14 @@ def reference_row(rows: list[dict], reference: str | None = None, key: str = "to
     return max(ar, key=lambda r: r[key], default=None)
 
 
+def _with_ci(row: dict, key: str) -> str:
+    """``0.645 [0.576, 0.708]``: a metric and its 95 % interval (when the row has one)."""
+    ci = row.get(f"{key}_ci95")
+    if ci is None or any(v is None or math.isnan(v) for v in ci):
+        return _fmt(row[key])
+    return f"{_fmt(row[key])} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "–"
@@ -50,7 +58,7 @@ def relative_speed(row: dict, ref: dict | None, key: str = "tokens_per_second") 
 
 
 def markdown_table(rows: list[dict], reference: str | None = None) -> str:
-    """Markdown table of the rows; the "×AR" column only when a reference row exists."""
+    """Markdown table of the rows (accuracies with their 95 % intervals); "×AR" columns only with an AR row."""
     ref = reference_row(rows, reference)
     dref = reference_row(rows, reference, "decode_tokens_per_second")
     cols = [c for c in TABLE_COLUMNS if (c != "×AR" or ref is not None) and (c != "decode ×AR" or dref is not None)]
@@ -63,7 +71,7 @@ def markdown_table(rows: list[dict], reference: str | None = None) -> str:
         cells = {
             "model": r.get("model") or r["name"], "B": _fmt(r.get("block_size")), "S": _fmt(r.get("denoising_steps")),
             "τ": _fmt(r.get("threshold"), 2) if r.get("threshold") is not None else "–", "strategy": strategy,
-            "n": _fmt(r["n"]), "exact match": _fmt(r["accuracy"]), "char acc": _fmt(r["char_accuracy"]),
+            "n": _fmt(r["n"]), "exact match": _with_ci(r, "accuracy"), "char acc": _with_ci(r, "char_accuracy"),
             "TPF": _fmt(r["tokens_per_forward"], 2), "tokens/s": _fmt(r["tokens_per_second"], 1),
             "×AR": "–" if rel is None else f"{rel:.2f}×", "forwards": _fmt(r["num_forwards"]),
             "decode tokens/s": _fmt(r.get("decode_tokens_per_second"), 1),
