@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,19 +30,58 @@ import time
 from pathlib import Path
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
+PROGRESS_EVERY_S = 10.0  # console progress lines per stage at least this often
+_STEP_LINE = re.compile(r"step (\d+) \|.*?\| loss ([-\d.naif]+)")
 
 
-def _run(cmd: list[str], log: Path) -> float:
-    """Run one stage as a subprocess (its output goes to ``log``); returns its wall time."""
+def _eta(done: float, total: float, elapsed: float) -> str:
+    if done <= 0 or total <= done:
+        return "?" if total > done else "0s"
+    left = elapsed / done * (total - done)
+    return f"{int(left // 60)}m{int(left % 60):02d}s" if left >= 60 else f"{left:.0f}s"
+
+
+def training_progress(log_text: str, total_steps: int, elapsed: float) -> str:
+    """One progress line from a training stage's log: last logged step, its loss, and an ETA."""
+    hits = _STEP_LINE.findall(log_text)
+    if not hits:
+        return f"starting ({elapsed:.0f}s)"
+    step, loss = int(hits[-1][0]) + 1, hits[-1][1]
+    return f"step {step}/{total_steps} | loss {loss} | {elapsed:.0f}s | ETA {_eta(step, total_steps, elapsed)}"
+
+
+def _run(cmd: list[str], log: Path, label: str, total_steps: int, every: float = PROGRESS_EVERY_S) -> float:
+    """Run one stage as a subprocess (output to ``log``, a progress line every few seconds); returns its wall time."""
     print("  $ " + " ".join(cmd), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     t = time.perf_counter()
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        while proc.poll() is None:
+            try:
+                proc.wait(timeout=every)
+            except subprocess.TimeoutExpired:
+                elapsed = time.perf_counter() - t
+                print(f"  [{label}] {training_progress(log.read_text(errors='replace'), total_steps, elapsed)}",
+                      flush=True)
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise SystemExit(f"nemo_bard.demo: stage failed (exit {proc.returncode}); log {log}:\n{tail}")
     return time.perf_counter() - t
+
+
+class EvalProgress:
+    """Prints ``[eval] <setting>: n/N rows | ETA`` at most every few seconds (and when a setting finishes)."""
+
+    def __init__(self, every: float = PROGRESS_EVERY_S) -> None:
+        self.every, self.last, self.started = every, time.perf_counter(), {}
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        start = self.started.setdefault(name, now)
+        if now - self.last >= self.every or done == total:
+            self.last = now
+            print(f"  [eval] {name}: {done}/{total} rows | ETA {_eta(done, total, now - start)}", flush=True)
 
 
 def _automodel(*args: str) -> list[str]:
@@ -55,6 +95,8 @@ def _last_losses(jsonl: Path, n: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from nemo_bard.generation.points import ENGINES
+
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demo", help="output directory (replaced if it exists)")
     ap.add_argument("--quick", action="store_true", help="CI-sized run: a few steps per stage, small data")
@@ -65,6 +107,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train-rows", type=int, default=None)
     ap.add_argument("--test-rows", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the fast setting")
+    ap.add_argument("--engine", default="static", choices=ENGINES,
+                    help="decoding engine of the evaluation (default static)")
+    ap.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S,
+                    help="seconds between console progress lines of a stage (default 10)")
     args = ap.parse_args(argv)
     if not (CONF / "bard_demo.yaml").is_file():
         raise SystemExit(f"nemo_bard.demo: config directory {CONF} not found; run from a source checkout "
@@ -74,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     ar_steps = args.ar_steps or (6 if q else 1500)
     pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "400,300,300")).split(",")]
     swd_steps = args.swd_steps or (3 if q else 400)
-    train_rows, test_rows = args.train_rows or (64 if q else 2000), args.test_rows or (16 if q else 200)
+    train_rows, test_rows = args.train_rows or (64 if q else 2000), args.test_rows or (16 if q else 1000)
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -95,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[2/6] AR SFT with NeMo's FinetuneRecipeForVLM ({ar_steps} steps)", flush=True)
     times["ar_sft"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root,
                                       f"step_scheduler.max_steps={ar_steps}",
-                                      f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"), out / "logs" / "ar_sft.log")
+                                      f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"),
+                           out / "logs" / "ar_sft.log", "ar_sft", ar_steps, args.progress_every)
     ar_dir = (out / "ar_sft" / "LATEST" / "model" / "consolidated").resolve()
     ar_loss = _last_losses(out / "ar_sft" / "training.jsonl")
     if not q and ar_loss > 1.0:
@@ -112,39 +159,43 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"[4/6] PBM 4 -> 8 -> 16 ({'+'.join(map(str, pbm))} steps)", flush=True)
     times["pbm"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), root, f"step_scheduler.max_steps={total}",
                                    f"block_merge.schedule={schedule}",
-                                   f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"), out / "logs" / "pbm.log")
+                                   f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"),
+                        out / "logs" / "pbm.log", "pbm", total, args.progress_every)
     stages = out / "bard_pbm_demo" / "stages"
 
     print(f"[5/6] SWD B16 <- B4 ({swd_steps} steps)", flush=True)
     times["swd"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), "stage=swd", root,
                                    f"step_scheduler.max_steps={swd_steps}",
-                                   f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}"), out / "logs" / "swd.log")
+                                   f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}"),
+                        out / "logs" / "swd.log", "swd", swd_steps, args.progress_every)
     swd_dir = out / "bard_swd_demo" / "student_b16"
 
     print(f"[6/6] evaluate on {test_rows} held-out samples", flush=True)
     t = time.perf_counter()
-    from nemo_bard.eval import evaluate, write_report
+    from nemo_bard.eval import evaluate, load_samples, write_report
 
     # batch size 1: per-request decoding latency, the setting of the paper's speed claim
-    data = out / "digits" / "test"
-    common = dict(root_dir=out / "digits", max_new_tokens=32, progress=sys.stderr.isatty(), batch_size=1)
+    samples = load_samples(out / "digits" / "test", out / "digits")
+    common = dict(max_new_tokens=32, progress=EvalProgress(args.progress_every), batch_size=1)
     tau = args.threshold
-    runs = [
-        ("AR (NeMo SFT)", ar_dir, ["ar"]),
-        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"]),
-        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"]),
-        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"]),
-        ("SWD B16 (B4 anchor)", swd_dir, ["16:16:1.0", f"16:16:{tau}", "16:16:0.7"]),
+    engine = args.engine
+    runs = [  # (name, model, points, engine); the AR baseline also through Hugging Face generate
+        ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
+        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "eager"),
+        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
+        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
+        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),
+        ("SWD B16 (B4 anchor)", swd_dir, ["16:16:1.0", f"16:16:{tau}", "16:16:0.7"], engine),
     ]
     rows = []
-    for name, model_dir, points in runs:
-        rows += evaluate(model_dir, data, points, name=name, **common)
+    for name, model_dir, points, run_engine in runs:
+        rows += evaluate(model_dir, samples, points, name=name, engine=run_engine, **common)
     paths = write_report(rows, out / "report", title="nemo-bard offline demo: digits OCR, 2 CPU cores")
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     meta = {"times_s": {k: round(v, 1) for k, v in times.items()}, "ar_final_loss": ar_loss,
             "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps, "train_rows": train_rows,
-            "test_rows": test_rows, "seed": args.seed, "quick": q}
+            "test_rows": test_rows, "seed": args.seed, "quick": q, "engine": engine}
     (out / "report" / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}  plot: {paths['plot']}")

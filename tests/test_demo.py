@@ -15,7 +15,7 @@ pytestmark = pytest.mark.e2e
 
 def test_quick_demo_pipeline(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "nemo_bard.demo", "--quick", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "nemo_bard.demo", "--quick", "--out", str(out), "--progress-every", "2"], cwd=REPO,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for stage in ("ar_sft/training.jsonl", "bard_init/config.json", "bard_pbm_demo/stages/b4/config.json",
@@ -25,10 +25,13 @@ def test_quick_demo_pipeline(tmp_path):
     assert json.loads((out / "bard_init" / "config.json").read_text())["model_type"] == "bard_vl"
     report = json.loads((out / "report" / "results.json").read_text())
     rows = report["results"]
-    assert report["reference"] == rows[0]["name"] and rows[0]["kind"] == "ar"
+    ar_rows = [r for r in rows if r["kind"] == "ar"]
+    assert [r["engine"] for r in ar_rows] == ["static", "eager"]  # AR through the engine and HF generate
+    assert report["reference"] == max(ar_rows, key=lambda r: r["tokens_per_second"])["name"]  # the fastest AR row
     assert [r["model"] for r in rows].count("SWD B16 (B4 anchor)") == 3
     keys = {"accuracy", "char_accuracy", "tokens_per_forward", "tokens_per_second", "num_forwards", "wall_time",
-            "block_size", "denoising_steps", "threshold", "speedup_vs_reference", "n"}
+            "block_size", "denoising_steps", "threshold", "speedup_vs_reference", "n", "accuracy_ci95",
+            "decode_tokens_per_second", "decode_speedup_vs_reference", "engine"}
     for r in rows:
         assert keys <= set(r), keys - set(r)
         assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 16
@@ -38,3 +41,5 @@ def test_quick_demo_pipeline(tmp_path):
     assert (out / "report" / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads((out / "report" / "run.json").read_text())
     assert set(meta["times_s"]) == {"setup", "ar_sft", "pbm", "swd", "eval", "total"}
+    for label in ("[ar_sft] ", "[pbm] ", "[swd] ", "[eval] "):  # every stage reports progress on the console
+        assert label in proc.stdout, label

@@ -25,7 +25,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -253,7 +253,7 @@ def evaluate_point(
     *,
     batch_size: int = 8,
     max_new_tokens: int = 64,
-    progress: bool = True,
+    progress: bool | Callable[[str, int, int], None] = True,
 ) -> dict:
     """Evaluate one decoding point; returns a result row (see :func:`evaluate`)."""
     from tqdm.auto import tqdm
@@ -264,14 +264,14 @@ def evaluate_point(
     gen_time, prefill_time = 0.0, 0.0
     t_start = time.perf_counter()
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    for batch in tqdm(batches, desc=name, unit="batch", disable=not progress, leave=False):
+    report = progress if callable(progress) else None
+    for batch in tqdm(batches, desc=name, unit="batch", disable=report is not None or not progress, leave=False):
         inputs = build_inputs(loaded.processor, [s.prompt for s in batch])
         out = generate_batch(loaded, inputs, point, max_new_tokens)
         texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         tokens += int(out.lengths.sum())
         forwards += int(out.num_forwards)
-        rf = getattr(out, "row_forwards", None)
-        row_forwards += int(rf.sum()) if rf is not None else int(out.num_forwards) * len(batch)
+        row_forwards += int(out.row_forwards.sum())
         gen_time += float(out.wall_time)
         prefill_time = None if prefill_time is None or out.prefill_time is None else prefill_time + out.prefill_time
         for s, text in zip(batch, texts):
@@ -279,6 +279,8 @@ def evaluate_point(
             sc = score(text, s.reference)
             scores.append(sc)
             predictions.append({"row": s.row, "reference": s.reference, "prediction": text, **sc})
+        if report is not None:
+            report(name, len(scores), len(samples))
     agg = aggregate(scores)
     return {
         "name": name,
@@ -326,7 +328,7 @@ def evaluate(
     device: str | None = None,
     dtype: str | torch.dtype | None = None,
     warmup: bool = True,
-    progress: bool = True,
+    progress: bool | Callable[[str, int, int], None] = True,
     engine: str = "static",
 ) -> list[dict]:
     """Evaluate a checkpoint at each decoding point; returns one result row per point.

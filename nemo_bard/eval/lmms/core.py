@@ -220,6 +220,5 @@ class BardLmmsModel:
         self.stats["requests"] += n
         self.stats["response_tokens"] += int(out.lengths.sum())
         self.stats["num_forwards"] += int(out.num_forwards)
-        rf = getattr(out, "row_forwards", None)
-        self.stats["row_forwards"] += int(rf.sum()) if rf is not None else int(out.num_forwards) * n
+        self.stats["row_forwards"] += int(out.row_forwards.sum())
         self.stats["wall_time"] += float(out.wall_time)
