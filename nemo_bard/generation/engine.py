@@ -127,6 +127,7 @@ class DecodeEngine:
     """
 
     _engines: "weakref.WeakKeyDictionary[torch.nn.Module, dict[bool, DecodeEngine]]" = weakref.WeakKeyDictionary()
+    compile_backend = "inductor"  # torch.compile backend of engine="compiled"
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, cuda_graphs: bool | None = None,
                  max_pools: int = 4) -> None:
@@ -244,7 +245,7 @@ class DecodeEngine:
         if not self.compile:
             return self._step_fn(pool, q, hi, logits_from)
         if self._compiled is None:
-            self._compiled = torch.compile(self._step_fn, dynamic=False)
+            self._compiled = torch.compile(self._step_fn, dynamic=False, backend=self.compile_backend)
         # one graph per (bucket, capacity, query shape): allow more than dynamo's default of 8
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
             return self._compiled(pool, q, hi, logits_from)
