@@ -125,25 +125,20 @@ def run(args: argparse.Namespace) -> dict:
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
 
+    from transformers import TextStreamer
+
     tokenizer = processor.tokenizer
-    streamed: list[int] = []
-    printed = [0]
-
-    def on_block(row: int, tokens: list[int]) -> None:  # print the new suffix of the decoded answer
-        streamed.extend(tokens)
-        text = tokenizer.decode(streamed, skip_special_tokens=True)
-        if not text.endswith("\ufffd"):  # hold back a character split across blocks
-            print(text[printed[0]:], end="", flush=True)
-            printed[0] = len(text)
-
+    # committed blocks are printed as they arrive (transformers' TextStreamer holds back partial words)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if args.stream else None
     out = block_diffusion_generate(
         model, **inputs, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
         denoising_steps=args.denoising_steps, remasking_strategy=args.remasking_strategy,
         confidence_threshold=args.confidence_threshold, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, streamer=on_block if args.stream else None, engine=args.engine,
+        top_p=args.top_p, seed=args.seed, streamer=streamer, engine=args.engine,
     )
     answer = tokenizer.decode(out.sequences[0, : out.lengths[0]].tolist(), skip_special_tokens=True)
-    print(answer[printed[0]:] if args.stream else answer, flush=True)
+    if streamer is None:
+        print(answer, flush=True)
     block_size = args.block_size or model.config.block_size
     stats = out.stats()
     stats.update(

@@ -22,25 +22,29 @@ def sample_tokens(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row of ``logits [N, V]``; return ``(tokens [N], confidence [N])``.
 
-    Temperature 0 is greedy argmax. The confidence is the full-vocabulary softmax probability of the
-    chosen token under the raw logits (temperature and top-k/top-p only shape the sampling).
+    Temperature 0 is greedy argmax. Otherwise transformers' temperature / top-k / top-p logits warpers
+    shape the distribution before a multinomial draw. The confidence is the full-vocabulary softmax
+    probability of the chosen token under the raw logits (the warpers only shape the sampling).
     """
     logits = logits.float()
     probs = logits.softmax(-1)
     if temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-        scaled = logits / temperature
-        if top_k is not None and 0 < top_k < scaled.shape[-1]:
-            kth = scaled.topk(top_k, dim=-1).values[:, -1:]
-            scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+        if top_k is not None and top_k > 0:
+            warpers.append(TopKLogitsWarper(top_k))
         if top_p is not None and 0 < top_p < 1:
-            sorted_logits, order = scaled.sort(-1, descending=True)
-            cum = sorted_logits.softmax(-1).cumsum(-1)
-            drop_sorted = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
-            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-            scaled = scaled.masked_fill(drop, float("-inf"))
-        tokens = torch.multinomial(scaled.softmax(-1), 1, generator=generator)[:, 0]
+            warpers.append(TopPLogitsWarper(top_p))
+        scores = warpers(None, logits)
+        tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
     return tokens, probs.gather(-1, tokens[:, None])[:, 0]
 
 
