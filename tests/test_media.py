@@ -70,6 +70,24 @@ def test_decode_sparse_frames_across_keyframes(tmp_path):
     assert frame_codes(video.frames) == [i % 32 for i in (0, 40, 79, 119)]
 
 
+def test_sampled_frames_exact_when_skipping_unreferenced_ones(tmp_path):
+    """Unsampled frames nobody references (H.264 B-frames) are skipped; sampled ones never are."""
+    import av
+
+    frames = coded_frames(90)
+    for i, f in enumerate(frames):  # motion, so the encoder uses B-frames
+        f[:10, (2 * i) % 54:(2 * i) % 54 + 10] = 255
+    path = write_video(tmp_path / "b.mp4", frames, fps=30)
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        assert sum(1 for _ in container.decode(stream)) < 90  # the clip has unreferenced frames
+    for fps in (1, 2, 3, 7, 13, 30):
+        video = load_video(path, VideoSampling(fps=fps, min_frames=1, max_frames=90))
+        assert len(video) == 3 * fps
+        assert frame_codes(f[10:] for f in video.frames) == [i % 32 for i in video.metadata.frames_indices]
+
+
 def test_video_bytes_frame_dir_and_frame_list(coded_clip, tmp_path):
     from PIL import Image
 

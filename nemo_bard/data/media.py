@@ -223,8 +223,9 @@ def _decode_av(src: VideoSource, sampling: VideoSampling) -> Video:
 
     A demux pass (no decoding) gives the exact frame count, presentation timestamps and keyframes,
     also for containers whose header has no frame count (webm, mkv). Decoding then runs forward from
-    the keyframe before each sampled frame, seeking only when that skips a keyframe interval, and
-    converts only the sampled frames to RGB.
+    the keyframe before each sampled frame, seeking only when that skips a keyframe interval; frames
+    that are neither sampled nor referenced (e.g. most H.264 B-frames) are not decoded, and only the
+    sampled frames are converted to RGB.
     """
     import av
     from transformers.video_utils import VideoMetadata
@@ -248,7 +249,7 @@ def _decode_av(src: VideoSource, sampling: VideoSampling) -> Video:
         duration = float(container.duration) / av.time_base if container.duration else None
         fps = float(rate) if rate else (total / duration if duration else 24.0)
         idx = sampling.indices(total, fps)
-        stream.thread_type = "AUTO"
+        stream.thread_type = "AUTO"  # frame threads take the skip setting with each packet they are handed
         try:
             if all(pts is not None for pts, _ in packets):
                 rgb = _decode_by_pts(container, stream, packets, idx)
@@ -271,24 +272,34 @@ def _decode_av(src: VideoSource, sampling: VideoSampling) -> Video:
 def _decode_by_pts(container: Any, stream: Any, packets: list[tuple[int, bool]], idx: np.ndarray) -> list[np.ndarray]:
     pts = sorted(p for p, _ in packets)  # presentation order
     keys = sorted(p for p, key in packets if key) or pts[:1]
-    out: list[np.ndarray] = []
+    targets = [pts[i] for i in idx]
+    wanted = set(targets)
+    codec = stream.codec_context
+
+    def frames_from(key: int):
+        container.seek(key, stream=stream, backward=True, any_frame=False)
+        for packet in container.demux(stream):
+            # a frame that is not sampled is decoded only when later frames reference it
+            codec.skip_frame = "DEFAULT" if packet.pts in wanted else "NONREF"
+            yield from codec.decode(packet)
+
+    got: dict[int, np.ndarray] = {}
     frames, last = None, None
-    for target in (pts[i] for i in idx):
-        key = keys[max(np.searchsorted(keys, target, side="right") - 1, 0)]
-        if frames is None or (last is not None and key > last):  # skip a whole keyframe interval: seek
-            container.seek(key, stream=stream, backward=True, any_frame=False)
-            frames = container.decode(stream)
-        if last is not None and last >= target:  # repeated index (one-frame clip)
-            out.append(out[-1])
+    for target in targets:
+        if target in got:  # repeated index (one-frame clip)
             continue
+        key = keys[max(np.searchsorted(keys, target, side="right") - 1, 0)]
+        if frames is None or (last is not None and key > last):  # skip whole keyframe intervals: seek
+            frames = frames_from(key)
         for frame in frames:
             last = frame.pts if frame.pts is not None else target
+            if last in wanted and last not in got:
+                got[last] = frame.to_ndarray(format="rgb24")
             if last >= target:
-                out.append(frame.to_ndarray(format="rgb24"))
+                if target not in got:  # imprecise seek: the first frame after the target stands in
+                    got[target] = frame.to_ndarray(format="rgb24")
                 break
-        else:
-            break
-    return out
+    return [got[t] for t in targets if t in got]
 
 
 def _decode_in_order(container: Any, stream: Any, idx: np.ndarray) -> list[np.ndarray]:
