@@ -281,9 +281,20 @@ def ar_sft_collate_fn(examples: list[dict | None], processor: Any, **kwargs: Any
     It calls ``nemo_automodel``'s ``default_collate_fn`` unchanged and only makes its pre-shifted
     ``labels`` contiguous (0.7.0 returns a strided view that ``MaskedCrossEntropy`` cannot ``view``
     when the batch holds more than one sample). Rows dropped by the dataset (``None``) are skipped.
+    Videos reach it as decoded frames (NeMo's collate passes the processor no frame metadata).
     """
     from nemo_automodel.components.datasets.vlm.collate_fns import default_collate_fn
 
-    batch = default_collate_fn([e for e in examples if e is not None], processor, **kwargs)
+    sampling = VideoSampling.from_processor(getattr(processor, "video_processor", None))
+    rows = []
+    for e in examples:
+        if e is not None:
+            conversation = decode_videos(e["conversation"], sampling)
+            for m in conversation:
+                for it in m["content"] if isinstance(m.get("content"), list) else []:
+                    if it.get("type") == "video":
+                        it["video"] = it["video"].frames
+            rows.append({**e, "conversation": conversation})
+    batch = default_collate_fn(rows, processor, **kwargs)
     batch["labels"] = batch["labels"].contiguous()
     return batch
