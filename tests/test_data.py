@@ -171,6 +171,16 @@ def test_video_rows_through_collate_layout_and_model(data_dir, coded_clip, tiny_
     assert not torch.equal(pos[0], pos[1])
 
 
+def test_ar_sft_collate_takes_video_rows(data_dir, coded_clip, tiny_processor):
+    """NeMo's AR collate gets decoded frames (it cannot read our VideoSource) and runs the video processor."""
+    from nemo_bard.data.collate import ar_sft_collate_fn
+
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "v.jsonl", [_video_row(str(coded_clip)), _row()])))
+    batch = ar_sft_collate_fn([ds[0], ds[1]], tiny_processor)
+    assert batch["video_grid_thw"].shape[0] == 1 and batch["image_grid_thw"].shape[0] == 1
+    assert batch["labels"].shape == batch["input_ids"].shape
+
+
 def test_bad_video_rows_name_row_and_file(data_dir, coded_clip, tiny_processor):
     (data_dir / "bad.mp4").write_bytes(b"\x00" * 100)
     rows = [_video_row(str(coded_clip)), _video_row("clips/missing.mp4"), _video_row("bad.mp4")]
