@@ -208,9 +208,10 @@ def load_video(ref: Any, sampling: VideoSampling | None = None, root_dir: str | 
     if not src.frames:
         return _decode_av(src, sampling)
     idx = sampling.indices(len(src.frames), sampling.fps)
-    frames = np.stack([np.asarray(load_image(src.frames[i])) for i in idx])
-    if len({f.shape for f in frames}) > 1:
-        raise MediaError(f"video frames of {src.name} differ in size")
+    images = [np.asarray(load_image(src.frames[i])) for i in idx]
+    if len({f.shape for f in images}) > 1:
+        raise MediaError(f"the frames of video {src.name} differ in size")
+    frames = np.stack(images)
     meta = VideoMetadata(
         total_num_frames=len(src.frames), fps=sampling.fps, width=frames.shape[2], height=frames.shape[1],
         duration=len(src.frames) / sampling.fps, video_backend="frames", frames_indices=[int(i) for i in idx],
