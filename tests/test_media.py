@@ -106,6 +106,8 @@ def test_video_bytes_frame_dir_and_frame_list(coded_clip, tmp_path):
     assert frame_codes(listed.frames) == [0, 1, 2, 3, 4]
     pil = load_video([Image.fromarray(f) for f in coded_frames(2)], VideoSampling(fps=2))
     assert frame_codes(pil.frames) == [0, 1]
+    with pytest.raises(MediaError, match="the frames of video <list of 2 frames> differ in size"):
+        load_video([random_image(0, 32, 32), random_image(1, 32, 48)])
 
 
 def test_one_frame_clip_is_two_frames(tmp_path):
