@@ -20,7 +20,9 @@ setup(
         "omegaconf>=2.3,<2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7"],
+        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12"],
+        # Video files (mp4, webm, mkv, ...) in training rows, generation and evaluation: PyAV (bundles FFmpeg).
+        "video": ["av>=12"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],
         # Megatron-FSDP backend on GPU clusters. megatron-core >= 0.17 needs Python >= 3.12.
         "megatron": ["megatron-core>=0.17; python_version >= '3.12'"],

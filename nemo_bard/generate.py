@@ -1,13 +1,16 @@
 """Answer one prompt with a BARD (``bard_vl``) checkpoint by block-diffusion decoding.
 
     python -m nemo_bard.generate --model DIR [--image PATH ...] [--video PATH ...] --prompt TEXT
-        [--system TEXT] [--block-size 32] [--denoising-steps 32] [--confidence-threshold 0.9]
+        [--video-fps 2] [--video-max-frames N] [--system TEXT]
+        [--block-size 32] [--denoising-steps 32] [--confidence-threshold 0.9]
         [--remasking-strategy low_confidence_dynamic] [--temperature 0] [--max-new-tokens 1024]
         [--stream] [--stats-json FILE] [--device cuda|cpu] [--dtype auto] [--seed N]
         [--engine static|compiled|eager]
 
-Images are read with PIL. A video is a directory of frame images (sorted by name) or, when PyAV /
-decord / OpenCV / torchcodec is installed, a video file. On a GPU the default is bf16, on CPU fp32.
+Images are read with PIL. A video is a file (mp4, webm, mkv, ...; decoding needs PyAV:
+``pip install 'nemo-bard[video]'``) or a directory of frame images (sorted by name); its frames are
+sampled like Qwen3-VL does (``--video-fps`` frames per second within the processor's min/max frame
+count). On a GPU the default is bf16, on CPU fp32.
 Every option also accepts its underscore spelling (``--block_size``).
 """
 
@@ -39,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ap, "model", required=True, help="bard_vl checkpoint directory")
     _flag(ap, "image", action="append", default=[], help="image file (repeatable)")
     _flag(ap, "video", action="append", default=[], help="video file or directory of frames (repeatable)")
-    _flag(ap, "video-fps", type=float, default=2.0, help="frame rate of a frame directory (default 2)")
+    _flag(ap, "video-fps", type=float, default=None,
+          help="frames sampled per second, also the frame rate of a frame directory (default: the processor's, 2)")
+    _flag(ap, "video-max-frames", type=int, default=None, help="most frames per video (default: the processor's)")
     _flag(ap, "prompt", required=True, help="user text")
     _flag(ap, "system", default=None, help="optional system message")
     _flag(ap, "block-size", type=int, default=None, help="block size B (default: the checkpoint's)")
@@ -84,8 +89,17 @@ def check_args(args: argparse.Namespace) -> dict:
         for p in paths:
             if not Path(p).exists():
                 raise UsageError(f"{flag} {p}: file not found; pass the path of an existing {flag[2:]}")
+    if any(Path(p).is_file() for p in args.video):
+        from nemo_bard.data.media import VideoDecoderMissing, require_video_decoder
+
+        try:
+            require_video_decoder()
+        except VideoDecoderMissing as exc:
+            raise UsageError(f"--video: {exc}; or pass a directory of frame images") from None
+    if args.video_fps is not None and args.video_fps <= 0:
+        raise UsageError(f"--video-fps must be > 0, got {args.video_fps}")
     for flag, value in (("--block-size", args.block_size), ("--denoising-steps", args.denoising_steps),
-                        ("--max-new-tokens", args.max_new_tokens)):
+                        ("--max-new-tokens", args.max_new_tokens), ("--video-max-frames", args.video_max_frames)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     if not 0.0 <= args.confidence_threshold <= 1.0:
@@ -108,6 +122,7 @@ def run(args: argparse.Namespace) -> dict:
 
     import nemo_bard  # noqa: F401  registers bard_vl
     from nemo_bard.generation import block_diffusion_generate
+    from nemo_bard.data.media import VideoSampling
     from nemo_bard.generation.inputs import build_inputs, load_image, load_video
 
     from nemo_bard.models.loading import resolve_device_dtype
@@ -117,8 +132,10 @@ def run(args: argparse.Namespace) -> dict:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     images = [load_image(p) for p in args.image]
-    videos = [load_video(p, args.video_fps) for p in args.video]
     processor = AutoProcessor.from_pretrained(args.model)
+    sampling = VideoSampling.from_processor(processor.video_processor, fps=args.video_fps,
+                                            max_frames=args.video_max_frames)
+    videos = [load_video(p, sampling) for p in args.video]
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
     inputs = build_inputs(processor, [args.prompt], [images], [videos], system=args.system)
     for key in ("pixel_values", "pixel_values_videos"):
@@ -147,6 +164,7 @@ def run(args: argparse.Namespace) -> dict:
         remasking_strategy=args.remasking_strategy, confidence_threshold=args.confidence_threshold,
         temperature=args.temperature, max_new_tokens=args.max_new_tokens, device=str(device),
         dtype=str(dtype).replace("torch.", ""), prompt_tokens=int(inputs["input_ids"].shape[1]),
+        video_frame_indices=[list(v.metadata.frames_indices) for v in videos],
     )
     if args.stats_json:
         Path(args.stats_json).parent.mkdir(parents=True, exist_ok=True)

@@ -48,3 +48,24 @@ def tiny_bard_model(tiny_bard_dir):
 def random_image(seed: int, h: int = 64, w: int = 64) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))
+
+
+FRAME_CODE = 8  # frame i of a coded clip is uniform grey 8 * (i % 32): decoding recovers i % 32
+
+
+def coded_frames(n: int, h: int = 48, w: int = 64) -> np.ndarray:
+    """``n`` uniform frames whose grey level encodes the frame index (see :func:`frame_codes`)."""
+    return np.stack([np.full((h, w, 3), FRAME_CODE * (i % 32), np.uint8) for i in range(n)])
+
+
+def frame_codes(frames) -> list[int]:
+    """Source frame index (mod 32) of each decoded frame of a coded clip."""
+    return [int(round(float(np.asarray(f).mean()) / FRAME_CODE)) % 32 for f in frames]
+
+
+@pytest.fixture(scope="session")
+def coded_clip(tmp_path_factory):
+    """A 3-second, 10-fps mp4 (30 frames) written with PyAV; frame i is grey level 8 * i."""
+    from nemo_bard.data.synthetic import write_video
+
+    return write_video(tmp_path_factory.mktemp("clips") / "coded.mp4", coded_frames(30), fps=10)

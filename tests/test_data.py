@@ -129,32 +129,100 @@ def test_collate_respects_max_pixels(data_dir, tiny_processor):
     assert int(small["image_grid_thw"].prod()) <= 4
 
 
-def test_video_frames_through_collate_layout_and_model(data_dir, tiny_processor, tiny_bard_model):
-    """A row with a video (a directory of frames) goes through the dataset, collate, layout and a forward."""
+def _video_row(video, answer="colours change"):
+    return {"messages": [
+        {"role": "user", "content": [{"type": "video", "video": video}, {"type": "text", "text": "What happens?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]}
+
+
+def test_video_rows_through_collate_layout_and_model(data_dir, coded_clip, tiny_processor, tiny_bard_model):
+    """Video file + frame directory + image + text rows go through the dataset, collate, layout and a forward."""
     from nemo_bard.data.layout import BlockLayout
+    from nemo_bard.data.media import VideoSource
 
     frames = data_dir / "clip"
     frames.mkdir()
     for i in range(4):
         random_image(10 + i).save(frames / f"{i:03d}.png")
-    video_row = {"messages": [
-        {"role": "user", "content": [{"type": "video", "video": "clip"}, {"type": "text", "text": "What happens?"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": "colours change"}]},
-    ]}
-    ds = BardChatDataset(str(_write_jsonl(data_dir / "v.jsonl", [video_row, _row()])))
-    assert len(ds[0]["conversation"][0]["content"][0]["video"]) == 4
-    batch = bard_collate_fn([ds[0], ds[1]], tiny_processor, video_fps=2)
-    assert batch["video_grid_thw"].tolist() == [[2, 4, 4]]  # 4 frames / temporal patch 2
-    assert batch["n_videos_per_sample"].tolist() == [1, 0] and batch["image_grid_thw"].shape[0] == 1
+    text_row = {"messages": [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "red"}]}
+    rows = [_video_row("clip"), _row(), _video_row(str(coded_clip)), text_row]
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "v.jsonl", rows)))
+    src = ds[2]["conversation"][0]["content"][0]["video"]
+    assert isinstance(src, VideoSource) and src.path == coded_clip  # checked, decoded by the collate
+    batch = bard_collate_fn([ds[i] for i in range(4)], tiny_processor)  # the processor's 2 fps, [2, 8] frames
+    # frame dir: 4 frames at 2 fps -> t = 2; the 3-s clip at 10 fps -> 6 frames -> t = 3
+    assert batch["video_grid_thw"].tolist() == [[2, 4, 4], [3, 4, 4]]
+    assert batch["n_videos_per_sample"].tolist() == [1, 0, 1, 0] and batch["image_grid_thw"].shape[0] == 1
+    prompt = tiny_processor.tokenizer.decode(batch["prefix_ids"][2, : batch["prefix_lens"][2]])
+    # timestamps of frames (0, 6), (12, 17), (23, 29) at 10 fps, as Qwen3-VL writes them
+    assert [t for t in ("<0.3 seconds>", "<1.4 seconds>", "<2.6 seconds>") if t in prompt] == [
+        "<0.3 seconds>", "<1.4 seconds>", "<2.6 seconds>"]
+    tenth = bard_collate_fn([ds[2]], tiny_processor, video_fps=1, video_max_frames=2)
+    assert tenth["video_grid_thw"].tolist() == [[1, 4, 4]]  # collate kwargs override the processor's sampling
     layout = BlockLayout(block_size=4, mask_token_id=tiny_bard_model.config.mask_token_id,
                          pad_token_id=tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    built = layout.build(batch, [0, 1], tiny_bard_model.rope_positions)
+    built = layout.build(batch, [0, 1, 2, 3], tiny_bard_model.rope_positions)
     with torch.no_grad():
         out = tiny_bard_model(**{k: built[k] for k in MODEL_INPUT_KEYS}, logits_mask=built["loss_mask"])
     assert out.logits.shape[0] == int(built["loss_mask"].sum()) and torch.isfinite(out.logits).all()
     # video frames get 3-D positions: the temporal axis differs from the spatial ones somewhere in the prefix
     pos = built["position_ids"][:, 0]
     assert not torch.equal(pos[0], pos[1])
+
+
+def test_ar_sft_collate_takes_video_rows(data_dir, coded_clip, tiny_processor):
+    """NeMo's AR collate gets decoded frames (it cannot read our VideoSource) and runs the video processor."""
+    from nemo_bard.data.collate import ar_sft_collate_fn
+
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "v.jsonl", [_video_row(str(coded_clip)), _row()])))
+    batch = ar_sft_collate_fn([ds[0], ds[1]], tiny_processor)
+    assert batch["video_grid_thw"].shape[0] == 1 and batch["image_grid_thw"].shape[0] == 1
+    assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_bad_video_rows_name_row_and_file(data_dir, coded_clip, tiny_processor):
+    (data_dir / "bad.mp4").write_bytes(b"\x00" * 100)
+    rows = [_video_row(str(coded_clip)), _video_row("clips/missing.mp4"), _video_row("bad.mp4")]
+    path = _write_jsonl(data_dir / "v.jsonl", rows)
+    ds = BardChatDataset(str(path))
+    with pytest.raises(DataError, match=r"v.jsonl row 1: video file .*clips/missing.mp4 not found"):
+        ds[1]
+    with pytest.raises(DataError, match=rf"v.jsonl row 2: cannot open video {data_dir / 'bad.mp4'} as a video file"):
+        bard_collate_fn([ds[0], ds[2]], tiny_processor)  # decoding happens in the collate
+    skipping = BardChatDataset(str(path), skip_bad_samples=True)
+    batch = bard_collate_fn([skipping[i] for i in range(3)], tiny_processor)
+    assert batch["num_skipped"] == 2 and batch["rows"].tolist() == [0] and skipping.num_skipped_media == 1
+
+
+def test_long_video_sampled_down_to_max_length(data_dir, tiny_processor):
+    """A 30-s clip: fewer frames (same frame size) until prompt + 2 x padded response fits; else a clear error."""
+    from nemo_bard.data.synthetic import write_video
+    from tests.conftest import coded_frames
+
+    write_video(data_dir / "long.mp4", coded_frames(120, 64, 96), fps=4)
+    ds = BardChatDataset(str(_write_jsonl(data_dir / "l.jsonl", [_video_row("long.mp4", "a long clip"), _row()])))
+    full = bard_collate_fn([ds[0]], tiny_processor, video_max_frames=64)
+    assert full["video_grid_thw"].tolist() == [[30, 2, 4]] and int(full["prefix_lens"][0]) > 200
+    fit = bard_collate_fn([ds[0], ds[1]], tiny_processor, video_max_frames=64, max_length=200, max_block_size=8)
+    r_pad = (int(fit["response_lens"][0]) + 7) // 8 * 8
+    assert fit["video_grid_thw"].tolist() == [[9, 2, 4]]  # 18 of 60 frames, each still 32 x 64 pixels
+    assert int(fit["prefix_lens"][0]) + 2 * r_pad <= 200 and fit["image_grid_thw"].shape[0] == 1
+    # the fit is the largest: one more temporal patch (20 frames at the same size) would not fit
+    from nemo_bard.data.collate import _resize_frames
+    from nemo_bard.data.media import VideoSampling, load_video
+
+    video = _resize_frames(load_video(data_dir / "long.mp4", VideoSampling(2, 2, 64)).subsample(20), 32, 64)
+    row = {"conversation": [{**m, "content": [{**it, "video": video} if it.get("type") == "video" else it
+                                              for it in m["content"]]} for m in ds[0]["conversation"]]}
+    one_more = bard_collate_fn([row], tiny_processor)
+    assert one_more["video_grid_thw"].tolist() == [[10, 2, 4]] and int(one_more["prefix_lens"][0]) + 2 * r_pad > 200
+    with pytest.raises(DataError, match=r"l.jsonl row 0: video .*long.mp4 does not fit max_length=60"):
+        bard_collate_fn([ds[0], ds[1]], tiny_processor, video_max_frames=64, max_length=60, max_block_size=8)
+    skipping = BardChatDataset(str(data_dir / "l.jsonl"), skip_bad_samples=True)
+    batch = bard_collate_fn([skipping[0], skipping[1]], tiny_processor, video_max_frames=64, max_length=60,
+                            max_block_size=8)
+    assert batch["num_skipped"] == 1 and batch["rows"].tolist() == [1] and "video_grid_thw" not in batch
 
 
 def test_fake_media_is_isolated(data_dir, tiny_processor, tiny_bard_model):

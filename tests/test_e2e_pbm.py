@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 def data_path(tmp_path_factory):
     from nemo_bard.data.synthetic import write_synthetic_dataset
 
-    return write_synthetic_dataset(tmp_path_factory.mktemp("colours"), rows=48, seed=0)
+    return write_synthetic_dataset(tmp_path_factory.mktemp("colours"), rows=48, seed=0, video_every=6)  # 8 clips
 
 
 def tiny_args(model_dir, data_path, run_root, *extra):
@@ -139,14 +139,25 @@ def test_two_process_fsdp2(tiny_bard_dir, data_path, tmp_path):
     assert AutoModelForImageTextToText.from_pretrained(run / "stages" / "b4").config.block_size == 4
 
 
-def test_two_process_mixed_text_only_and_image_batches(tiny_bard_dir, tmp_path):
-    """Ranks whose micro-batch has no image still run the (sharded) vision tower: no FSDP hang, finite loss."""
+def test_two_process_mixed_text_image_and_video_batches(tiny_bard_dir, tmp_path, capsys):
+    """Text-only, image and video-file rows on 2 ranks: a rank whose micro-batch lacks images or videos still
+    runs the (sharded) vision tower (no FSDP hang, finite loss); the stage export then answers about a clip."""
     from nemo_bard.data.synthetic import write_synthetic_dataset
+    from nemo_bard.generate import main as generate
 
-    data = write_synthetic_dataset(tmp_path / "mixed", rows=24, seed=3, text_only_every=2)
+    data = write_synthetic_dataset(tmp_path / "mixed", rows=24, seed=3, text_only_every=2, video_every=3)
+    assert len(list((tmp_path / "mixed" / "videos").glob("*.mp4"))) == 4
     run_cli(tiny_args(tiny_bard_dir, data, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=6",
                       "step_scheduler.local_batch_size=1", "step_scheduler.global_batch_size=2",
                       "step_scheduler.ckpt_every_steps=100", "bard.length_grouped=false",
                       "block_merge.schedule=[{block_size:4,steps:3},{block_size:8,steps:3}]"), timeout=300)
     log = training_log(tmp_path / "bard_pbm_tiny")
     assert sorted(log) == list(range(6)) and all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
+    stats = tmp_path / "gen.json"
+    clip = tmp_path / "mixed" / "videos" / "00002.mp4"  # 16 frames at 8 fps: the processor's 2 fps picks 4
+    assert generate(["--model", str(tmp_path / "bard_pbm_tiny" / "stages" / "b8"), "--video", str(clip),
+                     "--prompt", "What colour is the moving square?", "--max-new-tokens", "8",
+                     "--stats-json", str(stats)]) == 0
+    result = json.loads(stats.read_text())
+    assert result["video_frame_indices"] == [[0, 5, 10, 15]] and result["block_size"] == 8
+    assert 1 <= result["response_tokens"] <= 8 and result["answer"] in capsys.readouterr().out

@@ -162,6 +162,35 @@ def test_cli(tiny_bard_dir, digits_data, tmp_path, capsys):
     assert main(["--model", str(tiny_bard_dir), "--data", str(digits_data / "test"), "--points", "4:9:1"]) == 2
 
 
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
+    """Three colour rows, all videos (2-s mp4 clips), plus a copy whose row 1 clip is corrupt."""
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("eval_videos")
+    path = write_synthetic_dataset(root, rows=3, video_every=1, seed=2)
+    bad = root / "bad.jsonl"
+    bad.write_text(path.read_text().replace("videos/00001.mp4", "videos/broken.mp4"))
+    (root / "videos" / "broken.mp4").write_bytes(b"\x00" * 64)
+    return path
+
+
+def test_cli_on_video_rows(tiny_bard_dir, video_data, tmp_path, capsys):
+    from nemo_bard.eval.__main__ import main
+
+    samples = load_samples(video_data)
+    assert [s.prompt[0]["content"][0]["type"] for s in samples] == ["video"] * 3
+    rc = main(["--model", str(tiny_bard_dir), "--data", str(video_data), "--points", "4:4:1.0",
+               "--max-new-tokens", "4", "--batch-size", "2", "--video-max-frames", "2", "--out-dir", str(tmp_path),
+               "--no-warmup", "--no-progress"])
+    assert rc == 0 and json.loads((tmp_path / "results.json").read_text())["results"][0]["n"] == 3
+    capsys.readouterr()
+    assert main(["--model", str(tiny_bard_dir), "--data", str(video_data.parent / "bad.jsonl"), "--points",
+                 "4:4:1.0", "--max-new-tokens", "4", "--out-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and "bad.jsonl row 1: cannot open video" in err[-1] and "broken.mp4" in err[-1]
+
+
 # ------------------------------------------------------------------------------ lmms-eval plugin
 
 
@@ -191,6 +220,33 @@ def test_lmms_core_generate_until(tiny_bard_dir, digits_data):
     # Same request alone gives the same (greedy) answer: results come back in request order.
     assert model.generate_until(reqs[1:2]) == [out[1]]
     assert model._settings({"until": ["\n\n", "</s>"], "max_new_tokens": 5})["until"] == ["</s>"]
+
+
+def test_lmms_core_video_visuals(tiny_bard_dir, coded_clip, digits_data):
+    from nemo_bard.eval.lmms.core import BardLmmsModel
+
+    model = BardLmmsModel(str(tiny_bard_dir), block_size=4, video_max_frames=2)
+    image = sorted((digits_data / "images").glob("test_*.png"))[0]
+    msgs = model.build_messages("<image>Describe.", [str(coded_clip), str(image)])
+    assert [it["type"] for it in msgs[0]["content"]] == ["video", "image", "text"]
+    model.task_dict = {"clips": {"test": [{"clip": str(coded_clip)}]}}
+    req = SimpleNamespace(args=("What happens?", {"max_new_tokens": 4}, lambda doc: [doc["clip"]], 0, "clips", "test"))
+    assert len(model.generate_until([req])) == 1 and model.stats["requests"] == 1
+
+
+def test_lmms_task_writer_with_videos(video_data, tmp_path):
+    import importlib.util
+
+    from nemo_bard.eval.lmms.task import write_task
+
+    write_task(video_data, tmp_path, name="clips", limit=2)
+    docs = [json.loads(line) for line in (tmp_path / "docs.jsonl").read_text().splitlines()]
+    assert [d["videos"] for d in docs] == [[str((video_data.parent / f"videos/{i:05d}.mp4").resolve())] for i in (0, 1)]
+    assert docs[0]["images"] == [] and docs[0]["question"] == "What colour is the moving square?"
+    spec = importlib.util.spec_from_file_location("clips_utils", tmp_path / "utils.py")
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.doc_to_visual(docs[0]) == docs[0]["videos"]
 
 
 def test_lmms_task_writer(digits_data, tmp_path):

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from nemo_bard.generate import build_parser, main
-from nemo_bard.generation.inputs import video_backend
 from tests.conftest import random_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,11 +64,21 @@ def test_cli_video_frame_directory(tiny_bard_dir, tmp_path, capsys):
     stats_path = tmp_path / "v.json"
     rc = main(["--model", str(tiny_bard_dir), "--video", str(frames), "--prompt", "Describe.",
                "--max-new-tokens", "4", "--stats-json", str(stats_path)])
-    assert rc == 0 and json.loads(stats_path.read_text())["prompt_tokens"] > 20
+    stats = json.loads(stats_path.read_text())
+    assert rc == 0 and stats["prompt_tokens"] > 20 and stats["video_frame_indices"] == [[0, 1, 2, 3]]
 
 
-@pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "video_file"])
-def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys):
+def test_cli_video_file_sampling(tiny_bard_dir, coded_clip, tmp_path, capsys):
+    """A 3-s, 10-fps mp4 at 2 fps would give 6 frames; --video-max-frames 4 spreads 4 over the clip."""
+    stats_path = tmp_path / "v.json"
+    assert main(["--model", str(tiny_bard_dir), "--video", str(coded_clip), "--prompt", "Describe.",
+                 "--video-max-frames", "4", "--max-new-tokens", "4", "--stats-json", str(stats_path)]) == 0
+    stats = json.loads(stats_path.read_text())
+    assert stats["video_frame_indices"] == [[0, 10, 19, 29]] and stats["prompt_tokens"] > 20
+
+
+@pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "corrupt_video", "no_decoder"])
+def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, monkeypatch):
     argv = ["--model", str(tiny_bard_dir), "--prompt", "hi"]
     if case == "missing_image":
         argv += ["--image", str(tmp_path / "nope.png")]
@@ -80,13 +89,17 @@ def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys):
     elif case == "missing_model":
         argv[1] = str(tmp_path / "none")
         expected = "no such directory"
+    elif case == "corrupt_video":
+        clip = tmp_path / "clip.mp4"
+        clip.write_bytes(b"\x00" * 64)
+        argv += ["--video", str(clip)]
+        expected = f"--video: cannot open video {clip} as a video file"
     else:
-        if video_backend() is not None:
-            pytest.skip("a video decoder is installed; video files are supported")
+        monkeypatch.setattr("transformers.utils.is_av_available", lambda: False)
         clip = tmp_path / "clip.mp4"
         clip.write_bytes(b"\x00")
         argv += ["--video", str(clip)]
-        expected = "pass a directory of frame images"
+        expected = "--video: decoding video files needs PyAV: pip install 'nemo-bard[video]'"
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nemo_bard.generate: error: ") and expected in err[0]

@@ -3,25 +3,26 @@
 A row holds ``messages`` (a list, or a JSON string) of ``{role, content}`` turns with roles
 system/user/assistant; ``content`` is a string or a list of items
 ``{"type": "text", "text": ...}``, ``{"type": "image", "image": <path | {"bytes": ...} | {"path": ...}>}``
-or ``{"type": "video", "video": <path | [frame paths]>}``. Relative paths resolve against
-``root_dir``. Optional columns ``length`` (tokens) and ``v_tokens`` (visual tokens) feed
-length-aware batching.
+or ``{"type": "video", "video": <file | frame directory | [frame paths] | {"bytes": ...}>}`` (see
+:mod:`nemo_bard.data.media`). Relative paths resolve against ``root_dir``. Optional columns ``length``
+(tokens) and ``v_tokens`` (visual tokens) feed length-aware batching.
 
 Rows without an assistant response are skipped and counted at load time; an empty dataset is
-an error that names the source. A missing or unreadable image raises an error naming the row
-and the path, or is a counted skip with ``skip_bad_samples: true``.
+an error that names the source. Images are loaded here; videos are checked here and decoded by the
+collate (also in the dataloader workers). A missing or unreadable image or video raises an error
+naming the row and the file, or is a counted skip with ``skip_bad_samples: true``.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
 from torch.utils.data import Dataset
+
+from nemo_bard.data.media import MediaError, load_image, video_source
 
 logger = logging.getLogger(__name__)
 
@@ -102,13 +103,17 @@ def open_source(path: str | Path | list, split: str | None = None):
 
 
 class BardChatDataset(Dataset):
-    """Chat rows -> ``{"conversation": [...], "length": int | None, "row": int}`` with media loaded.
+    """Chat rows -> ``{"conversation": [...], "length", "row", "where", "skip_bad_samples"}``.
+
+    Images in the conversation are PIL images; videos are :class:`nemo_bard.data.media.VideoSource`
+    (decoded by the collate). ``where`` names the row in error messages.
 
     Args:
         path: a ``save_to_disk`` directory, a ``.jsonl`` file, a directory of ``.jsonl`` files, or a list.
         root_dir: base directory of relative image/video paths (default: the dataset directory).
         split: split name when ``path`` holds a ``DatasetDict``.
-        skip_bad_samples: turn unreadable media into a counted skip instead of an error.
+        skip_bad_samples: turn unreadable media (and, in the collate, videos that cannot fit
+            ``max_length``) into a counted skip instead of an error.
         max_samples: keep the first N usable rows (debugging, CI).
     """
 
@@ -167,29 +172,6 @@ class BardChatDataset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def _resolve(self, ref: Any, where: str) -> Any:
-        from PIL import Image
-
-        if isinstance(ref, Image.Image):
-            return ref.convert("RGB")
-        if isinstance(ref, dict):
-            if ref.get("bytes") is not None:
-                try:
-                    return Image.open(io.BytesIO(ref["bytes"])).convert("RGB")
-                except Exception as exc:  # noqa: BLE001 - PIL raises several types
-                    raise DataError(f"{where}: image bytes are not a readable image ({exc})") from None
-            ref = ref.get("path")
-        if not isinstance(ref, str):
-            raise DataError(f"{where}: image must be a path, {{'bytes': ...}} or {{'path': ...}}, got {type(ref).__name__}")
-        path = Path(ref) if os.path.isabs(ref) else self.root_dir / ref
-        if not path.is_file():
-            raise DataError(f"{where}: image file {path} not found (relative paths resolve against root_dir={self.root_dir})")
-        try:
-            with Image.open(path) as img:
-                return img.convert("RGB")
-        except Exception as exc:  # noqa: BLE001
-            raise DataError(f"{where}: cannot read image {path} ({exc})") from None
-
     def _load_media(self, messages: list[dict], where: str) -> list[dict]:
         out = []
         for m in messages:
@@ -200,29 +182,17 @@ class BardChatDataset(Dataset):
                     it = dict(it)
                     kind = it.get("type") or ("image" if "image" in it else "video" if "video" in it else "text")
                     it["type"] = kind
-                    if kind == "image":
-                        it["image"] = self._resolve(it.get("image", it.get("path")), where)
-                    elif kind == "video":
-                        it["video"] = self._load_video(it.get("video"), where)
+                    try:
+                        if kind == "image":
+                            it["image"] = load_image(it.get("image", it.get("path")), self.root_dir)
+                        elif kind == "video":
+                            it["video"] = video_source(it.get("video"), self.root_dir)
+                    except MediaError as exc:
+                        raise DataError(f"{where}: {exc}") from None
                     items.append(it)
                 content = items
             out.append({"role": m["role"], "content": content})
         return out
-
-    def _load_video(self, ref: Any, where: str) -> Any:
-        if isinstance(ref, (list, tuple)):
-            return [self._resolve(f, where) for f in ref]
-        if isinstance(ref, str):
-            path = Path(ref) if os.path.isabs(ref) else self.root_dir / ref
-            if path.is_dir():
-                frames = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-                if not frames:
-                    raise DataError(f"{where}: video frame directory {path} holds no .png/.jpg frames")
-                return [self._resolve(str(f), where) for f in frames]
-            if not path.is_file():
-                raise DataError(f"{where}: video file {path} not found")
-            return str(path)  # decoded by the processor's video backend
-        raise DataError(f"{where}: video must be a path or a list of frame paths")
 
     def __getitem__(self, idx: int) -> dict | None:
         row_idx = self.indices[idx]
@@ -237,4 +207,5 @@ class BardChatDataset(Dataset):
             self.num_skipped_media += 1
             logger.warning("skipping %s (%s); %d skipped so far", where, exc, self.num_skipped_media)
             return None
-        return {"conversation": conversation, "length": row.get("length"), "row": row_idx}
+        return {"conversation": conversation, "length": row.get("length"), "row": row_idx, "where": where,
+                "skip_bad_samples": self.skip_bad_samples}

@@ -2,7 +2,7 @@
 
     python -m nemo_bard.eval --model DIR [--model DIR2 ...] --data DATA [--root-dir DIR] [--limit N]
         [--points 4:4:1.0,16:16:0.9,...] [--batch-size 8] [--max-new-tokens 64]
-        [--out-dir DIR] [--name LABEL ...] [--ar]
+        [--out-dir DIR] [--name LABEL ...] [--ar] [--video-fps 2] [--video-max-frames N]
 
 A ``bard_vl`` model is evaluated at every point ``BLOCK:STEPS:THRESHOLD[:static|dynamic]``
 (strategy default: static when THRESHOLD >= 1.0, else dynamic; default points: the checkpoint's
@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="torch CPU threads (1 gives stable timings on a small, shared CPU)")
     ap.add_argument("--engine", default="static", choices=ENGINES,
                     help="decoding engine (default static; eager = the reference decoder / HF generate for AR)")
+    ap.add_argument("--video-fps", type=float, default=None,
+                    help="video frames sampled per second (default: the processor's, 2); video files need PyAV")
+    ap.add_argument("--video-max-frames", type=int, default=None,
+                    help="most frames per video (default: the processor's)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return ap
@@ -66,15 +70,23 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    samples = load_samples(args.data, args.root_dir, args.limit, args.split)
-    print(f"{len(samples)} samples from {args.data}")
-    rows = []
-    for i, model_dir in enumerate(args.model):
-        rows += evaluate(
-            model_dir, samples, points, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-            name=names[i] if i < len(names) else None, force_ar=args.ar, device=args.device, dtype=args.dtype,
-            warmup=not args.no_warmup, progress=not args.no_progress, engine=args.engine,
-        )
+    from nemo_bard.data.datasets import DataError
+    from nemo_bard.data.media import VideoDecoderMissing
+
+    try:
+        samples = load_samples(args.data, args.root_dir, args.limit, args.split)
+        print(f"{len(samples)} samples from {args.data}")
+        rows = []
+        for i, model_dir in enumerate(args.model):
+            rows += evaluate(
+                model_dir, samples, points, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                name=names[i] if i < len(names) else None, force_ar=args.ar, device=args.device, dtype=args.dtype,
+                warmup=not args.no_warmup, progress=not args.no_progress, video_fps=args.video_fps,
+                video_max_frames=args.video_max_frames, engine=args.engine,
+            )
+    except (DataError, VideoDecoderMissing) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     paths = write_report(rows, args.out_dir, reference=args.reference, title=args.title)
     print(markdown_table(rows, args.reference), end="")
     for kind, path in paths.items():

@@ -29,8 +29,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nemo_bard.data.collate import conversation_media, video_processor_kwargs
-
+from nemo_bard.data.collate import conversation_media, decode_videos
+from nemo_bard.data.media import MediaError, VideoSampling, video_processor_kwargs
 from nemo_bard.eval.metrics import aggregate, score
 from nemo_bard.generation.points import DecodePoint, check_engine, default_points, parse_points
 
@@ -122,6 +122,7 @@ class EvalSample:
     prompt: list[dict]
     reference: str
     row: int
+    where: str = ""  # names the row in error messages
 
 
 def _last_assistant(messages: list[dict]) -> int | None:
@@ -177,17 +178,36 @@ def load_samples(
         row = ds.table[item["row"]]
         answer = row.get("answer") if isinstance(row, dict) else None
         reference = str(answer) if answer is not None else content_text(conv[last]["content"])
-        samples.append(EvalSample(conv[:last], reference.strip(), item["row"]))
+        samples.append(EvalSample(conv[:last], reference.strip(), item["row"], item["where"]))
     return samples
 
 
-def build_inputs(processor: Any, prompts: list[list[dict]]) -> dict[str, torch.Tensor]:
-    """Chat-template + processor call for a batch of prompts (left padding)."""
-    texts = processor.apply_chat_template(prompts, tokenize=False, add_generation_prompt=True)
+def build_inputs(
+    processor: Any,
+    prompts: list[list[dict]],
+    sampling: VideoSampling | None = None,
+    where: Sequence[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Chat-template + processor call for a batch of prompts (left padding).
+
+    Videos (files, bytes, frame directories or lists) are decoded here with ``sampling`` (default: the
+    processor's); a video that cannot be decoded raises :class:`nemo_bard.data.datasets.DataError`
+    naming ``where[i]`` (e.g. the row) and the file.
+    """
+    from nemo_bard.data.datasets import DataError
+
+    sampling = sampling or VideoSampling.from_processor(getattr(processor, "video_processor", None))
+    decoded = []
+    for i, p in enumerate(prompts):
+        try:
+            decoded.append(decode_videos(p, sampling))
+        except MediaError as exc:
+            raise DataError(f"{where[i] if where else f'prompt {i}'}: {exc}") from None
+    texts = processor.apply_chat_template(decoded, tokenize=False, add_generation_prompt=True)
     if isinstance(texts, str):
         texts = [texts]
     images, videos = [], []
-    for p in prompts:
+    for p in decoded:
         im, vid = conversation_media(p)
         images += im
         videos += vid
@@ -195,7 +215,7 @@ def build_inputs(processor: Any, prompts: list[list[dict]]) -> dict[str, torch.T
     if images:
         kwargs["images"] = images
     if videos:
-        kwargs.update(video_processor_kwargs(videos, None, None))
+        kwargs.update(video_processor_kwargs(videos))
     batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
     return {k: batch[k] for k in _PROCESSOR_KEYS if k in batch}
 
@@ -254,8 +274,12 @@ def evaluate_point(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     progress: bool | Callable[[str, int, int], None] = True,
+    sampling: VideoSampling | None = None,
 ) -> dict:
-    """Evaluate one decoding point; returns a result row (see :func:`evaluate`)."""
+    """Evaluate one decoding point; returns a result row (see :func:`evaluate`).
+
+    ``sampling``: video frame sampling (default: the processor's).
+    """
     from tqdm.auto import tqdm
 
     name = f"{loaded.name} {point.label}"
@@ -266,7 +290,7 @@ def evaluate_point(
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     report = progress if callable(progress) else None
     for batch in tqdm(batches, desc=name, unit="batch", disable=report is not None or not progress, leave=False):
-        inputs = build_inputs(loaded.processor, [s.prompt for s in batch])
+        inputs = build_inputs(loaded.processor, [s.prompt for s in batch], sampling, [s.where for s in batch])
         out = generate_batch(loaded, inputs, point, max_new_tokens)
         texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         tokens += int(out.lengths.sum())
@@ -330,6 +354,8 @@ def evaluate(
     warmup: bool = True,
     progress: bool | Callable[[str, int, int], None] = True,
     engine: str = "static",
+    video_fps: float | None = None,
+    video_max_frames: int | None = None,
 ) -> list[dict]:
     """Evaluate a checkpoint at each decoding point; returns one result row per point.
 
@@ -345,6 +371,7 @@ def evaluate(
         engine: ``static`` (default), ``compiled`` or ``eager`` (for AR: Hugging Face ``generate``).
         warmup: run one untimed call (first batch, one block) before timing, so one-off costs
             (allocator, kernel selection) do not land on the first point.
+        video_fps, video_max_frames: video frame sampling (default: the processor's; decoded per batch).
 
     Row keys: name, model, model_dir, kind ("bard"/"ar"), block_size, denoising_steps, threshold,
     remasking_strategy, n, accuracy (exact match), char_accuracy, position_accuracy,
@@ -366,13 +393,16 @@ def evaluate(
         todo = [DecodePoint()]
     else:
         todo = parse_points(points) or default_points(int(loaded.model.config.block_size))
+    sampling = VideoSampling.from_processor(getattr(loaded.processor, "video_processor", None), fps=video_fps,
+                                            max_frames=video_max_frames)
     if warmup:
-        inputs = build_inputs(loaded.processor, [s.prompt for s in samples[:batch_size]])
+        first = samples[:batch_size]
+        inputs = build_inputs(loaded.processor, [s.prompt for s in first], sampling, [s.where for s in first])
         generate_batch(loaded, inputs, todo[0], min(max_new_tokens, todo[0].block_size or 4))
     rows = []
     for point in todo:
         row = evaluate_point(loaded, samples, point, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             progress=progress)
+                             progress=progress, sampling=sampling)
         logger.info("%s: accuracy %.3f, char %.3f, TPF %.2f, %.1f tok/s", row["name"], row["accuracy"],
                     row["char_accuracy"], row["tokens_per_forward"], row["tokens_per_second"])
         rows.append(row)

@@ -3,8 +3,8 @@
 :class:`BardLmmsModel` implements lmms-eval's simple-model protocol: ``generate_until(requests)``
 where each request's ``args`` is ``(context, gen_kwargs, doc_to_visual, doc_id, task, split)`` and
 ``self.task_dict[task][split][doc_id]`` is the document ``doc_to_visual`` turns into images
-(PIL) or video paths. The harness class in :mod:`nemo_bard.eval.lmms.models.nemo_bard` only adds
-lmms-eval's base class.
+(PIL images or image paths) or video paths (files or frame directories). The harness class in
+:mod:`nemo_bard.eval.lmms.models.nemo_bard` only adds lmms-eval's base class.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import torch
 
+from nemo_bard.data.media import VideoSampling, is_video_path, load_image
 from nemo_bard.eval.evaluate import build_inputs, generate_batch, load_model
 from nemo_bard.generation.points import STRATEGY_ALIASES, DecodePoint
 
 logger = logging.getLogger(__name__)
 
-_VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpeg", ".mpg")
 _HARNESS_ARGS = ("max_batch_size",)  # passed by lmms-eval's evaluator, not used here
 
 
@@ -44,6 +44,8 @@ class BardLmmsModel:
         system_prompt: optional system turn.
         ar: decode with the AR baseline (causal Qwen3-VL); automatic for ``qwen3_vl`` checkpoints.
         engine: decoding engine, ``static`` (default), ``compiled`` or ``eager``.
+        video_fps, video_max_frames: video frame sampling (default: the processor's); video files need
+            PyAV (``pip install 'nemo-bard[video]'``).
 
     Task generation kwargs used: ``max_new_tokens``, ``temperature`` (> 0 samples, block diffusion
     only), ``top_p``, ``top_k``, ``until`` (strings the answer is cut at; ``"\\n\\n"`` is ignored, as in
@@ -67,6 +69,8 @@ class BardLmmsModel:
         ar: bool | str = False,
         seed: int | None = None,
         engine: str = "static",
+        video_fps: float | None = None,
+        video_max_frames: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__()  # lmms.__init__ in the harness class (sets rank, cache hook, task_dict)
@@ -95,6 +99,11 @@ class BardLmmsModel:
         self.batch_size_per_gpu = int(batch_size) if str(batch_size).isdigit() else 1
         self.system_prompt = system_prompt
         self.seed = seed
+        self.video_sampling = VideoSampling.from_processor(
+            getattr(self.loaded.processor, "video_processor", None),
+            fps=None if video_fps is None else float(video_fps),
+            max_frames=None if video_max_frames is None else int(video_max_frames),
+        )
         self.stats = {"requests": 0, "response_tokens": 0, "num_forwards": 0, "row_forwards": 0, "wall_time": 0.0}
         logger.info("nemo_bard: %s (%s) decoding %s", pretrained, self.loaded.kind, self.point.label)
 
@@ -136,18 +145,17 @@ class BardLmmsModel:
         raise NotImplementedError("nemo_bard: multi-round generation is not implemented")
 
     def build_messages(self, context: str, visuals: Any) -> list[dict]:
-        """One chat prompt: optional system turn, then the visuals followed by the context text."""
+        """One chat prompt: optional system turn, then the visuals followed by the context text.
+
+        A visual is a video when it is a path with a video suffix or a directory (of frames), else an image
+        (PIL image, path or ``{"bytes": ...}``).
+        """
         items: list[dict] = []
         for v in visuals if isinstance(visuals, (list, tuple)) else ([visuals] if visuals is not None else []):
-            if isinstance(v, str) and v.lower().endswith(_VIDEO_SUFFIXES):
+            if is_video_path(v):
                 items.append({"type": "video", "video": v})
-            elif isinstance(v, str):
-                from PIL import Image
-
-                with Image.open(v) as img:
-                    items.append({"type": "image", "image": img.convert("RGB")})
             elif v is not None:
-                items.append({"type": "image", "image": v.convert("RGB") if hasattr(v, "convert") else v})
+                items.append({"type": "image", "image": load_image(v)})
         text = context.replace("<image>", "").strip() if isinstance(context, str) else str(context)
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": items + [{"type": "text", "text": text}]})
@@ -167,7 +175,7 @@ class BardLmmsModel:
         }
 
     def _generate(self, prompts: list[list[dict]], settings: dict):
-        inputs = build_inputs(self.processor, prompts)
+        inputs = build_inputs(self.processor, prompts, self.video_sampling)
         sampling = {}
         if settings["temperature"] > 0:
             if self.point.is_ar:
