@@ -226,3 +226,15 @@ def test_flex_attention_block_mask_matches_dense(tiny_bard_dir, tiny_bard_model)
     out = flex(input_ids=ids, attention_mask=flex_block_mask(kind, block), position_ids=pos).logits
     real = kind != PAD
     torch.testing.assert_close(out[real], dense[real], rtol=0, atol=1e-5)
+
+
+def test_flex_capability_is_declared_on_bard_vl_only(tiny_ar_dir, tiny_bard_model):
+    """Loading bard_vl with a flex text decoder does not make transformers' own Qwen3-VL accept flex."""
+    from transformers import AutoModelForImageTextToText
+
+    from nemo_bard.models import BardVLTextModel
+
+    assert isinstance(tiny_bard_model.model.language_model, BardVLTextModel)
+    with pytest.raises(ValueError, match="does not support an attention implementation through torch's flex"):
+        AutoModelForImageTextToText.from_pretrained(
+            tiny_ar_dir, attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"})
