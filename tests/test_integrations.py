@@ -304,6 +304,9 @@ def test_step_normalises_by_global_samples_and_calls_back_in_order(tiny_bard_dir
     assert {"grad_norm", "lr", "mem", "tps", "masked_acc", "mean_t", "num_loss_tokens"} <= set(sample.metrics)
     assert [e[:2] for e in recorder.events] == [("start", 0), ("end", 0)]
     assert recorder.events[1][2]["loss"] == sample.metrics["loss"]
+    val = recipe._run_validation_epoch(batches)  # fixed noise, token-weighted, through the same forward
+    assert val.metrics["num_label_tokens"] > 0 and 0 < val.metrics["val_loss"] < 100
+    assert recipe._run_validation_epoch(batches).metrics["val_loss"] == val.metrics["val_loss"]
 
 
 def test_gradient_accumulation_equals_one_big_batch(tiny_bard_dir, tiny_processor, collated):
