@@ -161,6 +161,19 @@ def compose(config: Path, hydra_overrides: list[str], nemo_overrides: list[str])
     return OmegaConf.to_container(merged)
 
 
+def check_bard_sections(cfg: dict) -> None:
+    """Validate the ``bard:`` / ``block_merge:`` / ``kd:`` sections of a BARD recipe config (pydantic only)."""
+    recipe = cfg.get("recipe")
+    if not (isinstance(recipe, str) and recipe.startswith("nemo_bard.")):
+        return
+    from nemo_bard.recipes.config import BardConfigError, parse_sections
+
+    try:
+        parse_sections(cfg)
+    except BardConfigError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def write_resolved(cfg: dict, config: Path) -> Path:
     """Write the resolved config into the run directory and return its path."""
     import yaml
@@ -226,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         inv = parse_argv(argv)
         if not inv.print_resolved and (_is_torchrun_worker() or not _needs_hydra(inv.config, inv.hydra)):
             return launch(inv.config, inv.nproc, inv.nemo)
-        resolved = write_resolved(compose(inv.config, inv.hydra, inv.nemo), inv.config)
+        composed = compose(inv.config, inv.hydra, inv.nemo)
+        check_bard_sections(composed)
+        resolved = write_resolved(composed, inv.config)
     except CLIError as exc:
         print(f"automodel: error: {exc}", file=sys.stderr)
         return 2
