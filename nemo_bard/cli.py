@@ -47,21 +47,22 @@ class Invocation:
     hydra: list[str] = field(default_factory=list)  # Hydra overrides: key=value, ~key
     nemo: list[str] = field(default_factory=list)  # NeMo-style tokens as typed: --a.b=c, --a.b c, --flag
 
-    def nemo_overrides(self) -> list[tuple[str, str]]:
-        """``(dotted key, raw value)`` of the NeMo-style tokens (a bare ``--flag`` means ``true``)."""
-        out, i = [], 0
-        while i < len(self.nemo):
-            key = self.nemo[i].lstrip("-")
-            if "=" in key:
-                out.append(tuple(key.split("=", 1)))
-                i += 1
-            elif i + 1 < len(self.nemo) and not self.nemo[i + 1].startswith("--"):
-                out.append((key, self.nemo[i + 1]))
-                i += 2
-            else:
-                out.append((key, "true"))
-                i += 1
-        return out
+
+def nemo_overrides(tokens: list[str]) -> list[tuple[str, str]]:
+    """``(dotted key, raw value)`` of NeMo-style tokens (``--a.b=c``, ``--a.b c``; a bare ``--flag`` is ``true``)."""
+    out, i = [], 0
+    while i < len(tokens):
+        key = tokens[i].lstrip("-")
+        if "=" in key:
+            out.append(tuple(key.split("=", 1)))
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append((key, tokens[i + 1]))
+            i += 2
+        else:
+            out.append((key, "true"))
+            i += 1
+    return out
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -131,7 +132,7 @@ def _needs_hydra(config: Path, hydra_overrides: list[str]) -> bool:
     return bool(hydra_overrides) or (isinstance(raw, dict) and "defaults" in raw)
 
 
-def compose(config: Path, hydra_overrides: list[str], nemo_overrides: list[str]) -> dict:
+def compose(config: Path, hydra_overrides: list[str], nemo_tokens: list[str]) -> dict:
     """Compose ``config`` with Hydra, resolve interpolations, then apply NeMo-style ``--a.b=c`` overrides
     (values parsed the way NeMo AutoModel parses them) with ``OmegaConf.update``."""
     from hydra import compose as hydra_compose
@@ -150,7 +151,7 @@ def compose(config: Path, hydra_overrides: list[str], nemo_overrides: list[str])
         raise CLIError(f"could not compose {config} with overrides {hydra_overrides}: {exc}") from None
     finally:
         GlobalHydra.instance().clear()
-    overrides = Invocation(config, nemo=list(nemo_overrides)).nemo_overrides()
+    overrides = nemo_overrides(nemo_tokens)
     if not overrides:
         return resolved
     from nemo_automodel.components.config.loader import translate_value

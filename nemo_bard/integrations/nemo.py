@@ -1,4 +1,4 @@
-"""NeMo AutoModel 0.7.0: the one module that touches its internals.
+"""NeMo AutoModel 0.7.0: the one module (with :mod:`nemo_bard.integrations.cpu`) that touches its internals.
 
 What BARD needs from NeMo AutoModel, in one place:
 
@@ -84,10 +84,14 @@ class Prebuilt:
 
 
 class ColumnLengthGroupedSampler(LengthGroupedSampler):
-    """NeMo's length-grouped sampler (sort by length, shard across data-parallel ranks, shuffle chunks of a
-    local batch per epoch; stateful for resume), reading the lengths from the dataset's ``lengths`` (its
-    ``length`` column) instead of reading every sample's ``input_ids``: BARD rows are conversations,
-    tokenized by the collate."""
+    """NeMo's (LLM) length-grouped sampler reading the lengths from the dataset's ``lengths`` (its ``length``
+    column) instead of every sample's ``input_ids``: BARD rows are conversations, tokenized by the collate.
+
+    It sorts by length, shards the order across data-parallel ranks (the ranks' k-th batches have similar
+    lengths), shuffles batch-sized chunks per epoch and is stateful for resume. NeMo's VLM
+    ``LengthGroupedSampler`` does not fit: it estimates lengths by loading every sample (images included),
+    expects a dataset already sharded per rank and moves a tensor to CUDA when filtering long samples.
+    """
 
     @staticmethod
     def _compute_lengths(dataset: Any) -> list[int]:
@@ -183,9 +187,9 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
     ==========================================  ===================================================
 
     Everything else in the optimizer step is NeMo's. ``setup`` and the training loop run inside
-    :func:`~nemo_bard.integrations.cpu.cpu_patches` (a no-op with CUDA). A micro-batch's loss must already be normalised by
-    the step's global denominator (:meth:`prepare_step`), so NeMo's sum over micro-batches and
-    data-parallel ranks is the step loss.
+    :func:`~nemo_bard.integrations.cpu.cpu_patches` (a no-op with CUDA). A micro-batch's loss must
+    already be normalised by the step's global denominator (:meth:`prepare_step`), so NeMo's sum over
+    micro-batches and data-parallel ranks is the step loss.
     """
 
     callbacks: CallbackList = CallbackList()
@@ -276,13 +280,13 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             loss_buffer.append(loss.detach().clone())
             if is_train:
                 (loss * self._get_dp_group_size(include_cp=True)).backward()
-        self._bard_stats.append({k: v.detach().double().cpu() for k, v in stats.items()})
+        self._bard_stats.append({k: v.detach().double() for k, v in stats.items()})
 
     def _reduce_stats(self, per_batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         if not per_batch or not per_batch[0]:
             return {}
         keys = list(per_batch[0])
-        local = torch.stack([sum(s[k] for s in per_batch) for k in keys])
+        local = torch.stack([sum(s[k] for s in per_batch).cpu() for k in keys])  # one device sync per step
         return dict(zip(keys, self.dp_allreduce(local).tolist()))
 
     @torch.no_grad()

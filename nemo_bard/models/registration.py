@@ -128,7 +128,7 @@ class LazyBardVLConfig(metaclass=_LoadOnUse):
         return importlib.import_module(CONFIG_MODULE).BardVLConfig
 
 
-LazyBardVLConfig.__name__ = LazyBardVLConfig.__qualname__ = "BardVLConfig"
+LazyBardVLConfig.__name__ = "BardVLConfig"  # transformers matches registered configs by class name
 
 
 def _register_config(configuration_auto: ModuleType) -> None:
