@@ -18,6 +18,7 @@ setup(
         "nemo_automodel[vlm]==0.7.0",  # pins transformers 5.18.0 and brings torch
         "hydra-core>=1.3.8,<1.4",
         "omegaconf>=2.3,<2.4",
+        "pydantic>=2.5,<3",  # the bard/block_merge/kd config schema
     ],
     extras_require={
         "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12"],
@@ -37,8 +38,10 @@ setup(
             "nemo-bard = nemo_bard.cli:main",
         ],
         "lmms_eval.models": ["nemo_bard = nemo_bard.eval.lmms:lmms_eval_manifest"],
+        # NeMo AutoModel builds the training class (checkpointing mixin, sharding plan); the import is lazy.
         "nemo_automodel.architectures": [
-            "BardVLForConditionalGeneration = nemo_bard.models.modeling_bard_vl:BardVLForConditionalGeneration",
+            "BardVLForConditionalGeneration = nemo_bard.integrations.nemo:NeMoBardVLForConditionalGeneration",
+            "BardQwen3VLForConditionalGeneration = nemo_bard.integrations.nemo:NeMoBardVLForConditionalGeneration",
         ],
     },
     classifiers=[

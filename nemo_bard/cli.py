@@ -9,87 +9,119 @@ Accepted forms::
 
 A config with a Hydra ``defaults:`` list (the files under ``conf/``), or any
 Hydra-style ``key=value`` override, is composed with Hydra; NeMo-style
-``--a.b=c`` overrides are applied on top with NeMo's own value parsing; the
-resolved YAML is written into the run directory (``checkpoint.checkpoint_dir``)
-and that file is handed to ``nemo_automodel.cli.app``. Any other config goes to
+``--a.b=c`` overrides are applied on top (``OmegaConf.update``, values parsed the
+way NeMo AutoModel parses them); the resolved YAML is written into the run
+directory (``checkpoint.checkpoint_dir``) and that file is handed to
+``nemo_automodel.cli.app``. Any other config goes to
 ``nemo_automodel.cli.app`` unchanged. ``--nproc-per-node N`` (N > 1) starts
 ``torchrun -m nemo_bard.cli`` so every worker re-reads the same resolved file;
-on a CPU-only host the workers use gloo (``nemo_bard.cpu``).
+on a CPU-only host the recipes run with gloo (``nemo_bard.integrations.cpu``).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 COMMANDS = ("finetune", "train", "pretrain", "kd")
 RESOLVED_NAME = "resolved_config.yaml"
+USAGE = "automodel finetune --config CONFIG.yaml [key=value ...] [--a.b=c ...] [--nproc-per-node N]"
 
 
 class CLIError(ValueError):
     """A usage error; the message names the argument and the fix."""
 
 
-def split_argv(argv: list[str]) -> tuple[Path, int | None, list[str], list[str]]:
-    """Split argv into (config path, nproc, Hydra overrides, NeMo-style overrides)."""
-    args = [a for a in argv if a != "--print-resolved"]
-    config: str | None = None
-    if args and args[0] in COMMANDS:
-        args = args[1:]
-    elif args and not args[0].startswith("-") and "=" not in args[0]:
-        config = args.pop(0)
+@dataclass
+class Invocation:
+    """A parsed command line."""
+
+    config: Path
     nproc: int | None = None
-    hydra: list[str] = []
-    nemo: list[str] = []
-    i = 0
-    while i < len(args):
-        tok = args[i]
-        if tok in ("--config", "-c"):
-            if i + 1 >= len(args):
-                raise CLIError("--config needs a path: automodel finetune --config conf/bard_pbm.yaml")
-            config = args[i + 1]
-            i += 2
-        elif tok.startswith("--config="):
-            config = tok.split("=", 1)[1]
+    print_resolved: bool = False
+    hydra: list[str] = field(default_factory=list)  # Hydra overrides: key=value, ~key
+    nemo: list[str] = field(default_factory=list)  # NeMo-style tokens as typed: --a.b=c, --a.b c, --flag
+
+
+def nemo_overrides(tokens: list[str]) -> list[tuple[str, str]]:
+    """``(dotted key, raw value)`` of NeMo-style tokens (``--a.b=c``, ``--a.b c``; a bare ``--flag`` is ``true``)."""
+    out, i = [], 0
+    while i < len(tokens):
+        key = tokens[i].lstrip("-")
+        if "=" in key:
+            out.append(tuple(key.split("=", 1)))
             i += 1
-        elif tok.startswith(("--nproc-per-node", "--nproc_per_node")):
-            if "=" in tok:
-                value = tok.split("=", 1)[1]
-                i += 1
-            else:
-                if i + 1 >= len(args):
-                    raise CLIError("--nproc-per-node needs a number")
-                value = args[i + 1]
-                i += 2
-            try:
-                nproc = int(value)
-            except ValueError:
-                raise CLIError(f"--nproc-per-node expects an integer, got {value!r}") from None
-        elif tok.startswith("--"):
-            if "=" not in tok and i + 1 < len(args) and not args[i + 1].startswith("--") and "=" not in args[i + 1]:
-                nemo += [tok, args[i + 1]]
-                i += 2
-            else:
-                nemo.append(tok)
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            out.append((key, tokens[i + 1]))
+            i += 2
+        else:
+            out.append((key, "true"))
+            i += 1
+    return out
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="automodel", usage=USAGE, add_help=False, allow_abbrev=False,
+                                     exit_on_error=False)
+    parser.add_argument("-c", "--config")
+    parser.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc")
+    parser.add_argument("--print-resolved", action="store_true")
+    return parser
+
+
+def parse_argv(argv: list[str]) -> Invocation:
+    """Parse both CLI forms (``finetune --config X`` and NeMo's ``X``) plus overrides; checks the config exists."""
+    try:
+        args, rest = _parser().parse_known_args(argv)
+    except argparse.ArgumentError as exc:
+        if exc.argument_name and "config" in exc.argument_name:
+            raise CLIError(f"--config needs a path: {USAGE}") from None
+        if exc.argument_name and "nproc" in exc.argument_name:
+            raise CLIError("--nproc-per-node needs a number") from None
+        raise CLIError(str(exc)) from None
+    nproc = None
+    if args.nproc is not None:
+        try:
+            nproc = int(args.nproc)
+        except ValueError:
+            raise CLIError(f"--nproc-per-node expects an integer, got {args.nproc!r}") from None
+    config = args.config
+    if rest and rest[0] in COMMANDS:
+        rest = rest[1:]
+    elif rest and not rest[0].startswith("-") and "=" not in rest[0] and config is None:
+        config = rest.pop(0)
+    inv = Invocation(config=Path(), nproc=nproc, print_resolved=args.print_resolved)
+    i = 0
+    while i < len(rest):
+        tok = rest[i]
+        if tok.startswith("--"):
+            inv.nemo.append(tok)
+            if "=" not in tok and i + 1 < len(rest) and not rest[i + 1].startswith("--") and "=" not in rest[i + 1]:
+                inv.nemo.append(rest[i + 1])
                 i += 1
         elif "=" in tok or tok.startswith("~"):
-            hydra.append(tok)
-            i += 1
+            inv.hydra.append(tok)
         else:
-            raise CLIError(
-                f"unexpected argument {tok!r}. Usage: automodel finetune --config CONFIG.yaml [key=value ...] "
-                "[--nproc-per-node N]"
-            )
+            raise CLIError(f"unexpected argument {tok!r}. Usage: {USAGE}")
+        i += 1
     if config is None:
         raise CLIError("no config given. Usage: automodel finetune --config conf/bard_pbm.yaml [key=value ...]")
     path = Path(config)
     if not path.is_file():
         raise CLIError(f"config file {config!r} does not exist (looked in {Path.cwd()})")
-    return path.resolve(), nproc, hydra, nemo
+    inv.config = path.resolve()
+    return inv
+
+
+def split_argv(argv: list[str]) -> tuple[Path, int | None, list[str], list[str]]:
+    """Split argv into (config path, nproc, Hydra overrides, NeMo-style tokens)."""
+    inv = parse_argv(argv)
+    return inv.config, inv.nproc, inv.hydra, inv.nemo
 
 
 def _needs_hydra(config: Path, hydra_overrides: list[str]) -> bool:
@@ -100,27 +132,15 @@ def _needs_hydra(config: Path, hydra_overrides: list[str]) -> bool:
     return bool(hydra_overrides) or (isinstance(raw, dict) and "defaults" in raw)
 
 
-def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
-    node = cfg
-    parts = dotted.split(".")
-    for p in parts[:-1]:
-        if not isinstance(node.get(p), dict):
-            node[p] = {}
-        node = node[p]
-    node[parts[-1]] = value
-
-
-def compose(config: Path, hydra_overrides: list[str], nemo_overrides: list[str]) -> dict:
-    """Compose ``config`` with Hydra, resolve interpolations, apply NeMo-style ``--a.b=c`` overrides."""
+def compose(config: Path, hydra_overrides: list[str], nemo_tokens: list[str]) -> dict:
+    """Compose ``config`` with Hydra, resolve interpolations, then apply NeMo-style ``--a.b=c`` overrides
+    (values parsed the way NeMo AutoModel parses them) with ``OmegaConf.update``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
-
-    from nemo_automodel.components.config._arg_parser import parse_cli_argv
-    from nemo_automodel.components.config.loader import translate_value
 
     GlobalHydra.instance().clear()
     try:
@@ -131,11 +151,28 @@ def compose(config: Path, hydra_overrides: list[str], nemo_overrides: list[str])
         raise CLIError(f"could not compose {config} with overrides {hydra_overrides}: {exc}") from None
     finally:
         GlobalHydra.instance().clear()
-    _, overrides = parse_cli_argv(str(config), nemo_overrides)
-    for kv in overrides:
-        dotted, value = kv.split("=", 1)
-        _set_dotted(resolved, dotted, translate_value(value))
-    return resolved
+    overrides = nemo_overrides(nemo_tokens)
+    if not overrides:
+        return resolved
+    from nemo_automodel.components.config.loader import translate_value
+
+    merged = OmegaConf.create(resolved)
+    for key, value in overrides:
+        OmegaConf.update(merged, key, translate_value(value), merge=False)
+    return OmegaConf.to_container(merged)
+
+
+def check_bard_sections(cfg: dict) -> None:
+    """Validate the ``bard:`` / ``block_merge:`` / ``kd:`` sections of a BARD recipe config (pydantic only)."""
+    recipe = cfg.get("recipe")
+    if not (isinstance(recipe, str) and recipe.startswith("nemo_bard.")):
+        return
+    from nemo_bard.recipes.config import BardConfigError, parse_sections
+
+    try:
+        parse_sections(cfg)
+    except BardConfigError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def write_resolved(cfg: dict, config: Path) -> Path:
@@ -159,17 +196,17 @@ def _is_torchrun_worker() -> bool:
 
 
 def run_nemo_app(config: Path, extra: list[str]) -> int:
-    """Hand ``config`` to ``nemo_automodel.cli.app`` in this process (CPU patches applied when needed)."""
+    """Hand ``config`` to ``nemo_automodel.cli.app`` in this process (inside the CPU patches on a CPU-only host)."""
     import nemo_bard  # noqa: F401  registers bard_vl before any from_pretrained
-    from nemo_bard.cpu import apply_cpu_patches
+    from nemo_bard.integrations.cpu import cpu_patches
 
-    apply_cpu_patches()
     from nemo_automodel.cli import app
 
     argv = sys.argv
     sys.argv = ["automodel", str(config), *extra]
     try:
-        result = app.main()
+        with cpu_patches():
+            result = app.main()
     finally:
         sys.argv = argv
     return int(result or 0)
@@ -200,19 +237,20 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0 if argv else 2
     try:
-        config, nproc, hydra_overrides, nemo_overrides = split_argv(argv)
-        print_only = "--print-resolved" in argv
-        if not print_only and (_is_torchrun_worker() or not _needs_hydra(config, hydra_overrides)):
-            return launch(config, nproc, nemo_overrides)
-        resolved = write_resolved(compose(config, hydra_overrides, nemo_overrides), config)
+        inv = parse_argv(argv)
+        if not inv.print_resolved and (_is_torchrun_worker() or not _needs_hydra(inv.config, inv.hydra)):
+            return launch(inv.config, inv.nproc, inv.nemo)
+        composed = compose(inv.config, inv.hydra, inv.nemo)
+        check_bard_sections(composed)
+        resolved = write_resolved(composed, inv.config)
     except CLIError as exc:
         print(f"automodel: error: {exc}", file=sys.stderr)
         return 2
-    if print_only:  # for launchers (SLURM): compose once, print the file every worker will read
+    if inv.print_resolved:  # for launchers (SLURM): compose once, print the file every worker will read
         print(resolved, flush=True)
         return 0
     print(f"nemo-bard: resolved config written to {resolved}", flush=True)
-    return launch(resolved, nproc, [])
+    return launch(resolved, inv.nproc, [])
 
 
 if __name__ == "__main__":

@@ -23,6 +23,15 @@ def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600, check: bool =
     return proc
 
 
+def run_python(code: str, timeout: int = 300) -> str:
+    """Run ``code`` in a fresh interpreter (this checkout first on the path); returns its stdout."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
+
+
 def start_cli(args: list[str], log: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([AUTOMODEL, *args], cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)

@@ -108,6 +108,18 @@ def test_nemo_bard_alias_and_two_workers(tmp_path):
     assert json.loads((tmp_path / "echo.json").read_text())["_world_size"] == 2
 
 
+def test_bad_bard_section_is_one_line_before_any_heavy_import(tmp_path):
+    """A schema error in a composed BARD config: exit 2, one stderr line naming the key, nothing written."""
+    proc = subprocess.run([AUTOMODEL, "finetune", "--config", str(REPO / "conf" / "bard_tiny.yaml"),
+                           "bard.noise.type=gaussian", f"checkpoint.checkpoint_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "automodel: error: bard.noise.type: input should be 'stratified_blocks' or 'uniform_sample' (got 'gaussian')"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()

@@ -125,14 +125,18 @@ def test_auto_classes_load_bard_dir(tiny_bard_dir, tiny_ar_dir):
 
     from nemo_automodel import NeMoAutoModelForImageTextToText
     from nemo_bard import BardVLConfig, BardVLForConditionalGeneration
-    from nemo_bard.cpu import apply_cpu_patches
+    from nemo_bard.integrations.cpu import cpu_patches
+    from nemo_bard.integrations.nemo import NeMoBardVLForConditionalGeneration
 
-    apply_cpu_patches()
     cfg = AutoConfig.from_pretrained(tiny_bard_dir)
     assert isinstance(cfg, BardVLConfig) and cfg.block_size == 4
     src = load_file(tiny_ar_dir / "model.safetensors")
-    for loader in (AutoModelForImageTextToText.from_pretrained, NeMoAutoModelForImageTextToText.from_pretrained):
-        model = loader(str(tiny_bard_dir), dtype=torch.float32)
+    hf_model = AutoModelForImageTextToText.from_pretrained(str(tiny_bard_dir), dtype=torch.float32)
+    with cpu_patches():
+        nemo_model = NeMoAutoModelForImageTextToText.from_pretrained(str(tiny_bard_dir), dtype=torch.float32)
+    assert type(hf_model) is BardVLForConditionalGeneration  # inference class: transformers only
+    assert isinstance(nemo_model, NeMoBardVLForConditionalGeneration)  # NeMo's registry builds the training class
+    for model in (hf_model, nemo_model):
         assert isinstance(model, BardVLForConditionalGeneration)
         sd = model.state_dict()
         assert set(sd) == set(src)
@@ -222,3 +226,15 @@ def test_flex_attention_block_mask_matches_dense(tiny_bard_dir, tiny_bard_model)
     out = flex(input_ids=ids, attention_mask=flex_block_mask(kind, block), position_ids=pos).logits
     real = kind != PAD
     torch.testing.assert_close(out[real], dense[real], rtol=0, atol=1e-5)
+
+
+def test_flex_capability_is_declared_on_bard_vl_only(tiny_ar_dir, tiny_bard_model):
+    """Loading bard_vl with a flex text decoder does not make transformers' own Qwen3-VL accept flex."""
+    from transformers import AutoModelForImageTextToText
+
+    from nemo_bard.models import BardVLTextModel
+
+    assert isinstance(tiny_bard_model.model.language_model, BardVLTextModel)
+    with pytest.raises(ValueError, match="does not support an attention implementation through torch's flex"):
+        AutoModelForImageTextToText.from_pretrained(
+            tiny_ar_dir, attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"})

@@ -100,7 +100,7 @@ def run_variant(variant: str, model_dir: str, args: argparse.Namespace) -> dict:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
-        torch.set_flush_denormal(True)  # as in training on CPU (nemo_bard.cpu)
+        torch.set_flush_denormal(True)  # as in training on CPU (nemo_bard.integrations.cpu)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     attn = {"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"} if variant == "bard_flex" else "sdpa"
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn).to(device)

@@ -1,37 +1,45 @@
-"""The ``bard_vl`` model: config, model class and registration with transformers and NeMo AutoModel."""
+"""The ``bard_vl`` model: config and model class on top of transformers' Qwen3-VL (no NeMo).
+
+The classes load lazily (``from nemo_bard.models import BardVLForConditionalGeneration`` imports the
+Qwen3-VL modeling stack then, not before); :func:`register` makes transformers' Auto classes know
+``bard_vl`` (see :mod:`nemo_bard.models.registration`).
+"""
 
 from __future__ import annotations
 
-from nemo_bard.models.configuration_bard_vl import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, BardVLConfig
-from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration
+import importlib
+from typing import Any
 
-# Architecture names a bard_vl config.json may carry; all resolve to the same class.
-ARCHITECTURE_ALIASES = (BARD_ARCHITECTURE, "BardQwen3VLForConditionalGeneration")
-_registered = False
+from nemo_bard.models.registration import (
+    ARCHITECTURE_ALIASES,
+    BARD_ARCHITECTURE,
+    DEFAULT_MASK_TOKEN_ID,
+    MODEL_TYPE,
+    register,
+)
+
+_LAZY = {
+    "BardVLConfig": "nemo_bard.models.configuration_bard_vl",
+    "BardVLTextConfig": "nemo_bard.models.configuration_bard_vl",
+    "BardVLForConditionalGeneration": "nemo_bard.models.modeling_bard_vl",
+    "BardVLTextModel": "nemo_bard.models.modeling_bard_vl",
+}
 
 
-def register() -> None:
-    """Register ``bard_vl`` with transformers' Auto classes and NeMo AutoModel's model registry (idempotent)."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, Qwen3VLProcessor
-
-    from nemo_automodel._transformers.registry import register_architecture
-
-    AutoConfig.register("bard_vl", BardVLConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(BardVLConfig, BardVLForConditionalGeneration, exist_ok=True)
-    AutoProcessor.register(BardVLConfig, Qwen3VLProcessor, exist_ok=True)
-    for name in ARCHITECTURE_ALIASES:
-        register_architecture(name, BardVLForConditionalGeneration, exist_ok=True)
-    _registered = True
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [
     "ARCHITECTURE_ALIASES",
     "BARD_ARCHITECTURE",
     "DEFAULT_MASK_TOKEN_ID",
+    "MODEL_TYPE",
     "BardVLConfig",
     "BardVLForConditionalGeneration",
+    "BardVLTextConfig",
+    "BardVLTextModel",
     "register",
 ]

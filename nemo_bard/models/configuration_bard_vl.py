@@ -5,10 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
-from transformers import Qwen3VLConfig
+from transformers import AutoConfig, PreTrainedConfig, Qwen3VLConfig
+from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
-DEFAULT_MASK_TOKEN_ID = 151671
-BARD_ARCHITECTURE = "BardVLForConditionalGeneration"
+from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MODEL_TYPE, ensure_model_classes
+
+
+@strict
+class BardVLTextConfig(Qwen3VLTextConfig):
+    """The Qwen3-VL text config under its own class, so the bard_vl text decoder is built from it.
+
+    Same fields and ``model_type`` (``qwen3_vl_text``) as Qwen3-VL: a saved ``config.json`` does not change.
+    """
 
 
 @strict
@@ -20,12 +28,16 @@ class BardVLConfig(Qwen3VLConfig):
         block_size: block size the checkpoint was trained with (decoding default).
     """
 
-    model_type = "bard_vl"
+    model_type = MODEL_TYPE
+    sub_configs = {"vision_config": Qwen3VLVisionConfig, "text_config": BardVLTextConfig}
 
     mask_token_id: int = DEFAULT_MASK_TOKEN_ID
     block_size: int = 32
 
     def __post_init__(self, **kwargs: Any) -> None:
+        ensure_model_classes()  # the first bard_vl config registers the model classes (Auto lookups follow it)
+        if isinstance(self.text_config, PreTrainedConfig) and not isinstance(self.text_config, BardVLTextConfig):
+            self.text_config = self.text_config.to_dict()  # a plain Qwen3-VL text config: rebuild it as ours
         super().__post_init__(**kwargs)
         if self.block_size < 1:
             raise ValueError(f"bard_vl config: block_size must be >= 1, got {self.block_size}")
@@ -45,3 +57,8 @@ class BardVLConfig(Qwen3VLConfig):
         out = cls(**data)
         out.architectures = [BARD_ARCHITECTURE]
         return out
+
+
+AutoConfig.register(MODEL_TYPE, BardVLConfig, exist_ok=True)
+
+__all__ = ["BARD_ARCHITECTURE", "DEFAULT_MASK_TOKEN_ID", "BardVLConfig", "BardVLTextConfig"]

@@ -1,16 +1,21 @@
-"""``BardVLForConditionalGeneration``: Qwen3-VL with block-diffusion attention.
+"""``BardVLForConditionalGeneration``: Qwen3-VL with block-diffusion attention (torch + transformers only).
 
 Same module tree and weight names as Qwen3-VL (``model.visual.*``,
 ``model.language_model.*``, ``lm_head.weight``); no new parameters. Differences:
 
 * text attention follows an explicit block mask (never the causal default): a
   4-D mask or ``BlockMask`` is used as given; a 2-D padding mask (or none) is
-  turned into the block-causal prompt mask of BARD_SPEC §2/§4 at
-  ``config.block_size``;
+  turned into the block-causal prompt mask at ``config.block_size`` (prompt
+  tokens see their own block and every earlier one);
 * logits are predicted at the *same* position (no shift);
 * ``logits_mask`` selects the positions that need logits, so callers never
   materialise ``[B, L, V]``;
+* the text decoder accepts FlexAttention ``BlockMask`` inputs
+  (``attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"}``);
 * ``generate`` runs block-diffusion decoding (``nemo_bard.generation``).
+
+The NeMo AutoModel training class (checkpointing mixin, capabilities, parallelizer) subclasses this
+one in :mod:`nemo_bard.integrations.nemo`; both share weights and this forward.
 """
 
 from __future__ import annotations
@@ -19,33 +24,36 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import transformers.models.qwen3_vl.modeling_qwen3_vl as _qwen3_vl_modeling
-from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLCausalLMOutputWithPast
-
-from nemo_automodel.components.models.qwen3_vl.model import (
-    Qwen3VLForConditionalGeneration as _NeMoQwen3VLForConditionalGeneration,
+from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
+from transformers.models.qwen3_vl.modeling_qwen3_vl import (
+    Qwen3VLCausalLMOutputWithPast,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLTextModel,
 )
-from nemo_bard.attention.masks import additive_mask, prefill_mask
-from nemo_bard.models.configuration_bard_vl import BardVLConfig
 
-# transformers 5.18 refuses attn_implementation="flex_attention" for the Qwen3-VL text decoder only
-# because the flag is unset; its attention goes through the generic interface and matches SDPA with
-# the equivalent dense mask (tests/test_model.py). Enable it so long sequences can use a BlockMask:
-# attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"}.
-_qwen3_vl_modeling.Qwen3VLTextModel._supports_flex_attn = True
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+from nemo_bard.attention.masks import additive_mask, prefill_mask
+from nemo_bard.integrations.hf import FlexAttentionSupport, attn_implementation
+from nemo_bard.models.configuration_bard_vl import BardVLConfig, BardVLTextConfig
 
 
 def text_attn_implementation(model: torch.nn.Module) -> str:
     """Attention backend of the text decoder (``sdpa``, ``eager``, ``flex_attention``...)."""
     cfg = model.config.text_config if hasattr(model.config, "text_config") else model.config
-    return getattr(cfg, "_attn_implementation", None) or "sdpa"
+    return attn_implementation(cfg)
 
 
-class BardVLForConditionalGeneration(_NeMoQwen3VLForConditionalGeneration):
+class BardVLTextModel(FlexAttentionSupport, Qwen3VLTextModel):
+    """The Qwen3-VL text decoder, built for a bard_vl config; FlexAttention ``BlockMask`` inputs allowed."""
+
+    config_class = BardVLTextConfig
+
+
+class BardVLForConditionalGeneration(FlexAttentionSupport, Qwen3VLForConditionalGeneration):
     """Block-diffusion vision-language model with the Qwen3-VL architecture."""
 
     config_class = BardVLConfig
-    _supports_flex_attn = True
 
     def mask_for_backend(self, mask: Any) -> Any:
         """Adapt a boolean keep-mask to the text attention backend (eager needs an additive mask)."""
@@ -176,3 +184,10 @@ class BardVLForConditionalGeneration(_NeMoQwen3VLForConditionalGeneration):
         from nemo_bard.generation.decode import block_diffusion_generate
 
         return block_diffusion_generate(self, *args, **kwargs)
+
+
+# Qwen3-VL builds its text decoder with AutoModel.from_config(config.text_config): the bard_vl text config
+# routes that to the bard_vl text decoder (same weights, FlexAttention declared).
+AutoModel.register(BardVLTextConfig, BardVLTextModel, exist_ok=True)
+AutoModelForImageTextToText.register(BardVLConfig, BardVLForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(BardVLConfig, Qwen3VLProcessor, exist_ok=True)

@@ -1,82 +1,180 @@
-"""The ``bard:`` config section (typed, validated before any heavy work)."""
+"""The schema of the BARD config sections: ``bard:``, ``block_merge:`` and ``kd:``.
+
+One place for their defaults, allowed values and unknown-key errors. Every error is a
+:class:`BardConfigError` whose one-line message names the key (``bard.noise.type``,
+``block_merge.schedule.1.steps``, ``unknown key kd.topk``...). Light to import (pydantic only, no
+torch), so a front end can validate a config before any heavy import.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
-from nemo_bard.data.noise import NoiseConfig
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from nemo_bard.callbacks.block_merge import parse_schedule
 
 
 class BardConfigError(ValueError):
     """A bad BARD config value; the message names the key and the fix."""
 
 
-@dataclass
-class LossSettings:
-    """``bard.loss``: reduction ``sample_mean`` | ``token_mean``; ``min_t`` clamps t inside 1/t."""
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    reduction: str = "sample_mean"
-    min_t: float | None = None
-    pad_weight: float = 0.5
+
+class NoiseSettings(_Section):
+    """``bard.noise``: ``stratified_blocks`` (PBM: per-block rates t_i = (u_i + i) / N over the sample's N
+    response blocks) or ``uniform_sample`` (SWD: one rate per sample); rates are clamped to
+    ``[min_rate, max_rate]``."""
+
+    type: Literal["stratified_blocks", "uniform_sample"] = "stratified_blocks"
+    min_rate: float = Field(0.001, ge=0.0, le=1.0)
+    max_rate: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "NoiseSettings":
+        if self.min_rate > self.max_rate:
+            raise ValueError(f"min_rate={self.min_rate} exceeds max_rate={self.max_rate}")
+        return self
+
+
+class LossSettings(_Section):
+    """``bard.loss``: ``sample_mean`` (per-sample mean, summed, over the global sample count of the optimizer
+    step) or ``token_mean``; ``min_t`` clamps t inside the 1/t weight; response padding is weighted by
+    ``pad_weight``."""
+
+    reduction: Literal["sample_mean", "token_mean"] = "sample_mean"
+    min_t: float | None = Field(None, gt=0.0, le=1.0)
+    pad_weight: float = Field(0.5, ge=0.0)
     fp32_upcast: bool = True
 
 
-@dataclass
-class BardSettings:
+class BardSettings(_Section):
     """``bard:`` section.
 
     ``block_size``: training block size when no ``block_merge`` schedule is given (default: the model
-    config's ``block_size``).
+    config's ``block_size``). ``mask_token_id`` defaults to the model config's. ``length_grouped``
+    batches samples of similar length when the dataset has a ``length`` column.
     """
 
-    block_size: int | None = None
-    mask_token_id: int | None = None
+    block_size: int | None = Field(None, ge=1)
+    mask_token_id: int | None = Field(None, ge=0)
     response_pad_token: str = "<|im_end|>"
-    max_length: int | None = 8192
-    clean_attention: str = "block_causal"
-    mask_backend: str = "dense"
+    max_length: int | None = Field(8192, ge=2)
+    clean_attention: Literal["block_causal", "causal"] = "block_causal"
+    mask_backend: Literal["dense", "flex"] = "dense"
     flex_compile: bool = False
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    loss: LossSettings = field(default_factory=LossSettings)
+    noise: NoiseSettings = Field(default_factory=NoiseSettings)
+    loss: LossSettings = Field(default_factory=LossSettings)
     length_grouped: bool = True
-    length_group_mult: int = 50
-    export_dtype: str | None = None
+    export_dtype: Literal["bfloat16", "float16", "float32"] | None = None
     export_final: bool = True
     seed: int | None = None
 
+    @model_validator(mode="after")
+    def _fits_two_blocks(self) -> "BardSettings":
+        if self.max_length is not None and self.max_length < 2 * (self.block_size or 1):
+            raise ValueError(f"max_length={self.max_length} is shorter than two blocks of block_size={self.block_size}")
+        return self
 
-def _typed(cls: type, data: Any, prefix: str) -> Any:
-    if data is None:
-        return cls()
-    if not isinstance(data, dict):
-        raise BardConfigError(f"{prefix} must be a mapping, got {type(data).__name__}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise BardConfigError(f"unknown key(s) {', '.join(prefix + '.' + k for k in unknown)}; valid: {sorted(known)}")
+
+class ScheduleStage(_Section):
+    """One ``block_merge.schedule`` entry."""
+
+    block_size: int = Field(ge=1)
+    steps: int = Field(ge=1)
+
+
+class BlockMergeSettings(_Section):
+    """``block_merge:`` (PBM): the block-size schedule and what happens at each stage boundary."""
+
+    schedule: list[ScheduleStage] = Field(min_length=1)
+    reset_lr_schedule: bool = False
+    reset_optimizer: bool = False
+    export_stages: bool = True
+    export_dir: str | None = None
+
+    @model_validator(mode="after")
+    def _merges_whole_blocks(self) -> "BlockMergeSettings":
+        parse_schedule([stage.model_dump() for stage in self.schedule])  # growing sizes that divide each other
+        return self
+
+
+class KDSettings(_Section):
+    """``kd:`` (SWD): top-k distillation from the frozen anchor (reference: top-16 forward KL, weights 1.0 / 0.5).
+
+    ``teacher_block_size`` defaults to the teacher checkpoint's recorded ``block_size``.
+    """
+
+    top_k: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0.0)
+    direction: Literal["forward", "reverse"] = "forward"
+    ce_weight: float = Field(1.0, ge=0.0)
+    kd_weight: float = Field(0.5, ge=0.0)
+    teacher_block_size: int | None = Field(None, ge=1)
+
+
+class BardSections(_Section):
+    """The three BARD sections of a recipe config (each optional; ``bard:`` gets its defaults)."""
+
+    bard: BardSettings = Field(default_factory=BardSettings)
+    block_merge: BlockMergeSettings | None = None
+    kd: KDSettings | None = None
+
+
+def _model_at(model: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
+    """The section model that owns the key at ``loc`` (for listing its valid keys)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        candidates = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        for cand in candidates:
+            cand = getattr(cand, "__args__", (cand,))[0] if getattr(cand, "__origin__", None) is list else cand
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                model = cand
+                break
+        else:
+            return None
+    return model
+
+
+def _describe(error: dict, root: type[BaseModel]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc)
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(root, loc[:-1])
+        valid = f" (valid: {', '.join(owner.model_fields)})" if owner is not None else ""
+        return f"unknown key {key}{valid}"
+    if kind == "value_error":
+        message = str(error.get("ctx", {}).get("error", error["msg"]))
+        return message if message.startswith(key.split(".")[0]) else f"{key}: {message}"
+    got = error.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}{shown}"
+
+
+def config_error(exc: ValidationError, root: type[BaseModel] = BardSections) -> BardConfigError:
+    """One-line :class:`BardConfigError` for a pydantic validation error."""
+    return BardConfigError("; ".join(_describe(e, root) for e in exc.errors()))
+
+
+def parse_sections(raw: dict[str, Any]) -> BardSections:
+    """Validate the ``bard:``, ``block_merge:`` and ``kd:`` sections of a (plain dict) recipe config."""
+    data = {k: raw.get(k) for k in BardSections.model_fields if raw.get(k) is not None}
     try:
-        return cls(**data)
-    except (TypeError, ValueError) as exc:
-        raise BardConfigError(f"{prefix}: {exc}") from None
+        return BardSections.model_validate(data)
+    except ValidationError as exc:
+        raise config_error(exc) from None
 
 
-def parse_bard_settings(raw: Any) -> BardSettings:
-    """Validate and type the ``bard:`` section."""
-    data = dict(raw or {})
-    noise = _typed(NoiseConfig, data.pop("noise", None), "bard.noise")
-    loss = _typed(LossSettings, data.pop("loss", None), "bard.loss")
-    settings = _typed(BardSettings, data, "bard")
-    settings.noise, settings.loss = noise, loss
-    if settings.loss.reduction not in ("sample_mean", "token_mean"):
-        raise BardConfigError(f"bard.loss.reduction={settings.loss.reduction!r}; use 'sample_mean' or 'token_mean'")
-    if settings.block_size is not None and settings.block_size < 1:
-        raise BardConfigError(f"bard.block_size must be >= 1, got {settings.block_size}")
-    if settings.max_length is not None and settings.max_length < 2 * (settings.block_size or 1):
-        raise BardConfigError(f"bard.max_length={settings.max_length} is shorter than two blocks")
-    if settings.export_dtype not in (None, "bfloat16", "float16", "float32"):
-        raise BardConfigError(f"bard.export_dtype={settings.export_dtype!r}; use bfloat16, float16, float32 or null")
-    return settings
+def parse_bard_settings(raw: dict[str, Any] | None) -> BardSettings:
+    """Validate and type the ``bard:`` section alone."""
+    return parse_sections({"bard": raw or {}}).bard
 
 
 def to_plain(node: Any) -> Any:
@@ -88,3 +186,19 @@ def to_plain(node: Any) -> Any:
     if isinstance(node, (list, tuple)):
         return [to_plain(v) for v in node]
     return node
+
+
+__all__ = [
+    "BardConfigError",
+    "BardSections",
+    "BardSettings",
+    "BlockMergeSettings",
+    "KDSettings",
+    "LossSettings",
+    "NoiseSettings",
+    "ScheduleStage",
+    "config_error",
+    "parse_bard_settings",
+    "parse_sections",
+    "to_plain",
+]

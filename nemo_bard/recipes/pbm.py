@@ -1,4 +1,4 @@
-"""Stage 1 — Progressive Block Merging (BARD_SPEC §1-§6).
+"""Stage 1 — Progressive Block Merging.
 
 ``automodel finetune --config conf/bard_pbm.yaml``: masked-denoising fine-tuning of a ``bard_vl``
 model with the block size growing on the ``block_merge`` schedule (4 -> 8 -> 16 -> 32 in one run).
@@ -10,34 +10,39 @@ from typing import Any
 
 import torch
 
+from nemo_bard.integrations.nemo import run_main
 from nemo_bard.loss.denoise import MaskedDenoisingLoss
-from nemo_bard.recipes.base import BardRecipeBase, run_main
+from nemo_bard.recipes.base import BardRecipeBase
+from nemo_bard.recipes.config import BardConfigError
 
 
 class BardPBMRecipe(BardRecipeBase):
     """NeMo VLM fine-tuning with the BARD block layout and the 1/t-weighted masked-denoising loss."""
 
-    def setup_stage(self) -> None:
-        self.denoise_loss_fn = MaskedDenoisingLoss(self.bard.loss.reduction, self.bard.loss.fp32_upcast)
+    def check_sections(self) -> None:
+        if self.sections.kd is not None:
+            raise BardConfigError("kd is an SWD setting; remove it from the PBM config")
 
-    def compute_loss(
+    def build_loss(self) -> MaskedDenoisingLoss:
+        return MaskedDenoisingLoss(self.bard.loss.reduction, self.bard.loss.fp32_upcast)
+
+    def forward_loss(
         self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         inputs = self._model_inputs(batch)
         loss_mask = batch["loss_mask"].to(self.dist_env.device)
         out = model(**inputs, logits_mask=loss_mask)
         sample_ids = loss_mask.nonzero()[:, 0]
-        res = self.denoise_loss_fn(
+        res = self.loss_fn(
             out.logits, batch["targets"].to(loss_mask.device)[loss_mask],
             batch["loss_weights"].to(loss_mask.device)[loss_mask], sample_ids, int(loss_mask.shape[0]), denominator,
         )
-        loss = res.loss
         stats = {
             "num_correct": res.num_correct.double(),
             "num_positions": res.num_positions.double(),
             "t_sum": batch["mask_rates"][batch["loss_mask"]].double().sum(),
         }
-        return loss, stats
+        return res.loss, stats
 
 
 def main(config_path: str | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Stage 2 — Stage-Wise Distillation (BARD_SPEC §8).
+"""Stage 2 — Stage-Wise Distillation.
 
 ``automodel finetune --config conf/bard_swd.yaml``: a large-block ``bard_vl`` student (a PBM stage
 export, B8/B16/B32) learns from a frozen small-block ``bard_vl`` anchor (B4, possibly a larger model).
@@ -14,31 +14,20 @@ checkpointer skips), and optionally offloaded to CPU between forwards (GPU only)
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
-from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from nemo_bard.attention.masks import training_mask
+from nemo_bard.integrations.nemo import build_frozen_model, run_main
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
-from nemo_bard.recipes.base import BardRecipeBase, run_main
-from nemo_bard.recipes.config import BardConfigError, to_plain
+from nemo_bard.recipes.base import BardRecipeBase
+from nemo_bard.recipes.config import BardConfigError, KDSettings
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class KDSettings:
-    """``kd:`` section (reference defaults: top-16 forward KL, weights 1.0 / 0.5)."""
-
-    top_k: int = 16
-    temperature: float = 1.0
-    direction: str = "forward"
-    ce_weight: float = 1.0
-    kd_weight: float = 0.5
-    teacher_block_size: int | None = None
 
 
 def _pretrained_path(node: Any, section: str) -> str:
@@ -52,8 +41,6 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
                           teacher_block: int | None) -> tuple[int, int]:
     """Pre-flight checks (configs and tokenizers only); returns (student B, teacher B)."""
     from transformers import AutoConfig, AutoTokenizer
-
-    import os
 
     cfgs = {}
     for role, path in (("student", student_path), ("teacher", teacher_path)):
@@ -103,36 +90,32 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
 class BardSWDRecipe(BardRecipeBase):
     """Distill a large-block student from a frozen small-block BARD anchor."""
 
-    def _validate_before_setup(self) -> None:
-        kd_raw = to_plain(self.cfg.get("kd", None)) or {}
-        unknown = sorted(set(kd_raw) - {f.name for f in fields(KDSettings)})
-        if unknown:
-            raise BardConfigError(f"unknown key(s) in kd: {unknown}")
-        self.kd = KDSettings(**kd_raw)
-        if self.cfg.get("block_merge", None) is not None:
+    kd: KDSettings
+
+    def check_sections(self) -> None:
+        """SWD settings and the teacher/student checks (configs and tokenizers only, before any model loads)."""
+        if self.sections.block_merge is not None:
             raise BardConfigError("block_merge is a PBM setting; remove it from the SWD config")
-        bard_raw = to_plain(self.cfg.get("bard", None)) or {}
+        self.kd = self.sections.kd or KDSettings()
         self.student_block, self.teacher_block = check_teacher_student(
             _pretrained_path(self.cfg.get("model", None), "model"),
             _pretrained_path(self.cfg.get("teacher_model", None), "teacher_model"),
-            bard_raw.get("block_size"), self.kd.teacher_block_size,
+            self.bard.block_size, self.kd.teacher_block_size,
         )
-        super()._validate_before_setup()
         self.bard.block_size = self.student_block
         if self.bard.loss.reduction != "token_mean":
-            logger.info("SWD reduces CE and KD as a token mean over loss positions (BARD_SPEC §8)")
+            logger.info("SWD reduces CE and KD as a token mean over loss positions")
             self.bard.loss.reduction = "token_mean"
 
-    def setup_stage(self) -> None:
-        from nemo_automodel.recipes.vlm.kd import _build_teacher_model
+    def build_loss(self) -> TopKDistillationLoss:
+        return TopKDistillationLoss(self.kd.top_k, self.kd.temperature, self.kd.direction)
 
+    def setup_stage(self) -> None:
         self.offload_teacher = bool(self.cfg.get("offload_teacher_model", False)) and torch.cuda.is_available()
-        self.teacher_model = _build_teacher_model(
-            self.cfg.teacher_model, cfg_freeze=None, seed=int(self.cfg.get("seed", 42)),
-            distributed_setup=self.distributed_setup,
+        self.teacher_model = build_frozen_model(
+            self.cfg.teacher_model, seed=int(self.cfg.get("seed", 42)), distributed_setup=self.distributed_setup,
             device="cpu" if self.offload_teacher else self.dist_env.device,
         )
-        self.kd_loss_fn = TopKDistillationLoss(self.kd.top_k, self.kd.temperature, self.kd.direction)
         logger.info("SWD: student block %d, teacher block %d, top-%d %s KD, weights ce %.2f / kd %.2f",
                     self.student_block, self.teacher_block, self.kd.top_k, self.kd.direction,
                     self.kd.ce_weight, self.kd.kd_weight)
@@ -147,7 +130,7 @@ class BardSWDRecipe(BardRecipeBase):
         inputs["attention_mask"] = mask.to(self.dist_env.device) if isinstance(mask, torch.Tensor) else mask
         return inputs
 
-    def compute_loss(
+    def forward_loss(
         self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         from nemo_automodel.components.training.utils import ScopedModuleOffloading
@@ -161,7 +144,7 @@ class BardSWDRecipe(BardRecipeBase):
         s_logits = model(**self._model_inputs(batch), logits_mask=loss_mask).logits
         targets = batch["targets"].to(loss_mask.device)[loss_mask]
         ce_sum = F.cross_entropy(s_logits.float(), targets, reduction="sum")
-        kd = self.kd_loss_fn(s_logits, values, indices, denominator)
+        kd = self.loss_fn(s_logits, values, indices, denominator)
         loss = self.kd.ce_weight * ce_sum / max(denominator, 1.0) + self.kd.kd_weight * kd.loss
         with torch.no_grad():
             stats = {

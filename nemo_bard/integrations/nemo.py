@@ -1,0 +1,356 @@
+"""NeMo AutoModel 0.7.0: the one module (with :mod:`nemo_bard.integrations.cpu`) that touches its internals.
+
+What BARD needs from NeMo AutoModel, in one place:
+
+* :class:`NeMoBardVLForConditionalGeneration`: the training flavour of ``bard_vl`` (NeMo's checkpointing
+  mixin, sharding plan and capability declaration on top of the transformers-only model), registered
+  in NeMo's model registry under the bard_vl architecture names.
+* :class:`BardNeMoRecipe`: NeMo's ``FinetuneRecipeForVLM`` with BARD plugged into its training step the
+  way NeMo's own dLLM recipe plugs in: NeMo keeps the optimizer step (TP-replica gradient sync,
+  clipping, MoE/FP8 hooks, LR schedule), logging and the per-step peak-memory reset; BARD supplies the
+  batch layout and the forward + loss of each micro-batch, through public hooks a subclass implements.
+* :class:`BardRecipeConfig`: NeMo's typed recipe config whose training dataloader (NeMo's VLM builder,
+  with the dataset built in pre-flight and NeMo's length-grouped sampler) and loss are BARD's.
+* :func:`build_frozen_model` (the SWD teacher), :func:`noise_seed`, :func:`run_main`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from nemo_bard.integrations import check_version
+
+check_version("nemo_automodel")
+
+from nemo_automodel import register_architecture  # noqa: E402
+from nemo_automodel.components.config._arg_parser import parse_args_and_load_config  # noqa: E402
+from nemo_automodel.components.datasets.llm.length_grouped_sampler import LengthGroupedSampler  # noqa: E402
+from nemo_automodel.components.datasets.vlm.loader import VlmDataloaderBuild, VlmDataloaderConfig  # noqa: E402
+from nemo_automodel.components.distributed.utils import get_sync_ctx  # noqa: E402
+from nemo_automodel.components.loggers.metric_logger import MetricsSample  # noqa: E402
+from nemo_automodel.components.models.qwen3_vl.model import (  # noqa: E402
+    Qwen3VLForConditionalGeneration as NeMoQwen3VLForConditionalGeneration,
+)
+from nemo_automodel.recipes._typed_config import RecipeConfig  # noqa: E402
+from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM, build_model  # noqa: E402
+
+from nemo_bard.callbacks.base import CallbackList  # noqa: E402
+from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
+from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
+from nemo_bard.models.registration import ARCHITECTURE_ALIASES  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------- model
+class NeMoBardVLForConditionalGeneration(BardVLForConditionalGeneration, NeMoQwen3VLForConditionalGeneration):
+    """``bard_vl`` for NeMo AutoModel training: the BARD forward plus what NeMo's Qwen3-VL class adds
+    (``HFCheckpointingMixin`` for sharded HF-format checkpoints, tied-embedding handling, the sharding
+    plan). Same weights and forward as :class:`BardVLForConditionalGeneration`; the block masks rule out
+    context, tensor and pipeline parallelism, which the capabilities below declare."""
+
+    @dataclass(frozen=True)
+    class ModelCapabilities:
+        """Parallelism BARD supports: FSDP2 data parallelism only."""
+
+        supports_tp: bool = False
+        supports_cp: bool = False
+        supports_pp: bool = False
+        supports_ep: bool = False
+        supports_thd: bool = False
+        supports_cp_vision_frame_sharding: bool = False
+
+
+for _name in ARCHITECTURE_ALIASES:
+    register_architecture(_name, NeMoBardVLForConditionalGeneration, exist_ok=True)
+
+
+# -------------------------------------------------------------------------------------- data and loss
+@dataclass(frozen=True, eq=False)
+class Prebuilt:
+    """A component config whose ``build()`` returns an object BARD built before NeMo's setup."""
+
+    value: Any
+
+    def build(self, *args: Any, **kwargs: Any) -> Any:
+        return self.value
+
+
+class ColumnLengthGroupedSampler(LengthGroupedSampler):
+    """NeMo's (LLM) length-grouped sampler reading the lengths from the dataset's ``lengths`` (its ``length``
+    column) instead of every sample's ``input_ids``: BARD rows are conversations, tokenized by the collate.
+
+    It sorts by length, shards the order across data-parallel ranks (the ranks' k-th batches have similar
+    lengths), shuffles batch-sized chunks per epoch and is stateful for resume. NeMo's VLM
+    ``LengthGroupedSampler`` does not fit: it estimates lengths by loading every sample (images included),
+    expects a dataset already sharded per rank and moves a tensor to CUDA when filtering long samples.
+    """
+
+    @staticmethod
+    def _compute_lengths(dataset: Any) -> list[int]:
+        return [int(n) for n in dataset.lengths]
+
+
+@dataclass
+class BardVlmDataloaderConfig(VlmDataloaderConfig):
+    """NeMo's VLM input pipeline (processor, dataset, collate, loader options as configured); with
+    ``length_grouped_seed`` set and a dataset that knows its ``lengths``, batches come from
+    :class:`ColumnLengthGroupedSampler` instead of NeMo's ``DistributedSampler``. NeMo 0.7's VLM builder
+    has no sampler option, so the built dataset and collate are re-wrapped with the same loader options."""
+
+    length_grouped_seed: int | None = None
+
+    def build(self, **kwargs: Any) -> VlmDataloaderBuild:
+        result = super().build(**kwargs)
+        dataset = result.dataloader.dataset
+        if self.length_grouped_seed is None or getattr(dataset, "lengths", None) is None:
+            return result
+        sampler = ColumnLengthGroupedSampler(
+            dataset, batch_size=kwargs["batch_size"], seed=self.length_grouped_seed,
+            num_replicas=kwargs["dp_world_size"], rank=kwargs["dp_rank"],
+        )
+        logger.info("length-grouped batches from the dataset's 'length' column (%d samples on this rank)", len(sampler))
+        loader = StatefulDataLoader(
+            dataset, sampler=sampler, batch_size=kwargs["batch_size"], collate_fn=result.dataloader.collate_fn,
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.persistent_workers,
+            prefetch_factor=self.prefetch_factor, drop_last=self.drop_last,
+        )
+        return VlmDataloaderBuild(dataloader=loader, processor=result.processor)
+
+
+class BardRecipeConfig(RecipeConfig):
+    """NeMo's typed recipe config, except that the training dataloader and the loss are the ones BARD
+    prepared before NeMo's setup (:meth:`prepare_training_data`, :meth:`use_loss`)."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__(raw)
+        self.training_data: BardVlmDataloaderConfig | None = None
+        self.training_loss: torch.nn.Module | None = None
+
+    def prepare_training_data(self, *, length_grouped: bool, seed: int) -> BardVlmDataloaderConfig | None:
+        """Resolve ``dataset:`` / ``dataloader:`` with NeMo's resolver and build the dataset now, so a missing
+        or empty dataset fails before the model loads. None when there is no ``dataset:`` section."""
+        node = self.get("dataset", None)
+        if node is None:
+            return None
+        base = self.resolve_vlm_dataloader(
+            node, self.get("dataloader", None), processor_node=self.get("processor", None),
+            packed_sequence_node=self.get("packed_sequence", None),
+        )
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+        fields["dataset_config"] = Prebuilt(base.dataset_config.build())
+        self.training_data = BardVlmDataloaderConfig(**fields, length_grouped_seed=seed if length_grouped else None)
+        return self.training_data
+
+    def use_loss(self, loss: torch.nn.Module) -> None:
+        """The loss module NeMo's setup installs as the recipe's ``loss_fn``."""
+        self.training_loss = loss
+
+    @property
+    def vlm_dataloader(self) -> BardVlmDataloaderConfig | None:
+        return self.training_data
+
+    @property
+    def loss_fn(self) -> Prebuilt | None:
+        return None if self.training_loss is None else Prebuilt(self.training_loss)
+
+
+def training_dataset(cfg: BardRecipeConfig) -> Any:
+    """The dataset :meth:`BardRecipeConfig.prepare_training_data` built."""
+    return cfg.training_data.dataset_config.value
+
+
+# -------------------------------------------------------------------------------------------- recipe
+class BardNeMoRecipe(FinetuneRecipeForVLM):
+    """NeMo's VLM fine-tuning recipe with BARD's batches, forward + loss, validation and callbacks.
+
+    How NeMo's loop maps onto the hooks a subclass implements:
+
+    ==========================================  ===================================================
+    NeMo                                        BARD
+    ==========================================  ===================================================
+    ``setup``                                   :meth:`preflight`, NeMo's setup, :meth:`finish_setup`
+    ``run_train_validation_loop`` start / end   ``callbacks.on_train_start`` / ``on_train_end``
+    ``_run_train_optim_step`` start             ``callbacks.on_step_start``, :meth:`prepare_step`
+    ``_forward_backward_step`` per micro-batch  :meth:`forward_loss`
+    ``_run_train_optim_step`` end               :meth:`step_metrics`, ``callbacks.on_step_end``
+    ``save_checkpoint``                         ``callbacks.on_save``
+    ``_run_validation_epoch`` per batch         :meth:`validation_loss`
+    ``log_train_metrics``                       NeMo's loggers, plus a line of :meth:`log_keys`
+    ==========================================  ===================================================
+
+    Everything else in the optimizer step is NeMo's. ``setup`` and the training loop run inside
+    :func:`~nemo_bard.integrations.cpu.cpu_patches` (a no-op with CUDA). A micro-batch's loss must
+    already be normalised by the step's global denominator (:meth:`prepare_step`), so NeMo's sum over
+    micro-batches and data-parallel ranks is the step loss.
+    """
+
+    callbacks: CallbackList = CallbackList()
+
+    def __init__(self, cfg: Any) -> None:
+        raw = cfg._raw if isinstance(cfg, RecipeConfig) else cfg
+        super().__init__(BardRecipeConfig(raw))
+
+    # ------------------------------------------------------------- hooks for subclasses
+    def preflight(self) -> None:
+        """Checks that must fail before NeMo's setup loads anything (config, data, files)."""
+
+    def finish_setup(self) -> None:
+        """Setup after NeMo's (model, optimizer, dataloader and checkpoint restore are in place)."""
+
+    def prepare_step(self, batches: list[dict[str, Any]], step: int) -> tuple[list[dict[str, Any]], float]:
+        """Turn the step's collated micro-batches into model batches; returns them and the loss denominator."""
+        raise NotImplementedError
+
+    def forward_loss(
+        self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Forward one micro-batch; returns (loss to backpropagate, detached summable statistics)."""
+        raise NotImplementedError
+
+    def step_metrics(
+        self, built: list[dict[str, Any]], batches: list[dict[str, Any]], sums: dict[str, float]
+    ) -> dict[str, float]:
+        """Metrics logged with NeMo's (``sums``: the statistics summed over micro-batches and ranks)."""
+        return {}
+
+    def validation_loss(self, batch: dict[str, Any], index: int) -> tuple[torch.Tensor, float]:
+        """(token-weighted loss sum, token count) of one validation batch."""
+        raise NotImplementedError
+
+    def log_keys(self) -> tuple[str, ...]:
+        """Metrics printed after NeMo's step line."""
+        return ()
+
+    # ------------------------------------------------------------ data-parallel helpers
+    def dp_rank(self) -> int:
+        return int(self._get_dp_rank())
+
+    def dp_size(self) -> int:
+        return int(self._get_dp_group_size())
+
+    def dp_allreduce(self, tensor: torch.Tensor, op: Any = torch.distributed.ReduceOp.SUM) -> torch.Tensor:
+        """All-reduce over the data-parallel group (a no-op without one); returns a CPU tensor."""
+        return self._dp_allreduce(tensor, op=op)
+
+    # ------------------------------------------------------------------ NeMo overrides
+    def setup(self) -> None:
+        with cpu_patches():
+            self.preflight()
+            super().setup()
+            self.finish_setup()
+
+    def run_train_validation_loop(self) -> None:
+        with cpu_patches():
+            self.callbacks.on_train_start(self)
+            super().run_train_validation_loop()
+            self.callbacks.on_train_end(self)
+
+    def save_checkpoint(self, epoch: int, step: int, train_loss: float, val_loss: Any = None,
+                        best_metric_key: str = "default") -> None:
+        super().save_checkpoint(epoch, step, train_loss, val_loss, best_metric_key=best_metric_key)
+        if self.checkpointer.config.enabled:
+            self.callbacks.on_save(self, f"{self.checkpointer.config.checkpoint_dir}/epoch_{epoch}_step_{step}")
+
+    def _run_train_optim_step(self, batches: list[dict[str, Any]], max_grad_norm: float | None = None) -> MetricsSample:
+        step = self.step_scheduler.step
+        self.callbacks.on_step_start(self, step)
+        built, self._bard_denominator = self.prepare_step(batches, step)
+        self._bard_stats: list[dict[str, torch.Tensor]] = []
+        # NeMo counts label tokens for its own bookkeeping (tps, num_label_tokens): the loss targets.
+        sample = super()._run_train_optim_step([{**b, "labels": b["targets"]} for b in built], max_grad_norm)
+        sample.metrics.update(self.step_metrics(built, batches, self._reduce_stats(self._bard_stats)))
+        self.callbacks.on_step_end(self, step, sample.metrics)
+        return sample
+
+    def _forward_backward_step(self, idx: int, batch: dict[str, Any], *, loss_buffer: list, num_label_tokens: int,
+                               num_batches: int, is_train: bool = True) -> None:
+        model = self.model_parts[0]
+        sync = get_sync_ctx(model, idx == num_batches - 1,
+                            defer_fsdp_grad_sync=getattr(self.distributed_config, "defer_fsdp_grad_sync", True))
+        with sync if is_train else nullcontext():
+            loss, stats = self.forward_loss(model, batch, self._bard_denominator, is_train)
+            loss_buffer.append(loss.detach().clone())
+            if is_train:
+                (loss * self._get_dp_group_size(include_cp=True)).backward()
+        self._bard_stats.append({k: v.detach().double() for k, v in stats.items()})
+
+    def _reduce_stats(self, per_batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        if not per_batch or not per_batch[0]:
+            return {}
+        keys = list(per_batch[0])
+        local = torch.stack([sum(s[k] for s in per_batch).cpu() for k in keys])  # one device sync per step
+        return dict(zip(keys, self.dp_allreduce(local).tolist()))
+
+    @torch.no_grad()
+    def _run_validation_epoch(self, val_dataloader: Any) -> MetricsSample:
+        for part in self.model_parts:
+            part.eval()
+        total, count = torch.zeros((), dtype=torch.float64), 0.0
+        for i, batch in enumerate(val_dataloader):
+            loss_sum, tokens = self.validation_loss(batch, i)
+            total += loss_sum.double().cpu()
+            count += tokens
+        total = self.dp_allreduce(total)
+        count = float(self.dp_allreduce(torch.tensor(count, dtype=torch.float64)))
+        return MetricsSample(
+            step=self.step_scheduler.step, epoch=self.step_scheduler.epoch,
+            metrics={"val_loss": float(total) / max(count, 1.0), "lr": self.optimizer[0].param_groups[0]["lr"],
+                     "num_label_tokens": int(count), "mem": torch.cuda.max_memory_allocated() / 1024**3},
+        )
+
+    def log_train_metrics(self, log_data: MetricsSample) -> None:
+        super().log_train_metrics(log_data)  # W&B / MLflow / training.jsonl, NeMo's line, peak-memory reset
+        if self.dist_env.is_main:
+            m = log_data.metrics
+            extras = " | ".join(f"{k} {m[k]:.4f}" for k in self.log_keys() if k in m)
+            logging.info("step %d | block %s | %s", log_data.step, m.get("block_size", "-"), extras)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def build_frozen_model(cfg_model: Any, *, seed: int, distributed_setup: Any, device: Any) -> torch.nn.Module:
+    """Build a model from its config node with NeMo's VLM builder and the student's distributed setup,
+    frozen in eval mode (what NeMo's VLM KD recipe does for its teacher)."""
+    model = build_model(cfg_model, cfg_freeze=None, cfg_peft=None, seed=seed, distributed_setup=distributed_setup)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def noise_seed(base: int, step: int, dp_rank: int, dp_size: int, lbs: int, grad_acc: int, mb: int, i: int) -> int:
+    """Topology-independent per-sample noise seed (NeMo's dLLM corruption seed, shifted by the BARD seed)."""
+    from nemo_automodel.recipes.dllm.train_ft import corruption_sample_seed
+
+    return corruption_sample_seed(base, step, dp_rank, dp_size, lbs, grad_acc, mb, i)
+
+
+def run_main(recipe_cls: type, config_path: str | None = None) -> None:
+    """Load ``-c cfg.yaml`` (+ ``--a.b=c`` overrides) the NeMo way, then set up and run ``recipe_cls``."""
+    with cpu_patches():
+        recipe = recipe_cls(parse_args_and_load_config(config_path))
+        recipe.setup()
+        recipe.run_train_validation_loop()
+
+
+__all__ = [
+    "BardNeMoRecipe",
+    "BardRecipeConfig",
+    "BardVlmDataloaderConfig",
+    "ColumnLengthGroupedSampler",
+    "NeMoBardVLForConditionalGeneration",
+    "Prebuilt",
+    "build_frozen_model",
+    "noise_seed",
+    "run_main",
+    "training_dataset",
+]

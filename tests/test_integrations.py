@@ -1,0 +1,322 @@
+"""The seam to NeMo AutoModel and transformers: lazy registration, NeMo-free inference, version pins,
+scoped CPU patches, pre-flight checks, the training dataloader and the training step on NeMo's own
+optimizer step."""
+
+from __future__ import annotations
+
+import json
+import time
+import types
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nemo_bard.callbacks.base import BardCallback
+from tests.e2e_utils import run_python
+
+
+# ------------------------------------------------------------------------------ registration
+def test_import_nemo_bard_is_light():
+    out = run_python("import sys, nemo_bard\n"
+                     "print(sorted(m for m in ('torch', 'transformers', 'nemo_automodel') if m in sys.modules))")
+    assert out.strip() == "[]"
+
+
+def test_bard_dir_loads_and_generates_without_nemo(tiny_bard_dir):
+    """A bare `import nemo_bard`, transformers' Auto classes and `model.generate` with NeMo made unimportable."""
+    out = run_python(f"""
+import sys
+sys.modules["nemo_automodel"] = None  # any import of NeMo AutoModel now fails
+import nemo_bard
+import numpy as np
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from nemo_bard.generation.inputs import build_inputs
+
+model = AutoModelForImageTextToText.from_pretrained({str(tiny_bard_dir)!r}).eval()
+processor = AutoProcessor.from_pretrained({str(tiny_bard_dir)!r})
+image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
+out = model.generate(**build_inputs(processor, ["Name the colour."], images=[[image]]), max_new_tokens=8)
+print(type(model).__module__, type(model).__name__, tuple(out.sequences.shape), out.num_forwards > 0)
+print(sorted(m for m in sys.modules if m.startswith("nemo_automodel") and sys.modules[m] is not None))
+""")
+    lines = out.strip().splitlines()
+    assert lines[-2] == "nemo_bard.models.modeling_bard_vl BardVLForConditionalGeneration (1, 8) True"
+    assert lines[-1] == "[]"
+
+
+@pytest.mark.parametrize("first", ["nemo_bard", "nemo_automodel"])
+def test_registration_survives_either_import_order(tiny_bard_dir, first):
+    """NeMo's model module imports transformers' Auto modules in a chain; registration must not break it."""
+    imports = ["import nemo_bard", "import nemo_automodel._transformers.auto_model"]
+    if first == "nemo_automodel":
+        imports.reverse()
+    out = run_python("\n".join(imports) + f"""
+from transformers import AutoConfig, AutoModelForImageTextToText
+config = AutoConfig.from_pretrained({str(tiny_bard_dir)!r})
+print(type(config).__name__, config.block_size, AutoModelForImageTextToText._model_mapping[type(config)].__name__)
+""")
+    assert out.strip().splitlines()[-1] == "BardVLConfig 4 BardVLForConditionalGeneration"
+
+
+def test_models_package_imports_no_nemo():
+    out = run_python("import sys\nsys.modules['nemo_automodel'] = None\n"
+                     "from nemo_bard.models import BardVLForConditionalGeneration, BardVLConfig\n"
+                     "import nemo_bard.models.export, nemo_bard.generation\nprint('ok')")
+    assert out.strip().endswith("ok")
+
+
+# ------------------------------------------------------------------------------ version pins
+def test_version_pin_fails_loudly_and_env_downgrades_to_warning(monkeypatch):
+    from nemo_bard import integrations
+
+    integrations.check_version("transformers")  # the installed versions are the pinned ones
+    integrations.check_version("nemo_automodel")
+    monkeypatch.setattr(integrations.importlib.metadata, "version", lambda dist: {"transformers": "5.19.1"}[dist])
+    monkeypatch.delenv(integrations.ALLOW_MISMATCH_ENV, raising=False)
+    with pytest.raises(integrations.UpstreamVersionError, match=r"transformers 5\.18\.x, but transformers 5\.19\.1"):
+        integrations.check_version("transformers")
+    monkeypatch.setenv(integrations.ALLOW_MISMATCH_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=r"5\.19\.1"):
+        integrations.check_version("transformers")
+    assert integrations.version_matches("5.18.3", "5.18") and not integrations.version_matches("5.180.0", "5.18")
+    assert integrations.version_matches("0.7.0", "0.7.0") and not integrations.version_matches("0.7.1", "0.7.0")
+
+
+# ------------------------------------------------------------------------------- CPU patches
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
+def test_cpu_patches_are_scoped_and_reentrant():
+    import torch.distributed.run as torchrun
+
+    import nemo_automodel._transformers.auto_model as auto_model
+    import nemo_automodel.recipes.vlm.finetune as vlm_finetune
+    from nemo_bard.integrations.cpu import cpu_patches
+
+    def targets():
+        return (torch.cuda.reset_peak_memory_stats, torch.cuda.current_device, torchrun.determine_local_world_size,
+                auto_model.apply_model_infrastructure, vlm_finetune.initialize_distributed)
+
+    before = targets()
+    with cpu_patches() as active:
+        assert active and torchrun.determine_local_world_size("gpu") == 1
+        torch.cuda.reset_peak_memory_stats()
+        with cpu_patches():
+            assert torch.cuda.current_device() == 0
+        assert targets() != before and torch.cuda.current_device() == 0  # the inner exit keeps the outer scope
+    assert targets() == before
+    with pytest.raises(ValueError, match="Cuda is not available"):
+        torchrun.determine_local_world_size("gpu")
+
+
+def test_missing_patch_target_is_an_error(monkeypatch):
+    from nemo_bard.integrations import cpu
+
+    monkeypatch.setattr(cpu, "cpu_only", lambda: True)
+    monkeypatch.setattr(cpu, "_patch_targets", lambda: [(types.SimpleNamespace(__name__="fake_module"), "gone",
+                                                         lambda original: original)])
+    with pytest.raises(RuntimeError, match="fake_module.gone does not exist"):
+        with cpu.cpu_patches():
+            pass
+    assert cpu._depth == 0
+
+
+# ----------------------------------------------------------------------------------- pre-flight
+@pytest.fixture(scope="module")
+def colours(tmp_path_factory):
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("seam_colours"), rows=16, seed=2)
+
+
+def pbm_config(data, **changes) -> dict:
+    cfg = {
+        "recipe": "nemo_bard.recipes.pbm.BardPBMRecipe",
+        "seed": 3,
+        "step_scheduler": {"global_batch_size": 4, "local_batch_size": 2, "max_steps": 4},
+        "dataset": {"_target_": "nemo_bard.data.datasets.BardChatDataset", "path": str(data)},
+        "dataloader": {"_target_": "torchdata.stateful_dataloader.StatefulDataLoader", "num_workers": 0,
+                       "collate_fn": {"_target_": "nemo_bard.data.collate.bard_collate_fn"}},
+        "bard": {"max_length": 512},
+        "block_merge": {"schedule": [{"block_size": 4, "steps": 2}, {"block_size": 8, "steps": 2}]},
+    }
+    for dotted, value in changes.items():
+        node = cfg
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return cfg
+
+
+def preflight(cfg: dict):
+    from nemo_automodel.components.config.loader import ConfigNode
+    from nemo_bard.recipes.pbm import BardPBMRecipe
+
+    recipe = BardPBMRecipe(ConfigNode(cfg))
+    recipe.preflight()
+    return recipe
+
+
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"loss_fn": {"_target_": "nemo_automodel.components.loss.masked_ce.MaskedCrossEntropy"}},
+         "loss_fn: BARD recipes compute their own loss"),
+        ({"distributed.tp_size": 2}, r"data parallelism \(FSDP2\) only.*got tp_size=2"),
+        ({"bard.mask_backnd": "dense"}, "unknown key bard.mask_backnd"),
+        ({"bard.noise.type": "gaussian"}, "bard.noise.type: input should be 'stratified_blocks' or 'uniform_sample'"),
+        ({"kd": {"top_k": 4}}, "kd is an SWD setting"),
+        ({"step_scheduler.max_steps": 5}, "block_merge.schedule steps sum to 4 but step_scheduler.max_steps=5"),
+    ],
+)
+def test_preflight_refuses_bad_configs(colours, changes, match):
+    from nemo_bard.callbacks.block_merge import ScheduleError
+    from nemo_bard.recipes.config import BardConfigError
+
+    with pytest.raises((BardConfigError, ScheduleError), match=match):
+        preflight(pbm_config(colours, **changes))
+
+
+def test_preflight_prepares_loss_and_data_through_nemo_config(colours):
+    from nemo_bard.integrations.nemo import BardVlmDataloaderConfig
+    from nemo_bard.loss.denoise import MaskedDenoisingLoss
+
+    recipe = preflight(pbm_config(colours, **{"bard.loss": {"reduction": "token_mean"}}))
+    loss = recipe.cfg.loss_fn.build()  # what NeMo's setup installs as recipe.loss_fn
+    assert isinstance(loss, MaskedDenoisingLoss) and loss.reduction == "token_mean"
+    assert isinstance(recipe.cfg.vlm_dataloader, BardVlmDataloaderConfig)
+    assert len(recipe.cfg.vlm_dataloader.dataset_config.build()) == 16
+    assert [s.block_size for s in recipe.block_merge.stages] == [4, 8] and recipe.callbacks.callbacks == [recipe.block_merge]
+
+
+def test_dataloader_keeps_options_and_uses_nemo_length_grouped_sampler(colours, tiny_bard_dir):
+    from torch.utils.data.distributed import DistributedSampler
+
+    from nemo_bard.integrations.nemo import ColumnLengthGroupedSampler
+
+    options = {"num_workers": 2, "persistent_workers": True, "prefetch_factor": 3, "drop_last": True}
+    cfg = pbm_config(colours, **{f"dataloader.{k}": v for k, v in options.items()})
+    shards = []
+    for rank in (0, 1):
+        data = preflight(cfg).cfg.vlm_dataloader
+        loader = data.build(pretrained_model_name_or_path=str(tiny_bard_dir), dp_rank=rank, dp_world_size=2,
+                            batch_size=2).dataloader
+        assert isinstance(loader.sampler, ColumnLengthGroupedSampler)
+        assert (loader.num_workers, loader.persistent_workers, loader.prefetch_factor, loader.drop_last) == (2, True, 3, True)
+        shards.append(list(loader.sampler))
+    lengths = loader.dataset.lengths
+    assert len(set(lengths)) > 2  # the test data has a spread of lengths
+    assert len(shards[0]) == len(shards[1]) == 8 and not set(shards[0]) & set(shards[1])
+    for shard in shards:  # every batch holds neighbours of the rank's length-sorted order
+        batches = sorted(sorted(lengths[i] for i in shard[k:k + 2]) for k in range(0, 8, 2))
+        ordered = sorted((lengths[i] for i in shard), reverse=True)
+        assert batches == sorted(sorted(ordered[k:k + 2]) for k in range(0, 8, 2))
+    plain = preflight(pbm_config(colours, **{"bard.length_grouped": False})).cfg.vlm_dataloader
+    loader = plain.build(pretrained_model_name_or_path=str(tiny_bard_dir), dp_rank=0, dp_world_size=1, batch_size=2)
+    assert isinstance(loader.dataloader.sampler, DistributedSampler)
+
+
+# ------------------------------------------------------------------------------ the training step
+class Recorder(BardCallback):
+    """Callback that switches the block size at step start and records what it sees."""
+
+    def __init__(self, block_size: int) -> None:
+        self.block_size, self.events = block_size, []
+
+    def on_step_start(self, recipe, step):
+        recipe.set_block_size(self.block_size)
+        self.events.append(("start", step))
+
+    def on_step_end(self, recipe, step, metrics):
+        self.events.append(("end", step, dict(metrics)))
+
+
+def stub_recipe(model, processor, local_batch_size: int, callbacks=()):
+    """A PBM recipe with just the state NeMo's optimizer step reads (the upstream unit-test convention)."""
+    from nemo_automodel.components.config.loader import ConfigNode
+    from nemo_bard.callbacks.base import CallbackList
+    from nemo_bard.data.layout import BlockLayout
+    from nemo_bard.integrations.nemo import BardRecipeConfig
+    from nemo_bard.loss.denoise import MaskedDenoisingLoss
+    from nemo_bard.recipes.config import parse_bard_settings
+    from nemo_bard.recipes.pbm import BardPBMRecipe
+
+    recipe = BardPBMRecipe.__new__(BardPBMRecipe)
+    recipe.cfg = BardRecipeConfig(ConfigNode({"step_scheduler": {"local_batch_size": local_batch_size}}))
+    recipe.model_parts = [model]
+    recipe.optimizer = [torch.optim.SGD(model.parameters(), lr=0.5)]
+    recipe.lr_scheduler = None
+    recipe.device_mesh = recipe.moe_mesh = recipe.distributed_config = recipe.pp = None
+    recipe.pp_enabled = False
+    recipe.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
+    recipe.step_scheduler = SimpleNamespace(step=0, epoch=0, is_remote_logging_step=False)
+    recipe.dist_env = SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
+    recipe.timestamp = time.perf_counter()
+    recipe.bard = parse_bard_settings({"max_length": 512})
+    recipe.loss_fn = MaskedDenoisingLoss()
+    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    recipe.layout = BlockLayout(4, model.config.mask_token_id, im_end, max_length=512)
+    recipe.noise_seed = 7
+    recipe.callbacks = CallbackList(callbacks)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def collated(colours, tiny_processor):
+    from nemo_bard.data.collate import bard_collate_fn
+    from nemo_bard.data.datasets import BardChatDataset
+
+    ds = BardChatDataset(str(colours))
+    return lambda rows: bard_collate_fn([ds[i] for i in rows], tiny_processor)
+
+
+def fresh_model(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).train()
+
+
+def test_step_normalises_by_global_samples_and_calls_back_in_order(tiny_bard_dir, tiny_processor, collated):
+    from nemo_bard.data.layout import MODEL_INPUT_KEYS
+
+    model = fresh_model(tiny_bard_dir)
+    recorder = Recorder(block_size=8)
+    recipe = stub_recipe(model, tiny_processor, local_batch_size=2, callbacks=[recorder])
+    batches = [collated([0, 1]), collated([2, 3])]
+    recipe.set_block_size(8)
+    built, denominator = recipe.prepare_step(batches, step=0)  # the same deterministic layout the step builds
+    expected = 0.0
+    with torch.no_grad():
+        for b in built:
+            lm = b["loss_mask"]
+            logits = model(**{k: b[k] for k in MODEL_INPUT_KEYS if k in b}, logits_mask=lm).logits
+            ce = F.cross_entropy(logits, b["targets"][lm], reduction="none") * b["loss_weights"][lm]
+            owner = lm.nonzero()[:, 0]
+            expected += sum(float(ce[owner == s].mean()) for s in owner.unique())
+    samples = sum(int(b["loss_mask"].any(-1).sum()) for b in built)  # samples with a masked token, all micro-batches
+    assert samples >= 2 and denominator == float(samples)
+    recipe.set_block_size(4)  # the callback switches it back to 8 before the step builds its batches
+    sample = recipe._run_train_optim_step(batches, max_grad_norm=1.0)
+    assert sample.metrics["loss"] == pytest.approx(expected / denominator, rel=1e-5)
+    assert sample.metrics["block_size"] == 8 and sample.metrics["num_samples"] == float(samples)
+    assert {"grad_norm", "lr", "mem", "tps", "masked_acc", "mean_t", "num_loss_tokens"} <= set(sample.metrics)
+    assert [e[:2] for e in recorder.events] == [("start", 0), ("end", 0)]
+    assert recorder.events[1][2]["loss"] == sample.metrics["loss"]
+    val = recipe._run_validation_epoch(batches)  # fixed noise, token-weighted, through the same forward
+    assert val.metrics["num_label_tokens"] > 0 and 0 < val.metrics["val_loss"] < 100
+    assert recipe._run_validation_epoch(batches).metrics["val_loss"] == val.metrics["val_loss"]
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_bard_dir, tiny_processor, collated):
+    """Two micro-batches of 2 and one of 4 (same samples, same noise): same loss, same update."""
+    results = []
+    for lbs, batches in ((2, [collated([4, 5]), collated([6, 7])]), (4, [collated([4, 5, 6, 7])])):
+        model = fresh_model(tiny_bard_dir)
+        sample = stub_recipe(model, tiny_processor, local_batch_size=lbs)._run_train_optim_step(batches, 1.0)
+        results.append((sample.metrics["loss"], float(sample.metrics["grad_norm"]), model.lm_head.weight.detach()))
+    (loss_a, norm_a, w_a), (loss_b, norm_b, w_b) = results
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
+    torch.testing.assert_close(w_a, w_b, rtol=0, atol=1e-5)
+    assert json.dumps(loss_a)  # a plain float, loggable as is
