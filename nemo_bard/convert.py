@@ -2,10 +2,15 @@
 
     python -m nemo_bard.convert --src QWEN3_VL_DIR --dst OUT_DIR [--mask-token-id N] [--block-size B]
 
-Weights are copied byte for byte (no new parameters); ``config.json`` becomes a
-``bard_vl`` config recording ``mask_token_id`` and ``block_size``; processor and
-tokenizer files are copied, and a ``<|mask|>`` special token is added at the
-mask id when the tokenizer has none.
+Weights are copied byte for byte (no new parameters); ``config.json`` becomes a ``bard_vl`` config
+recording ``mask_token_id`` and ``block_size``; processor and tokenizer files are copied, and a
+``<|mask|>`` special token is added at the mask id when the tokenizer has none (with
+``tokenizers.AddedToken`` and ``save_pretrained``; ids between the tokenizer's last id and the mask id
+are filled with reserved tokens, as Qwen3's 151669 and 151670 before ``<|mask|>`` at 151671).
+
+Everything is checked before anything is written (the source config, weights, tokenizer and the mask
+id: it must be an unused id, not an ordinary token), and the output is written under a temporary name
+and renamed to ``OUT_DIR`` when complete, so a failed or killed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -13,25 +18,32 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
+from typing import Any
 
-from nemo_bard.models.configuration_bard_vl import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, BardVLConfig
+from nemo_bard.errors import UserError, run_reported
+from nemo_bard.models.paths import ModelPathError, read_model_config
+from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID
+from nemo_bard.rundir import atomic_directory
 
 MASK_TOKEN = "<|mask|>"
+RESERVED_TOKEN = "<|bard_reserved_{}|>"
 SOURCE_MODEL_TYPES = ("qwen3_vl",)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
     """A source/destination problem the user can fix; the message says how."""
 
 
 def _read_config(src: Path) -> dict:
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise ConversionError(f"{src} has no config.json; --src must be a Hugging Face Qwen3-VL checkpoint directory")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = read_model_config(src, "--src", "pass a Hugging Face Qwen3-VL checkpoint directory")
+    except ModelPathError as exc:
+        raise ConversionError(str(exc)) from None
     model_type = cfg.get("model_type")
     if model_type == "bard_vl":
         raise ConversionError(
@@ -46,61 +58,93 @@ def _read_config(src: Path) -> dict:
     return cfg
 
 
-def _tokenizer_mask_id(src: Path) -> int | None:
-    tok_json = src / "tokenizer.json"
-    if not tok_json.is_file():
-        return None
-    for tok in json.loads(tok_json.read_text()).get("added_tokens", []):
-        if tok.get("content") == MASK_TOKEN:
-            return int(tok["id"])
-    return None
+def _has_tokenizer(src: Path) -> None:
+    if not any((src / name).is_file() for name in _TOKENIZER_FILES):
+        raise ConversionError(
+            f"{src} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:2])}); BARD adds {MASK_TOKEN} to the "
+            "tokenizer, so copy the original model's tokenizer and processor files into --src"
+        )
 
 
-def _add_mask_token(dst: Path, mask_id: int) -> bool:
-    """Record ``<|mask|>`` at ``mask_id`` in tokenizer.json / tokenizer_config.json; False if it was there."""
-    tok_json = dst / "tokenizer.json"
-    if not tok_json.is_file():
-        return False
-    data = json.loads(tok_json.read_text())
-    added = data.setdefault("added_tokens", [])
-    for tok in added:
-        if tok.get("id") == mask_id:
-            if tok.get("content") != MASK_TOKEN:
-                raise ConversionError(
-                    f"tokenizer id {mask_id} is already the token {tok.get('content')!r}; pass a free id with "
-                    "--mask-token-id"
-                )
-            return False
-    vocab_ids = set(data.get("model", {}).get("vocab", {}).values())
-    if mask_id in vocab_ids:
+def _tokenizer_vocab(src: Path) -> dict[str, int]:
+    """Token -> id of the source tokenizer, added tokens included (read with ``tokenizers`` alone when there is a
+    ``tokenizer.json``, so a bad mask id is refused without importing transformers)."""
+    _has_tokenizer(src)
+    if (src / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            return Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab(with_added_tokens=True)
+        except Exception as exc:  # noqa: BLE001  any parse failure is a bad source tokenizer
+            raise ConversionError(f"{src}/tokenizer.json cannot be read ({exc}); pass an intact checkpoint") from None
+    return _load_tokenizer(src).get_vocab()
+
+
+def _load_tokenizer(src: Path) -> Any:
+    """The source tokenizer (transformers ``AutoTokenizer``); a clear error when it is missing or unreadable."""
+    _has_tokenizer(src)
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(src))
+    except Exception as exc:  # noqa: BLE001  any loader failure is a bad source tokenizer
+        raise ConversionError(f"the tokenizer in {src} cannot be loaded ({type(exc).__name__}: {exc})") from None
+
+
+def plan_mask_token(vocab: dict[str, int], mask_token_id: int | None, vocab_size: int) -> tuple[int, list[str]]:
+    """Check the mask id against the tokenizer's ``vocab`` (token -> id, added tokens included) and the
+    embedding size; returns ``(mask id, tokens to add)``.
+
+    The tokens to add are the reserved fillers for the ids between the tokenizer's last id and the mask id,
+    then ``<|mask|>`` (none when the tokenizer already has ``<|mask|>`` at that id).
+    """
+    existing = vocab.get(MASK_TOKEN)
+    if mask_token_id is None:
+        mask_token_id = existing if existing is not None else DEFAULT_MASK_TOKEN_ID
+    if not 0 <= mask_token_id < vocab_size:
         raise ConversionError(
-            f"tokenizer id {mask_id} is a regular vocabulary token; pass an unused id with --mask-token-id"
+            f"--mask-token-id {mask_token_id} is outside the embedding (vocab_size={vocab_size}); pick an unused id "
+            f"below {vocab_size} (Qwen3-VL uses {DEFAULT_MASK_TOKEN_ID})"
         )
-    used = vocab_ids | {int(t["id"]) for t in added}
-    next_free = max(used) + 1 if used else 0
-    if mask_id < next_free:
+    if existing is not None:
+        if existing != mask_token_id:
+            raise ConversionError(
+                f"the tokenizer already defines {MASK_TOKEN} at id {existing}, not {mask_token_id}; drop "
+                f"--mask-token-id or pass {existing}"
+            )
+        return mask_token_id, []
+    next_free = max(vocab.values()) + 1 if vocab else 0
+    token = next((t for t, i in vocab.items() if i == mask_token_id), None)
+    if token is not None:
         raise ConversionError(
-            f"tokenizer id {mask_id} lies inside the tokenizer's id range (0..{next_free - 1}) but is unused; the "
-            f"tokenizers library cannot place a token there. Use --mask-token-id >= {next_free}"
+            f"--mask-token-id {mask_token_id} is the ordinary token {token!r} of the tokenizer; the mask needs an "
+            f"unused id: pass --mask-token-id between {next_free} and {vocab_size - 1} (Qwen3-VL uses "
+            f"{DEFAULT_MASK_TOKEN_ID})"
         )
-    # `tokenizers` numbers added tokens contiguously, so reserve the unused ids below the mask id
-    # (Qwen3: 151669 and 151670 before <|mask|> at 151671).
-    entry = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
-    new = [{"id": i, "content": f"<|bard_reserved_{i}|>", **entry} for i in range(next_free, mask_id)]
-    new.append({"id": mask_id, "content": MASK_TOKEN, **entry})
-    added.extend(new)
-    tok_json.write_text(json.dumps(data, ensure_ascii=False, indent=2))
-    cfg_path = dst / "tokenizer_config.json"
-    if cfg_path.is_file():
-        tcfg = json.loads(cfg_path.read_text())
-        decoder = tcfg.get("added_tokens_decoder")
-        if isinstance(decoder, dict):
-            decoder.update({str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in new})
-        extra = tcfg.get("extra_special_tokens") or tcfg.get("additional_special_tokens")
-        if isinstance(extra, list) and MASK_TOKEN not in extra:
-            extra.append(MASK_TOKEN)
-        cfg_path.write_text(json.dumps(tcfg, ensure_ascii=False, indent=2))
-    return True
+    if mask_token_id < next_free:
+        raise ConversionError(
+            f"--mask-token-id {mask_token_id} lies inside the tokenizer's id range (0..{next_free - 1}) but is unused; "
+            f"the tokenizers library cannot place a token there. Use --mask-token-id >= {next_free}"
+        )
+    return mask_token_id, [RESERVED_TOKEN.format(i) for i in range(next_free, mask_token_id)] + [MASK_TOKEN]
+
+
+def add_mask_token(tokenizer: Any, tokens: list[str], mask_token_id: int) -> None:
+    """Add the reserved fillers and ``<|mask|>`` (special, not normalised) with the tokenizer API."""
+    from tokenizers import AddedToken
+
+    def added(content: str) -> AddedToken:
+        return AddedToken(content, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+
+    if tokens[:-1]:
+        tokenizer.add_tokens([added(t) for t in tokens[:-1]], special_tokens=True)
+    tokenizer.add_special_tokens({"extra_special_tokens": [added(MASK_TOKEN)]}, replace_extra_special_tokens=False)
+    got = tokenizer.convert_tokens_to_ids(MASK_TOKEN)
+    if got != mask_token_id:
+        raise ConversionError(
+            f"the tokenizer placed {MASK_TOKEN} at id {got}, not {mask_token_id}; pass --mask-token-id {got} "
+            "(or the tokenizer's next free id)"
+        )
 
 
 def convert(
@@ -116,50 +160,55 @@ def convert(
     weights = [p for p in src.iterdir() if p.suffix in _WEIGHT_SUFFIXES or p.name in _WEIGHT_INDEXES]
     if not any(p.suffix in _WEIGHT_SUFFIXES for p in weights):
         raise ConversionError(f"{src} holds no weight files (*.safetensors / *.bin)")
-
-    vocab = int(cfg["text_config"].get("vocab_size", 151936))
-    tok_mask = _tokenizer_mask_id(src)
-    if mask_token_id is None:
-        mask_token_id = tok_mask if tok_mask is not None else DEFAULT_MASK_TOKEN_ID
-    if not 0 <= mask_token_id < vocab:
-        raise ConversionError(
-            f"--mask-token-id {mask_token_id} is outside the embedding (vocab_size={vocab}); pick an unused id "
-            f"below {vocab} (Qwen3-VL uses {DEFAULT_MASK_TOKEN_ID})"
-        )
-    if tok_mask is not None and tok_mask != mask_token_id:
-        raise ConversionError(
-            f"the tokenizer already defines {MASK_TOKEN} at id {tok_mask}, not {mask_token_id}; drop "
-            f"--mask-token-id or pass {tok_mask}"
-        )
     if block_size < 1:
         raise ConversionError(f"--block-size must be >= 1, got {block_size}")
 
-    bard_cfg = BardVLConfig.from_qwen3_vl(cfg, mask_token_id=mask_token_id, block_size=block_size)
-    dst.mkdir(parents=True, exist_ok=True)
-    for p in src.iterdir():
-        if p.is_file() and p.name != "config.json":
-            shutil.copy2(p, dst / p.name)
+    vocab = int(cfg["text_config"].get("vocab_size", 151936))
+    mask_token_id, new_tokens = plan_mask_token(_tokenizer_vocab(src), mask_token_id, vocab)
+    tokenizer = _load_tokenizer(src)
+    if new_tokens:
+        add_mask_token(tokenizer, new_tokens, mask_token_id)
+    from nemo_bard.models.configuration_bard_vl import BardVLConfig
+
+    try:
+        bard_cfg = BardVLConfig.from_qwen3_vl(cfg, mask_token_id=mask_token_id, block_size=block_size)
+    except (TypeError, ValueError) as exc:
+        raise ConversionError(f"{src}/config.json cannot be read as a Qwen3-VL config: {exc}") from None
     bard_cfg.architectures = [BARD_ARCHITECTURE]
-    bard_cfg.save_pretrained(dst)
-    _add_mask_token(dst, mask_token_id)
+
+    with atomic_directory(dst, marker={"source": str(src.absolute()), "mask_token_id": mask_token_id}) as tmp:
+        for p in src.iterdir():
+            if p.is_file() and p.name != "config.json":
+                shutil.copy2(p, tmp / p.name)
+        bard_cfg.save_pretrained(tmp)
+        if new_tokens:
+            tokenizer.save_pretrained(tmp)
     return dst
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code (2 for bad input, printed as one line)."""
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.convert", description=__doc__.splitlines()[0])
     ap.add_argument("--src", required=True, help="Qwen3-VL (autoregressive) checkpoint directory")
     ap.add_argument("--dst", required=True, help="new or empty output directory")
     ap.add_argument("--mask-token-id", "--mask_token_id", type=int, default=None,
                     help=f"mask token id (default: the tokenizer's {MASK_TOKEN}, else {DEFAULT_MASK_TOKEN_ID})")
     ap.add_argument("--block-size", "--block_size", type=int, default=32, help="block size recorded in the config")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
-    try:
+    if args.debug:
+        import os
+
+        os.environ["NEMO_BARD_DEBUG"] = "1"
+
+    def run() -> int:
         out = convert(args.src, args.dst, args.mask_token_id, args.block_size)
-    except ConversionError as exc:
-        raise SystemExit(f"nemo_bard.convert: error: {exc}") from None
-    cfg = json.loads((out / "config.json").read_text())
-    print(f"wrote bard_vl checkpoint to {out} (mask_token_id={cfg['mask_token_id']}, block_size={cfg['block_size']})")
+        cfg = json.loads((out / "config.json").read_text())
+        print(f"wrote bard_vl checkpoint to {out} (mask_token_id={cfg['mask_token_id']}, block_size={cfg['block_size']})")
+        return 0
+
+    return run_reported("nemo_bard.convert", run)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

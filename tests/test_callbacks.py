@@ -7,6 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from nemo_bard.callbacks import BardCallback, BlockMergeCallback, CallbackList, ScheduleError, parse_schedule
+from nemo_bard.rundir import atomic_directory
 
 SCHEDULE = [{"block_size": 4, "steps": 3}, {"block_size": 8, "steps": 2}, {"block_size": 32, "steps": 2}]
 
@@ -22,8 +23,8 @@ class FakeRecipe:
         self.block_size = b
 
     def export_model(self, path, block_size):
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text("{}")
+        with atomic_directory(path, replace=True) as tmp:  # what export_hf does
+            (tmp / "config.json").write_text("{}")
         self.exports.append((path.name, block_size, self.step_scheduler.step))
         return path
 
@@ -88,6 +89,18 @@ def test_resume_at_boundary_exports_missing_stage(tmp_path):
     assert recipe.block_size == 8 and recipe.exports == [("b4", 4, 3)]
     cb.on_train_start(FakeRecipe(tmp_path, step=3))  # export exists now: not written twice
     assert len(recipe.exports) == 1
+
+
+def test_resume_redoes_an_export_that_was_killed(tmp_path):
+    """A kill during the b4 export left stages/b4 with a 0-byte config.json and no completion marker (what a
+    non-atomic writer leaves): resuming at the boundary exports it again."""
+    partial = tmp_path / "stages" / "b4"
+    partial.mkdir(parents=True)
+    (partial / "config.json").write_text("")
+    cb = BlockMergeCallback(SCHEDULE)
+    recipe = FakeRecipe(tmp_path, step=3)
+    cb.on_train_start(recipe)
+    assert recipe.exports == [("b4", 4, 3)] and (partial / "config.json").read_text() == "{}"
 
 
 def test_callback_list_calls_in_order_and_rejects_non_callbacks():

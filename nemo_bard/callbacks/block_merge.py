@@ -1,7 +1,8 @@
-"""Progressive Block Merging schedule (BARD_SPEC §1): block size 4 -> 8 -> 16 -> 32 in one run.
+"""Progressive Block Merging schedule (docs/method.md §7): block size 4 -> 8 -> 16 -> 32 in one run.
 
 At each stage boundary the callback exports the finished stage as an HF ``bard_vl`` directory
-(``<checkpoint_dir>/stages/b4`` ...; usable with ``from_pretrained`` and as the SWD teacher),
+(``<checkpoint_dir>/stages/b4`` ...; usable with ``from_pretrained`` and as the SWD teacher; written
+under a temporary name and renamed into place with a completion marker, which resume checks),
 optionally resets the LR schedule (warm-up and decay restart, decay over the new stage's steps) and
 the optimizer state, switches the layout's block size and logs the switch. The block size of any
 step is a pure function of the step index, so resuming a checkpoint taken mid-stage restores it.
@@ -15,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 from nemo_bard.callbacks.base import BardCallback
+from nemo_bard.errors import UserError
+from nemo_bard.rundir import is_complete
 
 logger = logging.getLogger(__name__)
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError):
     """An invalid ``block_merge.schedule``; the message names the entry and the fix."""
 
 
@@ -136,8 +139,8 @@ class BlockMergeCallback(BardCallback):
         idx = self.stage_index(step)
         if step > 0 and idx > 0 and step == self.stages[idx].start:
             prev = self.stages[idx - 1]
-            if self.export_stages and not (self.stage_dir(recipe, prev) / "config.json").exists():
-                self._export(recipe, prev)  # resumed exactly at a boundary whose export was not written
+            if self.export_stages and not is_complete(self.stage_dir(recipe, prev)):
+                self._export(recipe, prev)  # resumed exactly at a boundary whose export was not finished
         stage = self.stages[idx]
         recipe.set_block_size(stage.block_size)
         if self.reset_lr_schedule:

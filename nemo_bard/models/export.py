@@ -1,9 +1,13 @@
-"""Export a (possibly FSDP2-sharded) ``bard_vl`` model as a Hugging Face directory.
+"""Export a (possibly FSDP2-sharded) ``bard_vl`` model as a Hugging Face directory, atomically.
 
-All ranks take part in gathering the full state dict; rank 0 writes ``model.safetensors``,
-``config.json`` (``model_type: bard_vl`` with the given block size), the processor/tokenizer files
-and ``generation_config.json``. The result loads with ``from_pretrained`` and can serve as an SWD
-teacher.
+All ranks take part in gathering the full state dict; rank 0 writes it with transformers'
+``save_pretrained`` (safetensors shards of at most ``max_shard_size`` plus
+``model.safetensors.index.json`` when there is more than one, ``config.json`` with ``model_type:
+bard_vl`` and the given block size, ``generation_config.json``) and the processor/tokenizer files,
+into a temporary sibling directory that is renamed into place with a completion marker once
+everything is written (:func:`nemo_bard.rundir.atomic_directory`). The result loads with
+``from_pretrained`` and can serve as an SWD teacher; a killed export leaves no directory that looks
+finished.
 """
 
 from __future__ import annotations
@@ -16,7 +20,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_bard.rundir import atomic_directory, remove_stale_temporaries
+
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -27,39 +35,67 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=opts)
 
 
+def save_bard_dir(
+    state: dict[str, torch.Tensor],
+    config: Any,
+    out_dir: str | Path,
+    *,
+    generation_config: Any = None,
+    processor: Any = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    marker: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``state`` (a full state dict) with ``config`` as an HF ``bard_vl`` directory at ``out_dir``.
+
+    The weights go through ``BardVLForConditionalGeneration.save_pretrained`` on a meta-device shell (no
+    memory for a second copy), sharded at ``max_shard_size``; an existing ``out_dir`` is replaced only
+    once the new one is complete.
+    """
+    from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration
+
+    out = Path(out_dir)
+    remove_stale_temporaries(out)
+    with torch.device("meta"):
+        shell = BardVLForConditionalGeneration(config)
+    if generation_config is not None:
+        shell.generation_config = generation_config
+    with atomic_directory(out, replace=True, marker=marker) as tmp:
+        shell.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+    return out
+
+
 def export_hf(
     model: torch.nn.Module,
     out_dir: str | Path,
     processor: Any = None,
     block_size: int | None = None,
     dtype: torch.dtype | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write ``model`` to ``out_dir`` as an HF ``bard_vl`` directory; returns the path."""
-    from safetensors.torch import save_file
-
+    """Write ``model`` to ``out_dir`` as an HF ``bard_vl`` directory (collective; rank 0 writes); returns the path."""
     out = Path(out_dir)
     state = full_state_dict(model)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
         config = copy.deepcopy(model.config)
         if block_size is not None:
             config.block_size = int(block_size)
         if getattr(config, "tie_word_embeddings", False):
             state.pop("lm_head.weight", None)
-        tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
-                   for k, v in state.items()}
-        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
+                 for k, v in state.items()}
         config.architectures = ["BardVLForConditionalGeneration"]
         if dtype is not None:
             config.dtype = dtype
-        config.save_pretrained(out)
-        gen = getattr(model, "generation_config", None)
-        if gen is not None:
-            gen.save_pretrained(out)
-        if processor is not None:
-            processor.save_pretrained(out)
+        save_bard_dir(state, config, out, generation_config=getattr(model, "generation_config", None),
+                      processor=processor, max_shard_size=max_shard_size,
+                      marker={"block_size": config.block_size})
         logger.info("exported bard_vl model (block_size=%s) to %s", config.block_size, out)
     if dist.is_initialized():
         dist.barrier()
     return out
+
+
+__all__ = ["DEFAULT_MAX_SHARD_SIZE", "export_hf", "full_state_dict", "save_bard_dir"]
