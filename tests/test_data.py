@@ -105,6 +105,44 @@ def test_empty_dataset_and_bad_rows_are_clear_errors(data_dir):
         BardChatDataset(str(_write_jsonl(data_dir / "r.jsonl", [{"messages": [{"role": "bot", "content": "x"}]}])))
 
 
+def test_jsonl_through_load_dataset_gives_the_rows_of_the_file(data_dir):
+    """`datasets.load_dataset("json")` reads the same rows a line-by-line json.loads does (mixed content types,
+    optional columns)."""
+    rows = [_row(length=5), {"messages": [{"role": "user", "content": "plain text"},
+                                          {"role": "assistant", "content": "blue"}]}, _row(image="images/b.png")]
+    path = data_dir / "mixed.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = BardChatDataset(str(path))
+    expected = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert [ds.table[i]["messages"] for i in range(3)] == [r["messages"] for r in expected]
+    assert [ds.table[i]["length"] for i in range(3)] == [5, None, None] and ds.lengths is None
+    assert ds[1]["conversation"] == expected[1]["messages"]
+
+
+def test_bad_rows_name_file_and_row(data_dir):
+    """Row 8 of issue #11: a 0-row save_to_disk dataset, a `messages` string that is not JSON (JSONL or save_to_disk),
+    an empty JSONL file: one DataError naming the file and row, never a raw IndexError / JSONDecodeError."""
+    from datasets import Dataset
+
+    Dataset.from_dict({"messages": []}).save_to_disk(str(data_dir / "zero"))
+    with pytest.raises(DataError, match=f"dataset {data_dir / 'zero'} has 0 rows"):
+        BardChatDataset(str(data_dir / "zero"))
+    good = json.dumps(_row()["messages"])
+    Dataset.from_list([{"messages": good}, {"messages": good[:-5]}]).save_to_disk(str(data_dir / "broken"))
+    with pytest.raises(DataError, match=r"broken row 1: 'messages' is a string but not valid JSON"):
+        BardChatDataset(str(data_dir / "broken"))
+    _write_jsonl(data_dir / "s.jsonl", [{"messages": good}, {"messages": good}, {"messages": "[{oops"}])
+    with pytest.raises(DataError, match=r"s.jsonl row 2: 'messages' is a string but not valid JSON"):
+        BardChatDataset(str(data_dir / "s.jsonl"))
+    path = data_dir / "gap.jsonl"  # a blank line between rows whose content types differ: named, not a crash
+    path.write_text(json.dumps(_row()) + "\n\n" + json.dumps({"messages": [{"role": "assistant", "content": "x"}]}))
+    with pytest.raises(DataError, match="gap.jsonl:2: blank line; remove blank lines"):
+        BardChatDataset(str(path))
+    (data_dir / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl is empty"):
+        BardChatDataset(str(data_dir / "empty.jsonl"))
+
+
 def test_collate_prefix_response_and_skips(data_dir, tiny_processor):
     ds = BardChatDataset(str(_write_jsonl(data_dir / "d.jsonl", [_row(answer="12 34"), _row(image="images/b.png")])))
     tok = tiny_processor.tokenizer

@@ -7,6 +7,8 @@ or ``{"type": "video", "video": <file | frame directory | [frame paths] | {"byte
 :mod:`nemo_bard.data.media`). Relative paths resolve against ``root_dir``. Optional columns ``length``
 (tokens) and ``v_tokens`` (visual tokens) feed length-aware batching.
 
+JSONL is read with ``datasets.load_dataset("json")``; a line that is not JSON, a ``messages`` string
+that is not JSON, a 0-row dataset or an empty file is an error naming the file and the line or row.
 Rows without an assistant response are skipped and counted at load time; an empty dataset is
 an error that names the source. Images are loaded here; videos are checked here and decoded by the
 collate (also in the dataloader workers). A missing or unreadable image or video raises an error
@@ -23,18 +25,27 @@ from typing import Any, Iterable
 from torch.utils.data import Dataset
 
 from nemo_bard.data.media import MediaError, load_image, video_source
+from nemo_bard.errors import UserError
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A problem with the user's data; the message names the source, row and fix."""
 
 
 def _parse_messages(raw: Any, where: str) -> list[dict]:
-    msgs = json.loads(raw) if isinstance(raw, str) else raw
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                f"{where}: 'messages' is a string but not valid JSON ({exc.msg} at character {exc.pos}); store the "
+                "list of {role, content} turns, or its json.dumps string"
+            ) from None
+    msgs = raw
     if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
         raise DataError(f"{where}: 'messages' must be a list of {{role, content}} dicts (or its JSON string)")
     for m in msgs:
@@ -60,22 +71,64 @@ def content_text(content: Any) -> str:
     return "".join(it.get("text") or "" for it in content if isinstance(it, dict) and (it.get("type") or "text") == "text")
 
 
-def _read_jsonl(paths: Iterable[Path]) -> list[dict]:
-    rows = []
+def _first_bad_json_line(paths: Iterable[Path]) -> str | None:
+    """``file:line: invalid JSON (...)`` for the first line of ``paths`` that is not one JSON object, else None."""
+    blank = None
     for path in paths:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
+                    blank = blank or f"{path}:{n}"
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg}); each line must be one JSON row") from None
-    return rows
+                    return f"{path}:{n}: invalid JSON ({exc.msg}); each line must be one JSON row"
+                if not isinstance(row, dict):
+                    return f"{path}:{n}: a row must be a JSON object with a 'messages' field, got {type(row).__name__}"
+    if blank is not None:  # datasets' JSON reader fails on blank lines when rows mix content types
+        return f"{blank}: blank line; remove blank lines (JSON Lines: one JSON row per line)"
+    return None
+
+
+def _read_jsonl(paths: list[Path]):
+    """JSON Lines file(s) as one ``datasets.Dataset`` (``load_dataset("json")``); a bad line is an error naming
+    its file and line."""
+    from datasets import load_dataset
+    from datasets.exceptions import DatasetGenerationError
+
+    empty = [p for p in paths if not any(line.strip() for line in open(p, encoding="utf-8", errors="replace"))]
+    if empty:
+        raise DataError(f"dataset file {empty[0]} is empty; write one JSON row with a 'messages' field per line")
+    try:
+        return load_dataset("json", data_files=[str(p) for p in paths], split="train")
+    except (DatasetGenerationError, ValueError, TypeError) as exc:
+        where = _first_bad_json_line(paths)
+        if where is not None:
+            raise DataError(where) from None
+        cause = exc.__cause__ or exc
+        raise DataError(f"{', '.join(map(str, paths))}: cannot be read as JSON Lines ({cause})") from None
+
+
+def _load_saved(path: Path):
+    """A ``save_to_disk`` directory as a Dataset or DatasetDict; a 0-row dataset is an error naming it."""
+    from datasets import load_from_disk
+
+    try:
+        return load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001  any loader failure: say which directory and why
+        state = path / "state.json"
+        try:
+            empty = state.is_file() and not json.loads(state.read_text()).get("_data_files")
+        except (OSError, ValueError):
+            empty = False
+        if empty:
+            raise DataError(f"dataset {path} has 0 rows; BARD training needs rows with a 'messages' field") from None
+        raise DataError(f"{path} cannot be read as a datasets.save_to_disk directory ({type(exc).__name__}: {exc})") from None
 
 
 def open_source(path: str | Path | list, split: str | None = None):
-    """Open a ``save_to_disk`` directory (Dataset or DatasetDict) or JSONL file(s); returns an indexable table."""
+    """Open a ``save_to_disk`` directory (Dataset or DatasetDict) or JSONL file(s); returns a ``datasets.Dataset``."""
     paths = [Path(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
     for p in paths:
         if not p.exists():
@@ -85,9 +138,9 @@ def open_source(path: str | Path | list, split: str | None = None):
             paths[0] / "dataset_dict.json"
         ).exists():
             return _read_jsonl(sorted(paths[0].glob("*.jsonl")))
-        from datasets import DatasetDict, load_from_disk
+        from datasets import DatasetDict
 
-        ds = load_from_disk(str(paths[0]))
+        ds = _load_saved(paths[0])
         if isinstance(ds, DatasetDict):
             if split is None:
                 if len(ds) != 1:
@@ -99,7 +152,10 @@ def open_source(path: str | Path | list, split: str | None = None):
         if "messages" not in ds.column_names:
             raise DataError(f"{paths[0]} has columns {ds.column_names}; a 'messages' column is required")
         return ds
-    return _read_jsonl(paths)
+    ds = _read_jsonl(paths)
+    if "messages" not in ds.column_names:
+        raise DataError(f"{', '.join(map(str, paths))}: rows have fields {ds.column_names}; a 'messages' field is required")
+    return ds
 
 
 class BardChatDataset(Dataset):
@@ -131,7 +187,7 @@ class BardChatDataset(Dataset):
         self.root_dir = Path(root_dir) if root_dir else (first if first.is_dir() else first.parent)
         self.skip_bad_samples = skip_bad_samples
         self.num_skipped_media = 0
-        messages = self.table["messages"] if not isinstance(self.table, list) else [r.get("messages") for r in self.table]
+        messages = self.table["messages"]
         self.indices = []
         self.num_skipped_no_response = 0
         for i, raw in enumerate(messages):
@@ -155,13 +211,10 @@ class BardChatDataset(Dataset):
         self._lengths = self._column("length")
 
     def _column(self, name: str) -> list[int] | None:
-        if isinstance(self.table, list):
-            vals = [self.table[i].get(name) for i in self.indices]
-        elif name in self.table.column_names:
-            col = self.table[name]
-            vals = [col[i] for i in self.indices]
-        else:
+        if name not in self.table.column_names:
             return None
+        col = self.table[name]
+        vals = [col[i] for i in self.indices]
         return None if any(v is None for v in vals) else [int(v) for v in vals]
 
     @property
@@ -179,7 +232,7 @@ class BardChatDataset(Dataset):
             if isinstance(content, list):
                 items = []
                 for it in content:
-                    it = dict(it)
+                    it = {k: v for k, v in it.items() if v is not None}  # Arrow structs fill absent keys with None
                     kind = it.get("type") or ("image" if "image" in it else "video" if "video" in it else "text")
                     it["type"] = kind
                     try:
