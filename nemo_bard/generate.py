@@ -21,10 +21,11 @@ import json
 import sys
 from pathlib import Path
 
-EXIT_USAGE = 2
+from nemo_bard.errors import DEBUG_ENV, EXIT_USAGE, UserError, report  # noqa: F401  (EXIT_USAGE: re-exported)
+from nemo_bard.models.paths import ModelPathError, read_model_config
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A user-fixable problem; printed as one line and exit code 2."""
 
 
@@ -62,18 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ap, "seed", type=int, default=None)
     _flag(ap, "engine", default="static", choices=ENGINES,
           help="decoding engine: static (default; CUDA graphs on GPU), compiled (+ torch.compile), eager (reference)")
+    _flag(ap, "debug", action="store_true", help="show tracebacks of errors")
     return ap
 
 
 def check_model_dir(path: str) -> dict:
     """The checkpoint's config.json as a dict; raises :class:`UsageError` unless it is a bard_vl directory."""
-    model_dir = Path(path)
-    cfg_path = model_dir / "config.json"
-    if not model_dir.is_dir():
-        raise UsageError(f"--model {path}: no such directory; pass a bard_vl checkpoint directory")
-    if not cfg_path.is_file():
-        raise UsageError(f"--model {path}: no config.json; pass a Hugging Face bard_vl checkpoint directory")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = read_model_config(path, "--model", "pass a bard_vl checkpoint directory")
+    except ModelPathError as exc:
+        raise UsageError(str(exc)) from None
+    if cfg is None:
+        raise UsageError(f"--model {path}: no such directory; pass a local bard_vl checkpoint directory")
     if cfg.get("model_type") != "bard_vl":
         raise UsageError(
             f"--model {path}: config.json model_type is {cfg.get('model_type')!r}, not 'bard_vl'; convert an "
@@ -173,16 +174,21 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit code (2 for usage errors)."""
+    """Entry point; returns the exit code (2 for usage errors, printed as one line)."""
     from nemo_bard.generation.inputs import InputError
 
     args = build_parser().parse_args(argv)
+    if args.debug:
+        import os
+
+        os.environ[DEBUG_ENV] = "1"
     try:
         check_args(args)
         run(args)
-    except (UsageError, InputError) as exc:
-        print(f"nemo_bard.generate: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    except InputError as exc:
+        return report("nemo_bard.generate", UsageError(str(exc)).with_traceback(exc.__traceback__))
+    except (UserError, KeyboardInterrupt) as exc:
+        return report("nemo_bard.generate", exc)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -77,7 +78,8 @@ def test_cli_video_file_sampling(tiny_bard_dir, coded_clip, tmp_path, capsys):
     assert stats["video_frame_indices"] == [[0, 10, 19, 29]] and stats["prompt_tokens"] > 20
 
 
-@pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "corrupt_video", "no_decoder"])
+@pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "corrupt_video", "no_decoder",
+                                  "tau_negative", "tau_above_one", "empty_config"])
 def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, monkeypatch):
     argv = ["--model", str(tiny_bard_dir), "--prompt", "hi"]
     if case == "missing_image":
@@ -88,7 +90,17 @@ def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, mo
         expected = f"python -m nemo_bard.convert --src {tiny_ar_dir} --dst OUT"
     elif case == "missing_model":
         argv[1] = str(tmp_path / "none")
-        expected = "no such directory"
+        expected = f"--model directory {tmp_path / 'none'} not found"
+    elif case in ("tau_negative", "tau_above_one"):
+        tau = "-1" if case == "tau_negative" else "2"
+        argv += ["--confidence-threshold", tau]
+        expected = f"--confidence-threshold must be in [0, 1], got {float(tau)}"
+    elif case == "empty_config":
+        broken = tmp_path / "killed_export"
+        shutil.copytree(tiny_bard_dir, broken)
+        (broken / "config.json").write_text("")  # what a kill during a non-atomic export left
+        argv[1] = str(broken)
+        expected = f"{broken / 'config.json'} is empty"
     elif case == "corrupt_video":
         clip = tmp_path / "clip.mp4"
         clip.write_bytes(b"\x00" * 64)
@@ -103,6 +115,16 @@ def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, mo
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nemo_bard.generate: error: ") and expected in err[0]
+
+
+def test_generate_refuses_tau_outside_unit_interval(tiny_bard_model, tiny_processor):
+    from nemo_bard.generation import block_diffusion_generate
+    from nemo_bard.generation.inputs import build_inputs
+
+    inputs = build_inputs(tiny_processor, ["hi"])
+    for tau in (-1.0, 2.0):
+        with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
+            block_diffusion_generate(tiny_bard_model, **inputs, max_new_tokens=4, confidence_threshold=tau)
 
 
 def test_cli_accepts_dash_and_underscore_spellings():
