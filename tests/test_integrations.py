@@ -320,3 +320,84 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_bard_dir, tiny_processo
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
     torch.testing.assert_close(w_a, w_b, rtol=0, atol=1e-5)
     assert json.dumps(loss_a)  # a plain float, loggable as is
+
+
+# ------------------------------------------------------------------------------ faults in the training step
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _same(a, b):
+    return all(torch.equal(a[k].nan_to_num(7.0), b[k].nan_to_num(7.0)) for k in a)
+
+
+def test_nonfinite_step_is_skipped_counted_and_too_many_in_a_row_stop(tiny_bard_dir, tiny_processor, collated, tmp_path):
+    """Row 1 of issue #11: a NaN loss/gradient never reaches the weights; bard.max_nonfinite_steps in a row end the
+    run with a message naming the fix, once NeMo has logged (and flushed) that step."""
+    from nemo_automodel.components.loggers.metric_logger import MetricLogger
+
+    from nemo_bard.errors import TrainingDiverged
+    from nemo_bard.integrations.cpu import cpu_patches
+    from nemo_bard.recipes.config import parse_bard_settings
+
+    model = fresh_model(tiny_bard_dir)
+    recipe = stub_recipe(model, tiny_processor, local_batch_size=2)
+    recipe.bard = parse_bard_settings({"max_length": 512, "max_nonfinite_steps": 2})
+    recipe.metric_logger_train = MetricLogger(str(tmp_path / "training.jsonl"))
+    batches = [collated([0, 1])]
+
+    def poison():
+        with torch.no_grad():
+            model.lm_head.weight[5, 0] = float("nan")  # NaN logits: NaN loss and gradients
+
+    def step():
+        recipe.step_scheduler.step += 1
+        sample = recipe._run_train_optim_step(batches, 1.0)
+        with cpu_patches():
+            recipe.log_train_metrics(sample)
+        return sample
+
+    clean = _params(model)
+    poison()
+    before = _params(model)
+    sample = step()
+    assert sample.metrics["skipped_steps"] == 1.0 and not torch.isfinite(torch.tensor(sample.metrics["loss"]))
+    assert _same(_params(model), before)  # the optimizer did not move anything
+    logged = [json.loads(line) for line in (tmp_path / "training.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [1]  # on disk at once (row 7: NeMo buffers 100 records)
+    with torch.no_grad():
+        model.lm_head.weight.copy_(clean["lm_head.weight"])
+    sample = step()
+    assert sample.metrics["skipped_steps"] == 1.0 and not _same(_params(model), clean)  # a good step trains again
+    poison()
+    step()  # one bad step: tolerated
+    poison()
+    with pytest.raises(TrainingDiverged, match=r"2 optimizer steps in a row .* Lower optimizer.lr"):
+        step()
+    assert [json.loads(line)["step"] for line in (tmp_path / "training.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_micro_batch_of_over_long_rows_is_a_counted_drop(tiny_bard_dir, tiny_processor, tmp_path):
+    """Row 6 of issue #11: a micro-batch whose every row is over bard.max_length runs as an empty micro-batch
+    (counted), a step whose every row is dropped is skipped, and neither crashes."""
+    from nemo_bard.data.collate import bard_collate_fn
+    from nemo_bard.data.datasets import BardChatDataset
+
+    def row(prompt):
+        return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "red and blue"}]}
+
+    rows = [row("What colour? " * 40), row("Name it. " * 40), row("Colour?"), row("Which colour?")]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ds = BardChatDataset(str(tmp_path / "d.jsonl"))
+    long_mb, short_mb = (bard_collate_fn([ds[i] for i in pair], tiny_processor) for pair in ((0, 1), (2, 3)))
+    model = fresh_model(tiny_bard_dir)
+    recipe = stub_recipe(model, tiny_processor, local_batch_size=2)
+    recipe.layout.max_length = 64
+    assert int(long_mb["prefix_lens"].min()) + 8 > 64 >= int(short_mb["prefix_lens"].max()) + 8
+    sample = recipe._run_train_optim_step([long_mb, short_mb], 1.0)
+    assert sample.metrics["num_dropped_samples"] == 2 and sample.metrics["num_samples"] >= 1
+    assert torch.isfinite(torch.tensor(sample.metrics["loss"])) and "empty_steps" not in sample.metrics
+    before = _params(model)
+    sample = recipe._run_train_optim_step([long_mb], 1.0)
+    assert sample.metrics["num_dropped_samples"] == 2 and sample.metrics["empty_steps"] == 1.0
+    assert _same(_params(model), before)

@@ -12,12 +12,22 @@ What BARD needs from NeMo AutoModel, in one place:
 * :class:`BardRecipeConfig`: NeMo's typed recipe config whose training dataloader (NeMo's VLM builder,
   with the dataset built in pre-flight and NeMo's length-grouped sampler) and loss are BARD's.
 * :func:`build_frozen_model` (the SWD teacher), :func:`noise_seed`, :func:`run_main`.
+
+Faults (``BardNeMoRecipe``): the run directory is locked for the life of the run
+(:class:`nemo_bard.rundir.RunLock`); an optimizer step with a non-finite loss or gradient is skipped and
+counted, too many in a row end the run (:class:`~nemo_bard.integrations.guards.NonFiniteGuard`); no
+checkpoint is written from non-finite weights; a full disk during a save is reported as such; SIGTERM /
+SIGINT finish the step, save a checkpoint and stop with :class:`nemo_bard.errors.RunStopped`
+(:class:`~nemo_bard.integrations.guards.StopSignals`); ``training.jsonl`` is flushed at every step.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
+import os
+import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +52,10 @@ from nemo_automodel.recipes._typed_config import RecipeConfig  # noqa: E402
 from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM, build_model  # noqa: E402
 
 from nemo_bard.callbacks.base import CallbackList  # noqa: E402
+from nemo_bard.errors import DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
 from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
+from nemo_bard.integrations.guards import NonFiniteGuard, StopSignals, all_finite  # noqa: E402
+from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
 from nemo_bard.models.registration import ARCHITECTURE_ALIASES  # noqa: E402
 
@@ -229,6 +242,13 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         """Metrics printed after NeMo's step line."""
         return ()
 
+    def max_nonfinite_steps(self) -> int:
+        """Skipped (non-finite) optimizer steps in a row that end the run."""
+        return 5
+
+    def finish_training(self) -> None:
+        """After the last step of a run that was not stopped early (final exports)."""
+
     # ------------------------------------------------------------ data-parallel helpers
     def dp_rank(self) -> int:
         return int(self._get_dp_rank())
@@ -242,33 +262,122 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
 
     # ------------------------------------------------------------------ NeMo overrides
     def setup(self) -> None:
+        self._lock_run_dir()
         with cpu_patches():
             self.preflight()
             super().setup()
+            self._install_stop_signals()
             self.finish_setup()
 
     def run_train_validation_loop(self) -> None:
         with cpu_patches():
             self.callbacks.on_train_start(self)
             super().run_train_validation_loop()
+            guard = getattr(self, "_bard_guard", None)
+            if guard is not None and guard.total and self.dist_env.is_main:
+                logger.warning("%d optimizer step(s) of this run were skipped for a non-finite loss or gradients; if "
+                               "the result is poor, lower optimizer.lr", guard.total)
+            self._raise_if_stopped()
             self.callbacks.on_train_end(self)
+            self.finish_training()
 
     def save_checkpoint(self, epoch: int, step: int, train_loss: float, val_loss: Any = None,
                         best_metric_key: str = "default") -> None:
-        super().save_checkpoint(epoch, step, train_loss, val_loss, best_metric_key=best_metric_key)
+        path = f"{self.checkpointer.config.checkpoint_dir}/epoch_{epoch}_step_{step}"
         if self.checkpointer.config.enabled:
-            self.callbacks.on_save(self, f"{self.checkpointer.config.checkpoint_dir}/epoch_{epoch}_step_{step}")
+            self.check_finite_weights(f"checkpoint {path}")
+        try:
+            super().save_checkpoint(epoch, step, train_loss, val_loss, best_metric_key=best_metric_key)
+        except Exception as exc:
+            full = disk_full_message(exc, path)
+            if full is None:
+                raise
+            raise DiskFullError(
+                f"{full}: the checkpoint of step {step} was not completed and is not published (LATEST still names "
+                "the previous one); free space or point checkpoint.checkpoint_dir elsewhere, then resume with the "
+                "same command"
+            ) from exc
+        self._flush_metric_logs()
+        if self.checkpointer.config.enabled:
+            self._bard_last_checkpoint = path
+            self.callbacks.on_save(self, path)
 
     def _run_train_optim_step(self, batches: list[dict[str, Any]], max_grad_norm: float | None = None) -> MetricsSample:
         step = self.step_scheduler.step
         self.callbacks.on_step_start(self, step)
         built, self._bard_denominator = self.prepare_step(batches, step)
         self._bard_stats: list[dict[str, torch.Tensor]] = []
+        guard = self._nonfinite_guard()
+        guard.begin_step(empty=self._bard_denominator == 0)
         # NeMo counts label tokens for its own bookkeeping (tps, num_label_tokens): the loss targets.
         sample = super()._run_train_optim_step([{**b, "labels": b["targets"]} for b in built], max_grad_norm)
         sample.metrics.update(self.step_metrics(built, batches, self._reduce_stats(self._bard_stats)))
+        try:
+            sample.metrics.update(guard.end_step(step, sample.metrics.get("block_size", "-"),
+                                                 self.cfg.get("optimizer.lr", None)))
+        except TrainingDiverged as exc:
+            self._bard_diverged = exc  # raised once NeMo has logged this step (log_train_metrics)
         self.callbacks.on_step_end(self, step, sample.metrics)
         return sample
+
+    # ------------------------------------------------------------------ faults
+    def _nonfinite_guard(self) -> NonFiniteGuard:
+        guard = getattr(self, "_bard_guard", None)
+        if guard is None:
+            max_op = torch.distributed.ReduceOp.MAX
+            guard = self._bard_guard = NonFiniteGuard(
+                params=lambda: (p for part in self.model_parts for p in part.parameters()),
+                any_rank=lambda flag: bool(self.dp_allreduce(flag.to(torch.int32).reshape(1), op=max_op)[0]),
+                max_consecutive=self.max_nonfinite_steps(),
+            )
+        guard.attach(self.optimizer)
+        return guard
+
+    def check_finite_weights(self, what: str) -> None:
+        """Raise :class:`TrainingDiverged` (on every rank) if any trained weight is NaN/inf, before writing ``what``."""
+        ok = all_finite(p.detach() for part in self.model_parts for p in part.parameters())
+        if self.dp_allreduce((~ok).to(torch.int32).reshape(1), op=torch.distributed.ReduceOp.MAX)[0]:
+            raise TrainingDiverged(
+                f"the model weights hold NaN/inf at step {self.step_scheduler.step}; {what} was not written. Lower "
+                "optimizer.lr (or check the data) and resume from the last checkpoint with the same command"
+            )
+
+    def _lock_run_dir(self) -> None:
+        """Hold the run directory for the life of the process (global rank 0; a launcher may hold it already)."""
+        run_dir = self.cfg.get("checkpoint.checkpoint_dir", None)
+        if run_dir is None or int(os.environ.get("RANK", "0") or 0) != 0:
+            return
+        lock = RunLock(str(run_dir)).acquire()
+        atexit.register(lock.release)
+
+    def _install_stop_signals(self) -> None:
+        """Swap NeMo's SIGTERM-only preemption handler for :class:`StopSignals` (SIGTERM and SIGINT too)."""
+        sched = getattr(self, "step_scheduler", None)
+        old = getattr(sched, "sig_handler", None)
+        if old is None or isinstance(old, StopSignals):
+            return  # preemption_signal: null turns signal handling off
+        sigs = list(dict.fromkeys([*old.sigs, signal.SIGTERM, signal.SIGINT]))
+        old.release()
+        sched.sig_handler = StopSignals(sig=sigs, group=old.group).__enter__()
+
+    def _raise_if_stopped(self) -> None:
+        """After NeMo's loop: a stop by signal before ``max_steps`` becomes :class:`RunStopped` (checkpoint saved)."""
+        sched = self.step_scheduler
+        if not getattr(sched, "sigterm_flag", False) or sched.step >= sched.max_steps:
+            return
+        signum = getattr(sched.sig_handler, "received", None) or signal.SIGTERM
+        last = getattr(self, "_bard_last_checkpoint", None)
+        saved = f"checkpoint {last} saved" if last else "checkpointing is disabled, nothing was saved"
+        raise RunStopped(f"stopped by signal {signal.Signals(signum).name} after step {sched.step - 1} ({saved}); "
+                         "resume with the same command", signum)
+
+    def _flush_metric_logs(self) -> None:
+        """Write NeMo's buffered metric records (it keeps up to 100 in memory) to training/validation.jsonl."""
+        if getattr(self, "dist_env", None) is not None and self.dist_env.is_main:
+            for name in ("metric_logger_train", "metric_logger_valid"):
+                metric_logger = getattr(self, name, None)
+                if metric_logger is not None:
+                    metric_logger.flush()
 
     def _forward_backward_step(self, idx: int, batch: dict[str, Any], *, loss_buffer: list, num_label_tokens: int,
                                num_batches: int, is_train: bool = True) -> None:
@@ -279,6 +388,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             loss, stats = self.forward_loss(model, batch, self._bard_denominator, is_train)
             loss_buffer.append(loss.detach().clone())
             if is_train:
+                self._bard_guard.add_loss(loss)
                 (loss * self._get_dp_group_size(include_cp=True)).backward()
         self._bard_stats.append({k: v.detach().double() for k, v in stats.items()})
 
@@ -312,6 +422,14 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             m = log_data.metrics
             extras = " | ".join(f"{k} {m[k]:.4f}" for k in self.log_keys() if k in m)
             logging.info("step %d | block %s | %s", log_data.step, m.get("block_size", "-"), extras)
+        self._flush_metric_logs()  # a killed run keeps every logged step
+        diverged, self._bard_diverged = getattr(self, "_bard_diverged", None), None
+        if diverged is not None:
+            raise diverged
+
+    def log_val_metrics(self, log_data: MetricsSample) -> None:
+        super().log_val_metrics(log_data)
+        self._flush_metric_logs()
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -335,11 +453,19 @@ def noise_seed(base: int, step: int, dp_rank: int, dp_size: int, lbs: int, grad_
 
 
 def run_main(recipe_cls: type, config_path: str | None = None) -> None:
-    """Load ``-c cfg.yaml`` (+ ``--a.b=c`` overrides) the NeMo way, then set up and run ``recipe_cls``."""
-    with cpu_patches():
-        recipe = recipe_cls(parse_args_and_load_config(config_path))
-        recipe.setup()
-        recipe.run_train_validation_loop()
+    """Load ``-c cfg.yaml`` (+ ``--a.b=c`` overrides) the NeMo way, then set up and run ``recipe_cls``.
+
+    Errors a user acts on end the process with one line and their exit code (:mod:`nemo_bard.errors`)."""
+
+    def run() -> None:
+        with cpu_patches():
+            recipe = recipe_cls(parse_args_and_load_config(config_path))
+            recipe.setup()
+            recipe.run_train_validation_loop()
+
+    code = run_reported(recipe_cls.__name__, run)
+    if code:
+        raise SystemExit(code)
 
 
 __all__ = [

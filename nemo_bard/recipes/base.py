@@ -15,6 +15,7 @@ batches and the forward + loss; how those plug into NeMo's loop is
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,18 @@ from nemo_bard.callbacks.base import BardCallback, CallbackList
 from nemo_bard.callbacks.block_merge import BlockMergeCallback, ScheduleError
 from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout, FakeMedia
 from nemo_bard.data.noise import NoiseConfig
+from nemo_bard.errors import DiskFullError
 from nemo_bard.integrations.nemo import BardNeMoRecipe, noise_seed, training_dataset
 from nemo_bard.loss.denoise import num_loss_samples
-from nemo_bard.recipes.config import BardConfigError, BardSections, parse_sections, to_plain
+from nemo_bard.rundir import disk_full_message
+from nemo_bard.recipes.config import (
+    BardConfigError,
+    BardSections,
+    check_paths,
+    check_training_setup,
+    parse_sections,
+    to_plain,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +56,10 @@ class BardRecipeBase(BardNeMoRecipe):
         self.sections = parse_sections({k: to_plain(self.cfg.get(k, None)) for k in ("bard", "block_merge", "kd")})
         self.bard = self.sections.bard
         self.check_sections()
-        if self.cfg.get("loss_fn", None) is not None:
-            raise BardConfigError(
-                "loss_fn: BARD recipes compute their own loss (configure it under bard.loss, and kd: for SWD); "
-                "remove the loss_fn section"
-            )
-        sizes = {k: int(self.cfg.get(f"distributed.{k}", 1) or 1) for k in ("tp_size", "cp_size", "pp_size", "ep_size")}
-        if any(v > 1 for v in sizes.values()):
-            raise BardConfigError(
-                "BARD recipes shard by data parallelism (FSDP2) only: the block masks cannot be split across "
-                f"tensor/context/pipeline/expert-parallel ranks; set {', '.join(f'distributed.{k}=1' for k in sizes)} "
-                f"(got {', '.join(f'{k}={v}' for k, v in sizes.items() if v > 1)})"
-            )
+        plain = {k: to_plain(self.cfg.get(k, None)) for k in ("loss_fn", "distributed", "block_merge", "step_scheduler",
+                                                               "dataset", "model", "teacher_model")}
+        check_training_setup(plain)
+        check_paths(plain)
         self._check_mask_backend()
         self.callbacks = CallbackList(self.build_callbacks())
         self.cfg.use_loss(self.build_loss())
@@ -153,11 +155,24 @@ class BardRecipeBase(BardNeMoRecipe):
         return str(self.checkpointer.config.checkpoint_dir)
 
     def export_model(self, out_dir: str | Path, block_size: int | None = None) -> Path:
-        """Export the student as an HF ``bard_vl`` directory (collective; rank 0 writes)."""
+        """Export the student as an HF ``bard_vl`` directory (collective; rank 0 writes), atomically and sharded at
+        ``bard.export_max_shard_size``; refused when the weights are not finite."""
         from nemo_bard.models.export import export_hf
 
+        self.check_finite_weights(f"export {out_dir}")
         dtype = getattr(torch, self.bard.export_dtype) if self.bard.export_dtype else None
-        return export_hf(self.model_parts[0], out_dir, self.processor, block_size=block_size, dtype=dtype)
+        try:
+            return export_hf(self.model_parts[0], out_dir, self.processor, block_size=block_size, dtype=dtype,
+                             max_shard_size=self.bard.export_max_shard_size)
+        except OSError as exc:
+            full = disk_full_message(exc, out_dir)
+            if full is None:
+                raise
+            raise DiskFullError(f"{full}: the export {out_dir} was not completed (nothing was published there); free "
+                                "space, then resume with the same command") from exc
+
+    def max_nonfinite_steps(self) -> int:
+        return self.bard.max_nonfinite_steps
 
     def reset_optimizer_state(self) -> None:
         for opt in self.optimizer:
@@ -182,12 +197,27 @@ class BardRecipeBase(BardNeMoRecipe):
         lbs = int(self.cfg.get("step_scheduler.local_batch_size", 1))
         dp_rank, dp_size = self.dp_rank(), self.dp_size()
         seeds = [noise_seed(self.noise_seed, step, dp_rank, dp_size, lbs, grad_acc, microbatch, i) for i in range(n)]
-        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, self.fake_media_for(batch))
+        fake_media = self.fake_media_for(batch)
+        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, fake_media)
         if built["num_samples"] == 0:
-            raise BardConfigError(
-                f"every sample of a micro-batch was dropped (over bard.max_length={self.bard.max_length} or bad "
-                "media); raise bard.max_length or filter the data"
-            )
+            built = self.placeholder_batch(built, fake_media)
+        return built
+
+    def placeholder_batch(self, dropped: dict[str, Any], fake_media: list[FakeMedia]) -> dict[str, Any]:
+        """A micro-batch whose samples were all dropped (counted): one block of padding with no loss position, so
+        this rank still runs the forward and backward the other data-parallel ranks run (FSDP collectives)."""
+        pad = self.layout.pad_token_id
+        stub = {"prefix_ids": torch.tensor([[pad]]), "prefix_lens": torch.tensor([1]),
+                "mm_token_type_ids": torch.zeros(1, 1, dtype=torch.long), "response_ids": torch.tensor([[pad]]),
+                "response_lens": torch.tensor([1]), "n_images_per_sample": torch.tensor([0]),
+                "n_videos_per_sample": torch.tensor([0]), "rows": torch.tensor([-1])}
+        layout = dataclasses.replace(self.layout, max_length=None)
+        built = layout.build(stub, [0], self.model_parts[0].rope_positions, fake_media)
+        built["loss_mask"] = torch.zeros_like(built["loss_mask"])
+        built["targets"] = torch.full_like(built["targets"], -100)
+        built["loss_weights"] = torch.zeros_like(built["loss_weights"])
+        built["mask_rates"] = torch.zeros_like(built["mask_rates"])
+        built.update(num_samples=0, num_dropped=dropped["num_dropped"], num_skipped=dropped["num_skipped"])
         return built
 
     def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:

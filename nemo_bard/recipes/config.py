@@ -8,14 +8,16 @@ torch), so a front end can validate a config before any heavy import.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nemo_bard.callbacks.block_merge import parse_schedule
+from nemo_bard.callbacks.block_merge import ScheduleError, parse_schedule
+from nemo_bard.errors import UserError
 
 
-class BardConfigError(ValueError):
+class BardConfigError(UserError):
     """A bad BARD config value; the message names the key and the fix."""
 
 
@@ -55,7 +57,9 @@ class BardSettings(_Section):
 
     ``block_size``: training block size when no ``block_merge`` schedule is given (default: the model
     config's ``block_size``). ``mask_token_id`` defaults to the model config's. ``length_grouped``
-    batches samples of similar length when the dataset has a ``length`` column.
+    batches samples of similar length when the dataset has a ``length`` column. Exports (stage and final)
+    are sharded into safetensors files of at most ``export_max_shard_size``. An optimizer step whose loss
+    or gradients are not finite is skipped; ``max_nonfinite_steps`` such steps in a row stop the run.
     """
 
     block_size: int | None = Field(None, ge=1)
@@ -69,8 +73,10 @@ class BardSettings(_Section):
     loss: LossSettings = Field(default_factory=LossSettings)
     length_grouped: bool = True
     export_dtype: Literal["bfloat16", "float16", "float32"] | None = None
+    export_max_shard_size: str = "5GB"
     export_final: bool = True
     seed: int | None = None
+    max_nonfinite_steps: int = Field(5, ge=1)
 
     @model_validator(mode="after")
     def _fits_two_blocks(self) -> "BardSettings":
@@ -172,6 +178,80 @@ def parse_sections(raw: dict[str, Any]) -> BardSections:
         raise config_error(exc) from None
 
 
+def _get(cfg: dict[str, Any], dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def check_training_setup(cfg: dict[str, Any]) -> None:
+    """What BARD cannot train with: a ``loss_fn:`` section, model parallelism, a schedule that does not
+    match ``step_scheduler.max_steps``."""
+    if cfg.get("loss_fn") is not None:
+        raise BardConfigError(
+            "loss_fn: BARD recipes compute their own loss (configure it under bard.loss, and kd: for SWD); "
+            "remove the loss_fn section"
+        )
+    sizes = {k: int(_get(cfg, f"distributed.{k}") or 1) for k in ("tp_size", "cp_size", "pp_size", "ep_size")}
+    if any(v > 1 for v in sizes.values()):
+        raise BardConfigError(
+            "BARD recipes shard by data parallelism (FSDP2) only: the block masks cannot be split across "
+            f"tensor/context/pipeline/expert-parallel ranks; set {', '.join(f'distributed.{k}=1' for k in sizes)} "
+            f"(got {', '.join(f'{k}={v}' for k, v in sizes.items() if v > 1)})"
+        )
+    schedule = _get(cfg, "block_merge.schedule")
+    max_steps = _get(cfg, "step_scheduler.max_steps")
+    if schedule and max_steps is not None:
+        total = sum(int(s["steps"]) for s in schedule)
+        if total != int(max_steps):
+            raise ScheduleError(
+                f"block_merge.schedule steps sum to {total} but step_scheduler.max_steps={max_steps}; make them equal"
+            )
+
+
+def check_paths(cfg: dict[str, Any]) -> None:
+    """Files the run needs: the dataset path(s), the model directory (a bard_vl checkpoint) and, for SWD, the
+    teacher directory. Local paths only; Hub ids are left to the loaders."""
+    from nemo_bard.models.paths import read_model_config
+
+    data = _get(cfg, "dataset.path")
+    for p in data if isinstance(data, (list, tuple)) else [data] if data is not None else []:
+        if not os.path.exists(str(p)):
+            raise BardConfigError(
+                f"dataset path {p} does not exist; set paths.data (dataset.path) to a save_to_disk directory or .jsonl"
+            )
+    swd = _get(cfg, "teacher_model") is not None
+    for key, fix in (("model", "convert an AR Qwen3-VL first (python -m nemo_bard.convert --src DIR --dst OUT) "
+                               "or set paths.model (model.pretrained_model_name_or_path)"),
+                     ("teacher_model", "run PBM first (its stage exports are <run>/stages/b<B>) or set paths.teacher "
+                                       "(teacher_model.pretrained_model_name_or_path)")):
+        path = _get(cfg, f"{key}.pretrained_model_name_or_path")
+        if path is None:
+            continue
+        role = {"model": "SWD student" if swd else "model", "teacher_model": "SWD teacher"}[key]
+        if swd and key == "model":
+            fix = ("run PBM first (its stage exports are <run>/stages/b<B>) or set paths.student "
+                   "(model.pretrained_model_name_or_path)")
+        config = read_model_config(str(path), role, fix)
+        if config is not None and config.get("model_type") != "bard_vl":
+            raise BardConfigError(
+                f"{role} {path} is a {config.get('model_type')!r} checkpoint; BARD training needs a bard_vl model. "
+                f"Convert it first: python -m nemo_bard.convert --src {path} --dst OUT"
+            )
+
+
+def check_recipe_config(cfg: dict[str, Any]) -> BardSections:
+    """Every check of a (plain dict) BARD recipe config that needs no model, torch or NeMo: the sections'
+    schema, the training setup and the files. Front ends run it before any heavy import."""
+    sections = parse_sections(cfg)
+    check_training_setup(cfg)
+    check_paths(cfg)
+    return sections
+
+
 def parse_bard_settings(raw: dict[str, Any] | None) -> BardSettings:
     """Validate and type the ``bard:`` section alone."""
     return parse_sections({"bard": raw or {}}).bard
@@ -193,6 +273,9 @@ __all__ = [
     "BardSections",
     "BardSettings",
     "BlockMergeSettings",
+    "check_paths",
+    "check_recipe_config",
+    "check_training_setup",
     "KDSettings",
     "LossSettings",
     "NoiseSettings",

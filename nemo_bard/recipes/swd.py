@@ -14,7 +14,6 @@ checkpointer skips), and optionally offloaded to CPU between forwards (GPU only)
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from nemo_bard.attention.masks import training_mask
 from nemo_bard.integrations.nemo import build_frozen_model, run_main
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
+from nemo_bard.models.paths import read_model_config
 from nemo_bard.recipes.base import BardRecipeBase
 from nemo_bard.recipes.config import BardConfigError, KDSettings
 
@@ -44,13 +44,9 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
 
     cfgs = {}
     for role, path in (("student", student_path), ("teacher", teacher_path)):
-        looks_local = os.path.isabs(path) or path.startswith(".") or path.count("/") != 1
-        if looks_local and not os.path.isdir(path):
-            key = "model" if role == "student" else "teacher_model"
-            raise BardConfigError(
-                f"SWD {role} directory {path} not found; run PBM first (its stage exports are "
-                f"<run>/stages/b<B>) or set {key}.pretrained_model_name_or_path"
-            )
+        key = "paths.student (model" if role == "student" else "paths.teacher (teacher_model"
+        read_model_config(path, f"SWD {role}", f"run PBM first (its stage exports are <run>/stages/b<B>) or set "
+                                               f"{key}.pretrained_model_name_or_path)")
         try:
             cfgs[role] = AutoConfig.from_pretrained(path)
         except (OSError, ValueError) as exc:
@@ -168,11 +164,10 @@ class BardSWDRecipe(BardRecipeBase):
     def log_keys(self) -> tuple[str, ...]:
         return ("ce_loss", "kd_loss", "masked_acc", "top1_agree", "teacher_entropy", "mean_t")
 
-    def run_train_validation_loop(self):
-        result = super().run_train_validation_loop()
+    def finish_training(self) -> None:
+        """Export the trained student as ``<run>/student_b<B>`` (not after a stop by signal: resume first)."""
         if self.bard.export_final:
             self.export_model(f"{self.checkpoint_root}/student_b{self.student_block}", block_size=self.student_block)
-        return result
 
 
 def main(config_path: str | None = None) -> None:
