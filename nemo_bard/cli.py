@@ -16,24 +16,36 @@ directory (``checkpoint.checkpoint_dir``) and that file is handed to
 ``nemo_automodel.cli.app`` unchanged. ``--nproc-per-node N`` (N > 1) starts
 ``torchrun -m nemo_bard.cli`` so every worker re-reads the same resolved file;
 on a CPU-only host the recipes run with gloo (``nemo_bard.integrations.cpu``).
+
+Before anything heavy is imported, a BARD config is checked (sections, schedule, parallelism, the
+dataset / model / teacher paths) and the run directory is locked (one run per directory; torchrun
+workers share the launcher's lock). Errors a user acts on print one line and exit 2 (``--debug`` or
+``NEMO_BARD_DEBUG=1`` shows the traceback); a run stopped by SIGTERM / SIGINT saves a checkpoint and
+exits 128 + the signal number (resume with the same command).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from nemo_bard.errors import DEBUG_ENV, UserError, run_reported
+from nemo_bard.rundir import RunLock, check_run_dir_free
+
 COMMANDS = ("finetune", "train", "pretrain", "kd")
 RESOLVED_NAME = "resolved_config.yaml"
-USAGE = "automodel finetune --config CONFIG.yaml [key=value ...] [--a.b=c ...] [--nproc-per-node N]"
+USAGE = "automodel finetune --config CONFIG.yaml [key=value ...] [--a.b=c ...] [--nproc-per-node N] [--debug]"
+# torchrun waits this long for workers to finish their step and save a checkpoint after a stop signal
+SHUTDOWN_TIMEOUT_S = 900
 
 
-class CLIError(ValueError):
+class CLIError(UserError):
     """A usage error; the message names the argument and the fix."""
 
 
@@ -44,6 +56,7 @@ class Invocation:
     config: Path
     nproc: int | None = None
     print_resolved: bool = False
+    debug: bool = False
     hydra: list[str] = field(default_factory=list)  # Hydra overrides: key=value, ~key
     nemo: list[str] = field(default_factory=list)  # NeMo-style tokens as typed: --a.b=c, --a.b c, --flag
 
@@ -71,6 +84,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-c", "--config")
     parser.add_argument("--nproc-per-node", "--nproc_per_node", dest="nproc")
     parser.add_argument("--print-resolved", action="store_true")
+    parser.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -95,7 +109,7 @@ def parse_argv(argv: list[str]) -> Invocation:
         rest = rest[1:]
     elif rest and not rest[0].startswith("-") and "=" not in rest[0] and config is None:
         config = rest.pop(0)
-    inv = Invocation(config=Path(), nproc=nproc, print_resolved=args.print_resolved)
+    inv = Invocation(config=Path(), nproc=nproc, print_resolved=args.print_resolved, debug=args.debug)
     i = 0
     while i < len(rest):
         tok = rest[i]
@@ -163,16 +177,20 @@ def compose(config: Path, hydra_overrides: list[str], nemo_tokens: list[str]) ->
 
 
 def check_bard_sections(cfg: dict) -> None:
-    """Validate the ``bard:`` / ``block_merge:`` / ``kd:`` sections of a BARD recipe config (pydantic only)."""
+    """Check a composed BARD recipe config with what needs no model (pydantic and the file system only): the
+    ``bard:`` / ``block_merge:`` / ``kd:`` schema, schedule vs ``max_steps``, parallelism, dataset / model /
+    teacher paths."""
     recipe = cfg.get("recipe")
     if not (isinstance(recipe, str) and recipe.startswith("nemo_bard.")):
         return
-    from nemo_bard.recipes.config import BardConfigError, parse_sections
+    from nemo_bard.recipes.config import check_recipe_config
 
-    try:
-        parse_sections(cfg)
-    except BardConfigError as exc:
-        raise CLIError(str(exc)) from None
+    check_recipe_config(cfg)
+
+
+def run_dir_of(cfg: dict) -> str | None:
+    """The run directory (``checkpoint.checkpoint_dir``) of a composed config."""
+    return (cfg.get("checkpoint") or {}).get("checkpoint_dir")
 
 
 def write_resolved(cfg: dict, config: Path) -> Path:
@@ -212,6 +230,31 @@ def run_nemo_app(config: Path, extra: list[str]) -> int:
     return int(result or 0)
 
 
+def _run_torchrun(cmd: list[str]) -> int:
+    """Run torchrun in its own session and hand it SIGTERM / SIGINT once, so its workers get one stop request
+    (a terminal's Ctrl-C reaches only this process) and time to save (``--shutdown-timeout``)."""
+    proc = subprocess.Popen(cmd, start_new_session=True)
+    received: list[int] = []
+
+    def forward(signum: int, frame: object) -> None:
+        if not received:
+            received.append(signum)
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                code = proc.wait()
+                break
+            except KeyboardInterrupt:  # pragma: no cover - the handler above replaces it
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return 128 + received[0] if received and code else code
+
+
 def launch(config: Path, nproc: int | None, extra: list[str]) -> int:
     """Run in-process (one worker) or under torchrun (``nproc`` > 1)."""
     if _is_torchrun_worker():
@@ -222,12 +265,39 @@ def launch(config: Path, nproc: int | None, extra: list[str]) -> int:
         nproc = torch.cuda.device_count() if torch.cuda.is_available() else 1
     if nproc <= 1:
         return run_nemo_app(config, [*extra, "--nproc-per-node", "1"])
+    timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "nemo_bard.cli", str(config), *extra,
+        f"--shutdown-timeout={timeout}", "-m", "nemo_bard.cli", str(config), *extra,
     ]
     print("nemo-bard: launching " + " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return _run_torchrun(cmd)
+
+
+def _main(argv: list[str]) -> int:
+    inv = parse_argv(argv)
+    if inv.debug:
+        os.environ[DEBUG_ENV] = "1"  # torchrun workers inherit it
+    if not inv.print_resolved and (_is_torchrun_worker() or not _needs_hydra(inv.config, inv.hydra)):
+        return launch(inv.config, inv.nproc, inv.nemo)
+    composed = compose(inv.config, inv.hydra, inv.nemo)
+    check_bard_sections(composed)
+    run_dir = run_dir_of(composed)
+    if inv.print_resolved:  # for launchers (SLURM): compose once, print the file every worker will read
+        if run_dir:
+            check_run_dir_free(run_dir)
+        print(write_resolved(composed, inv.config), flush=True)
+        return 0
+    lock = RunLock(run_dir).acquire() if run_dir else None
+    try:
+        resolved = write_resolved(composed, inv.config)
+        if lock is None:  # the run directory was chosen by write_resolved
+            lock = RunLock(resolved.parent).acquire()
+        print(f"nemo-bard: resolved config written to {resolved}", flush=True)
+        return launch(resolved, inv.nproc, [])
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,21 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    try:
-        inv = parse_argv(argv)
-        if not inv.print_resolved and (_is_torchrun_worker() or not _needs_hydra(inv.config, inv.hydra)):
-            return launch(inv.config, inv.nproc, inv.nemo)
-        composed = compose(inv.config, inv.hydra, inv.nemo)
-        check_bard_sections(composed)
-        resolved = write_resolved(composed, inv.config)
-    except CLIError as exc:
-        print(f"automodel: error: {exc}", file=sys.stderr)
-        return 2
-    if inv.print_resolved:  # for launchers (SLURM): compose once, print the file every worker will read
-        print(resolved, flush=True)
-        return 0
-    print(f"nemo-bard: resolved config written to {resolved}", flush=True)
-    return launch(resolved, inv.nproc, [])
+    return run_reported("automodel", lambda: _main(argv))
 
 
 if __name__ == "__main__":
