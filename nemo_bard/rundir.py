@@ -4,7 +4,8 @@
   held for the life of the run (the kernel drops it when the process dies, even by SIGKILL); the file
   records pid, host, start time and command, so a second run fails at once naming the holder, and a
   lock left by a dead process on this host is taken over. A lock written from another host cannot be
-  checked from here and is reported with how to clear it. The holder exports ``NEMO_BARD_RUN_LOCK``
+  checked from here and is reported with how to clear it, unless it belongs to a SLURM job that is over
+  (an earlier run of this requeued job, or a job ``squeue`` no longer lists). The holder exports ``NEMO_BARD_RUN_LOCK``
   so its torchrun workers share its lock instead of taking it again.
 * :func:`atomic_directory`: write a directory under a temporary sibling name, add a completion marker,
   rename it into place; :func:`is_complete` is what resume logic checks.
@@ -20,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -63,6 +65,28 @@ def _alive(pid: int, start: str | None) -> bool:
         return True
     now = _proc_start(pid)
     return start is None or now is None or now == start
+
+
+def _slurm_job() -> str | None:
+    """``<job id>.<restart count>`` inside a SLURM job (a requeued job keeps its id, its restart count grows)."""
+    job = os.environ.get("SLURM_JOB_ID")
+    return f"{job}.{os.environ.get('SLURM_RESTART_COUNT', '0')}" if job else None
+
+
+def _gone_slurm_job(holder: dict[str, Any]) -> bool:
+    """True when a lock written on another host belongs to a SLURM job that is over: an earlier run of this very
+    (requeued) job, or a job ``squeue`` no longer lists."""
+    theirs, ours = holder.get("slurm_job"), _slurm_job()
+    if not theirs:
+        return False
+    if ours and theirs.split(".")[0] == ours.split(".")[0] and theirs != ours:
+        return True
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", theirs.split(".")[0], "-o", "%T"], capture_output=True,
+                             text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return (out.returncode == 0 and not out.stdout.strip()) or "Invalid job id" in out.stderr
 
 
 def _describe(holder: dict[str, Any]) -> str:
@@ -138,15 +162,17 @@ class RunLock:
             break
         holder = self._read()
         here = socket.gethostname()
-        if holder.get("pid") and holder.get("host") != here:
+        if holder.get("pid") and holder.get("host") != here and not _gone_slurm_job(holder):
             # flock does not reach across hosts on every shared file system: trust the record
             os.close(fd)
             raise self._busy(holder)
-        if holder.get("pid") and holder.get("pid") != os.getpid() and _alive(int(holder["pid"]), holder.get("start")):
+        if (holder.get("pid") and holder.get("host") == here and holder.get("pid") != os.getpid()
+                and _alive(int(holder["pid"]), holder.get("start"))):
             os.close(fd)  # a live process on this host wrote it but holds no flock (a file system without flock)
             raise self._busy(holder)
         record = {"pid": os.getpid(), "host": here, "start": _proc_start(os.getpid()),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)}
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv),
+                  "slurm_job": _slurm_job()}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         os.fsync(fd)

@@ -15,8 +15,14 @@ REPO = Path(__file__).resolve().parents[1]
 AUTOMODEL = str(Path(sys.executable).parent / "automodel")
 
 
+def _cli_env() -> dict[str, str]:
+    """This checkout first on the path (the tests' own modules, e.g. fault-injection callbacks, are importable)."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+
+
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    env = _cli_env()
     proc = subprocess.run([AUTOMODEL, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"automodel {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
@@ -33,8 +39,8 @@ def run_python(code: str, timeout: int = 300) -> str:
 
 
 def start_cli(args: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([AUTOMODEL, *args], cwd=REPO, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen([AUTOMODEL, *args], cwd=REPO, env=_cli_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
 
 
 def wait_for(predicate, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:

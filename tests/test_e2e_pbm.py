@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 
 import pytest
 import torch
 import yaml
 
+from nemo_bard.rundir import is_complete
 from tests.e2e_utils import fixed_masked_ce, run_cli, start_cli, training_log, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -100,27 +100,45 @@ def test_empty_dataset_fails_before_model_loads(tiny_bard_dir, tmp_path):
 
 
 def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, tmp_path):
-    """Kill after the step-2 checkpoint (mid B=4 stage), resume, and the losses match the uninterrupted run."""
+    """One command, run three times in one directory: the first run is SIGKILLed when step 3 starts (mid B=4 stage,
+    after the step-2 checkpoint); the second resumes from LATEST (the dead run's lock is stale) and gets SIGTERM
+    when step 4 starts (it finishes the step, saves a checkpoint, exits 143); the third finishes. Every step's loss
+    equals the uninterrupted run's. A second run started while the first is alive is refused at once, and
+    training.jsonl keeps every step logged before the SIGKILL."""
     full, _ = pbm_run
     root = tmp_path / "killed"
-    args = tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3")
-    proc = start_cli(args, tmp_path / "log.txt")
-    ckpt = root / "bard_pbm_tiny" / "epoch_0_step_2"
+    run = root / "bard_pbm_tiny"
+    faults = ",".join(f"{{_target_:tests.fault_callbacks.SignalAt,step:{step},signal:{sig},once:'{tmp_path / sig}'}}"
+                      for step, sig in ((3, "SIGKILL"), (4, "SIGTERM")))
+    args = tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3",
+                     f"+callbacks=[{faults}]")
+    proc = start_cli(args, tmp_path / "log1.txt")
     try:
-        wait_for(lambda: (root / "bard_pbm_tiny" / "LATEST").resolve() == ckpt.resolve(), timeout=400, proc=proc)
+        wait_for(lambda: (run / ".nemo_bard.lock").exists(), timeout=120, proc=proc)
+        second = run_cli(args, check=False, timeout=120)  # meanwhile, the same run again on the same directory
+        assert proc.wait(timeout=400) == -signal.SIGKILL
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    resumed = tmp_path / "resumed"
-    shutil.copytree(ckpt, resumed / "bard_pbm_tiny" / "epoch_0_step_2")
-    run_cli(tiny_args(tiny_bard_dir, data_path, resumed, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3",
-                      f"checkpoint.restore_from={resumed / 'bard_pbm_tiny' / 'epoch_0_step_2'}"))
-    a, b = training_log(full), training_log(resumed / "bard_pbm_tiny")
-    assert sorted(b) == list(range(3, 8))
-    for step in range(3, 8):
+        proc.kill()
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"run directory {run} is in use by another run (pid {proc.pid} on " in second.stderr
+    assert sorted(training_log(run)) == [0, 1, 2]  # every step logged before the kill is on disk
+    assert (run / "LATEST").resolve() == (run / "epoch_0_step_2").resolve()
+
+    stopped = run_cli(args, check=False)  # resumes at step 3, stops on SIGTERM during step 4
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"automodel: stopped by signal SIGTERM after step 4 (checkpoint {run}/epoch_0_step_4 saved); "
+        "resume with the same command")
+    assert (run / "LATEST").resolve() == (run / "epoch_0_step_4").resolve()
+
+    run_cli(args)  # the same command finishes the run (resumed mid B=8 stage)
+    a, b = training_log(full), training_log(run)
+    assert sorted(b) == list(range(8))
+    for step in range(8):
         assert b[step]["block_size"] == a[step]["block_size"]
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
-    assert (resumed / "bard_pbm_tiny" / "stages" / "b4" / "config.json").exists()
+    assert all(is_complete(run / "stages" / f"b{size}") for size in (4, 8))
+    assert not (run / ".nemo_bard.lock").exists()
 
 
 def test_two_process_fsdp2(tiny_bard_dir, data_path, tmp_path):

@@ -54,6 +54,13 @@ def test_lock_record_from_another_host_is_not_taken_over(tmp_path):
         RunLock(tmp_path).acquire()
 
 
+def test_lock_of_an_earlier_run_of_a_requeued_slurm_job_is_taken_over(tmp_path, monkeypatch):
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "node-7", "slurm_job": "4242.0"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # the same job, requeued after preemption or a timed-out stop
+    RunLock(tmp_path).acquire().release()
+
+
 def test_torchrun_workers_share_the_launcher_lock(tmp_path, monkeypatch):
     launcher = RunLock(tmp_path).acquire()
     try:

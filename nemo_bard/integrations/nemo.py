@@ -357,8 +357,11 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         if old is None or isinstance(old, StopSignals):
             return  # preemption_signal: null turns signal handling off
         sigs = list(dict.fromkeys([*old.sigs, signal.SIGTERM, signal.SIGINT]))
+        pending = bool(getattr(old, "_signal_received", False))  # a SIGTERM during NeMo's setup
         old.release()
         sched.sig_handler = StopSignals(sig=sigs, group=old.group).__enter__()
+        if pending:
+            sched.sig_handler.received, sched.sig_handler._signal_received = old.sigs[0], True
 
     def _raise_if_stopped(self) -> None:
         """After NeMo's loop: a stop by signal before ``max_steps`` becomes :class:`RunStopped` (checkpoint saved)."""

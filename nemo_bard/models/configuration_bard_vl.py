@@ -8,7 +8,13 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig, Qwen3VLConfig
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
-from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MODEL_TYPE, ensure_model_classes
+from nemo_bard.models.registration import (
+    BARD_ARCHITECTURE,
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_MASK_TOKEN_ID,
+    MODEL_TYPE,
+    ensure_model_classes,
+)
 
 
 @strict
@@ -32,7 +38,7 @@ class BardVLConfig(Qwen3VLConfig):
     sub_configs = {"vision_config": Qwen3VLVisionConfig, "text_config": BardVLTextConfig}
 
     mask_token_id: int = DEFAULT_MASK_TOKEN_ID
-    block_size: int = 32
+    block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self, **kwargs: Any) -> None:
         ensure_model_classes()  # the first bard_vl config registers the model classes (Auto lookups follow it)

@@ -31,6 +31,7 @@ from typing import Any, Callable
 
 MODEL_TYPE = "bard_vl"
 DEFAULT_MASK_TOKEN_ID = 151671
+DEFAULT_BLOCK_SIZE = 32
 BARD_ARCHITECTURE = "BardVLForConditionalGeneration"
 # Architecture names a bard_vl config.json may carry; all resolve to the same class.
 ARCHITECTURE_ALIASES = (BARD_ARCHITECTURE, "BardQwen3VLForConditionalGeneration")

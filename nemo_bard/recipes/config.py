@@ -2,8 +2,10 @@
 
 One place for their defaults, allowed values and unknown-key errors. Every error is a
 :class:`BardConfigError` whose one-line message names the key (``bard.noise.type``,
-``block_merge.schedule.1.steps``, ``unknown key kd.topk``...). Light to import (pydantic only, no
-torch), so a front end can validate a config before any heavy import.
+``block_merge.schedule.1.steps``, ``unknown key kd.topk``...). Also the checks of a whole recipe config
+that need no model (:func:`check_recipe_config`: training setup, schedule, dataset / model / SWD
+teacher paths and their config.json). Light to import (pydantic only, no torch), so a front end can
+validate a config before any heavy import.
 """
 
 from __future__ import annotations
@@ -243,12 +245,87 @@ def check_paths(cfg: dict[str, Any]) -> None:
             )
 
 
+def _tokenizer_vocab(path: str) -> dict[str, int] | None:
+    """Token -> id from ``tokenizer.json`` (the ``tokenizers`` library only), or None without one."""
+    tok = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(tok):
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(tok).get_vocab(with_added_tokens=True)
+    except Exception as exc:  # noqa: BLE001  a broken tokenizer file is the user's to fix
+        raise BardConfigError(f"{tok} cannot be read ({exc}); re-export {path}") from None
+
+
+def check_teacher_student(student_path: str, teacher_path: str, student_block: int | None,
+                          teacher_block: int | None, hub: bool = True) -> tuple[int, int] | None:
+    """SWD pre-flight on the two models' config.json (and tokenizer.json when local), no model loaded: both
+    bard_vl, same vocabulary, tokenizer and mask id, teacher block size dividing the student's. Returns
+    (student B, teacher B). A Hugging Face Hub id is read with transformers' ``AutoConfig`` when ``hub``, else
+    the check is left to a later call (returns None); local directories need neither torch nor transformers."""
+    from nemo_bard.models.paths import ModelPathError, read_model_config
+    from nemo_bard.models.registration import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
+
+    cfgs = {}
+    for role, path in (("student", student_path), ("teacher", teacher_path)):
+        key = "paths.student (model" if role == "student" else "paths.teacher (teacher_model"
+        try:
+            cfg = read_model_config(path, f"SWD {role}", f"run PBM first (its stage exports are <run>/stages/b<B>) "
+                                                         f"or set {key}.pretrained_model_name_or_path)")
+        except ModelPathError as exc:
+            raise BardConfigError(str(exc)) from None
+        if cfg is None:  # a Hugging Face Hub id
+            if not hub:
+                return None
+            from transformers import AutoConfig
+
+            try:
+                cfg = AutoConfig.from_pretrained(path).to_dict()
+            except (OSError, ValueError) as exc:
+                raise BardConfigError(f"SWD {role} {path!r} is not a local directory and cannot be loaded from the "
+                                      f"Hugging Face Hub: {exc}") from None
+        if cfg.get("model_type") != "bard_vl":
+            raise BardConfigError(
+                f"SWD {role} {path} is model_type {cfg.get('model_type')!r}, not bard_vl. Convert it first: "
+                f"python -m nemo_bard.convert --src {path} --dst <out> --block-size <B>"
+            )
+        cfgs[role] = {"vocab_size": (cfg.get("text_config") or {}).get("vocab_size", 151936),
+                      "mask_token_id": cfg.get("mask_token_id", DEFAULT_MASK_TOKEN_ID),
+                      "block_size": cfg.get("block_size", DEFAULT_BLOCK_SIZE)}
+    s, t = cfgs["student"], cfgs["teacher"]
+    if s["vocab_size"] != t["vocab_size"] or s["mask_token_id"] != t["mask_token_id"]:
+        raise BardConfigError(
+            f"teacher and student vocabularies differ: student {student_path} (vocab_size {s['vocab_size']}, "
+            f"mask_token_id {s['mask_token_id']}) vs teacher {teacher_path} (vocab_size {t['vocab_size']}, "
+            f"mask_token_id {t['mask_token_id']}); SWD needs the same tokenizer"
+        )
+    s_vocab, t_vocab = _tokenizer_vocab(student_path), _tokenizer_vocab(teacher_path)
+    if s_vocab is not None and t_vocab is not None and s_vocab != t_vocab:
+        raise BardConfigError(
+            f"teacher and student tokenizers differ: student {student_path} ({len(s_vocab)} tokens) vs teacher "
+            f"{teacher_path} ({len(t_vocab)} tokens); SWD needs the same tokenizer/vocabulary"
+        )
+    b_s = int(student_block or s["block_size"])
+    b_t = int(teacher_block or t["block_size"])
+    if b_s % b_t:
+        raise BardConfigError(
+            f"teacher block size {b_t} does not divide student block size {b_s}; SWD distills a small-block "
+            "anchor into a larger block (e.g. teacher 4, student 8/16/32)"
+        )
+    return b_s, b_t
+
+
 def check_recipe_config(cfg: dict[str, Any]) -> BardSections:
     """Every check of a (plain dict) BARD recipe config that needs no model, torch or NeMo: the sections'
     schema, the training setup and the files. Front ends run it before any heavy import."""
     sections = parse_sections(cfg)
     check_training_setup(cfg)
     check_paths(cfg)
+    student, teacher = _get(cfg, "model.pretrained_model_name_or_path"), _get(cfg, "teacher_model.pretrained_model_name_or_path")
+    if student is not None and teacher is not None:
+        kd = sections.kd.teacher_block_size if sections.kd is not None else None
+        check_teacher_student(str(student), str(teacher), sections.bard.block_size, kd, hub=False)
     return sections
 
 
@@ -275,6 +352,7 @@ __all__ = [
     "BlockMergeSettings",
     "check_paths",
     "check_recipe_config",
+    "check_teacher_student",
     "check_training_setup",
     "KDSettings",
     "LossSettings",

@@ -23,9 +23,8 @@ import torch.nn.functional as F
 from nemo_bard.attention.masks import training_mask
 from nemo_bard.integrations.nemo import build_frozen_model, run_main
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
-from nemo_bard.models.paths import read_model_config
 from nemo_bard.recipes.base import BardRecipeBase
-from nemo_bard.recipes.config import BardConfigError, KDSettings
+from nemo_bard.recipes.config import BardConfigError, KDSettings, check_teacher_student
 
 logger = logging.getLogger(__name__)
 
@@ -35,52 +34,6 @@ def _pretrained_path(node: Any, section: str) -> str:
     if not path:
         raise BardConfigError(f"`{section}.pretrained_model_name_or_path` is required for SWD")
     return str(path)
-
-
-def check_teacher_student(student_path: str, teacher_path: str, student_block: int | None,
-                          teacher_block: int | None) -> tuple[int, int]:
-    """Pre-flight checks (configs and tokenizers only); returns (student B, teacher B)."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    cfgs = {}
-    for role, path in (("student", student_path), ("teacher", teacher_path)):
-        key = "paths.student (model" if role == "student" else "paths.teacher (teacher_model"
-        read_model_config(path, f"SWD {role}", f"run PBM first (its stage exports are <run>/stages/b<B>) or set "
-                                               f"{key}.pretrained_model_name_or_path)")
-        try:
-            cfgs[role] = AutoConfig.from_pretrained(path)
-        except (OSError, ValueError) as exc:
-            raise BardConfigError(f"SWD {role} model {path!r} cannot be read: {exc}") from None
-        if cfgs[role].model_type != "bard_vl":
-            raise BardConfigError(
-                f"SWD {role} {path} is model_type {cfgs[role].model_type!r}, not bard_vl. Convert it first: "
-                f"python -m nemo_bard.convert --src {path} --dst <out> --block-size <B>"
-            )
-    s, t = cfgs["student"], cfgs["teacher"]
-    if s.text_config.vocab_size != t.text_config.vocab_size or s.mask_token_id != t.mask_token_id:
-        raise BardConfigError(
-            f"teacher and student vocabularies differ: student {student_path} (vocab_size "
-            f"{s.text_config.vocab_size}, mask_token_id {s.mask_token_id}) vs teacher {teacher_path} (vocab_size "
-            f"{t.text_config.vocab_size}, mask_token_id {t.mask_token_id}); SWD needs the same tokenizer"
-        )
-    try:
-        s_vocab = AutoTokenizer.from_pretrained(student_path).get_vocab()
-        t_vocab = AutoTokenizer.from_pretrained(teacher_path).get_vocab()
-    except (OSError, ValueError):
-        s_vocab = t_vocab = None  # no tokenizer files next to the weights: the config checks above stand
-    if s_vocab is not None and s_vocab != t_vocab:
-        raise BardConfigError(
-            f"teacher and student tokenizers differ: student {student_path} ({len(s_vocab)} tokens) vs teacher "
-            f"{teacher_path} ({len(t_vocab)} tokens); SWD needs the same tokenizer/vocabulary"
-        )
-    b_s = int(student_block or s.block_size)
-    b_t = int(teacher_block or t.block_size)
-    if b_s % b_t:
-        raise BardConfigError(
-            f"teacher block size {b_t} does not divide student block size {b_s}; SWD distills a small-block "
-            "anchor into a larger block (e.g. teacher 4, student 8/16/32)"
-        )
-    return b_s, b_t
 
 
 class BardSWDRecipe(BardRecipeBase):
