@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from nemo_bard.errors import DEBUG_ENV, EXIT_USAGE, UserError, report  # noqa: F401  (EXIT_USAGE: re-exported)
+from nemo_bard.errors import DEBUG_ENV, UserError, report
 from nemo_bard.models.paths import ModelPathError, read_model_config
 
 

@@ -55,9 +55,9 @@ from nemo_bard.callbacks.base import CallbackList  # noqa: E402
 from nemo_bard.errors import DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
 from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
 from nemo_bard.integrations.guards import NonFiniteGuard, StopSignals, all_finite  # noqa: E402
-from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
 from nemo_bard.models.registration import ARCHITECTURE_ALIASES  # noqa: E402
+from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -29,7 +29,6 @@ from nemo_bard.data.noise import NoiseConfig
 from nemo_bard.errors import DiskFullError
 from nemo_bard.integrations.nemo import BardNeMoRecipe, noise_seed, training_dataset
 from nemo_bard.loss.denoise import num_loss_samples
-from nemo_bard.rundir import disk_full_message
 from nemo_bard.recipes.config import (
     BardConfigError,
     BardSections,
@@ -38,6 +37,7 @@ from nemo_bard.recipes.config import (
     parse_sections,
     to_plain,
 )
+from nemo_bard.rundir import disk_full_message
 
 logger = logging.getLogger(__name__)
 
