@@ -23,7 +23,7 @@ import torch
 
 from nemo_bard.attention.masks import CLEAN, NOISY, dense_mask, num_prompt_blocks, prompt_token_meta
 from nemo_bard.generation.cache import BlockKVCache
-from nemo_bard.generation.engine import DecodeEngine, check_engine, device_sync
+from nemo_bard.generation.engine import DecodeEngine, check_engine, device_sync, prompt_positions
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule
 
@@ -84,8 +84,8 @@ def _prefill(model, ids, am, media, bs: int, n_blocks: int):
     resp = torch.arange(n_blocks * bs, device=device)
     kind = torch.cat([kind_p, torch.full((b, resp.numel()), NOISY, device=device)], 1)
     block = torch.cat([block_p, num_prompt_blocks(am.sum(-1, keepdim=True), bs) + resp // bs], 1)
-    pos, _ = model.rope_positions(ids, am, media["mm_token_type_ids"], media["image_grid_thw"], media["video_grid_thw"])
-    start = pos.masked_fill(~am.bool()[None], -1).amax(dim=(0, 2)) + 1
+    pos, start = prompt_positions(model, ids, am, media["mm_token_type_ids"], media["image_grid_thw"],
+                                  media["video_grid_thw"])
     cache = BlockKVCache(model.config.text_config.num_hidden_layers, lp + n_blocks * bs)
     model(input_ids=ids, attention_mask=dense_mask(kind[:, :lp], block[:, :lp]), position_ids=pos,
           past_key_values=cache, logits_mask=torch.zeros_like(ids, dtype=torch.bool), **media)

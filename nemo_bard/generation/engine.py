@@ -41,6 +41,7 @@ from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_me
 from nemo_bard.generation.cache import StaticKVCache
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import ENGINES, EngineError, check_engine
+from nemo_bard.integrations.hf import attn_implementation
 from nemo_bard.generation.sampling import sample_tokens, select_commits
 
 logger = logging.getLogger(__name__)
@@ -72,20 +73,11 @@ def prompt_positions(
     image_grid_thw: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D mRoPE positions ``[3, b, L]`` of (padded) prompts and each row's first response position ``[b]``.
+    """3-D mRoPE positions ``[3, b, L]`` of (padded) prompts and each row's first response position ``[b]``
+    (the largest prompt position + 1, on all three axes). ``model``: any Qwen3-VL (AR or bard_vl)."""
+    from nemo_bard.models.modeling_bard_vl import mrope_positions
 
-    With images/videos the positions come from the model's ``get_rope_index``; text-only prompts count
-    their real tokens (0..n-1 on all three axes). The response starts at the largest prompt position + 1.
-    """
-    if image_grid_thw is not None or video_grid_thw is not None:
-        if mm_token_type_ids is None:
-            raise ValueError("images/videos were given without mm_token_type_ids; pass the processor's output whole")
-        pos, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw, attention_mask=attention_mask,
-        )
-    else:
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[None].expand(3, -1, -1)
+    pos, _ = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw)
     start = pos.masked_fill(~attention_mask.bool()[None], -1).amax(dim=(0, 2)) + 1
     return pos, start
 
@@ -140,7 +132,7 @@ class DecodeEngine:
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.max_pools = max_pools
-        impl = getattr(self.cfg, "_attn_implementation", None) or "sdpa"
+        impl = attn_implementation(self.cfg)
         if impl not in ("sdpa", "eager"):
             raise EngineError(
                 f"engine='static' runs the text decoder with sdpa or eager attention, not {impl!r}; load the model "
