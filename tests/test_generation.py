@@ -72,7 +72,7 @@ class LogitsRecorder:
 def reference_decode(model, enc, block_size, steps, strategy, threshold, max_new_tokens, stops, pos_shift=0):
     """Slow reference: full recompute of [prompt | committed blocks | current block] every step, no cache.
 
-    Written from BARD_SPEC §2/§4/§7 independently of the decoder (per-position Python, topk, one prompt).
+    Written from docs/method.md (§2, §4, "Decoding") independently of the decoder (per-position Python, topk, one prompt).
     Returns ``(tokens, logits_per_step, masked_per_step)``: the logits at the still-masked positions of each
     step and those positions.
     """
