@@ -41,15 +41,6 @@ def encode(processor, items, side: str = "left"):
     return dict(processor(text=texts, images=images or None, padding=True, padding_side=side, return_tensors="pt"))
 
 
-@pytest.fixture(scope="module")
-def sharp_model(tiny_bard_model):
-    """The tiny model with a 30x lm_head: peaked confidences, so thresholds commit several tokens per step."""
-    model = copy.deepcopy(tiny_bard_model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    return model
-
-
 class LogitsRecorder:
     """Records every non-empty logits tensor the model produces (i.e. every denoising step)."""
 
