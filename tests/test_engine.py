@@ -160,3 +160,18 @@ def test_compiled_engine_traces_the_step_and_decodes_the_same_tokens(sharp_model
     assert torch.equal(compiled.sequences, eager.sequences) and compiled.num_forwards == eager.num_forwards
     assert counts["stats"]["unique_graphs"] >= 2  # the 4-token step and the fused 8-token step were captured
     assert not counts["graph_break"]  # the whole step is one graph
+
+
+def test_engine_cache_does_not_keep_models_alive(tiny_bard_dir, tiny_processor):
+    import gc
+    import weakref
+
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
+    block_diffusion_generate(model, **encode(tiny_processor, [PROMPTS[0]]), max_new_tokens=4, block_size=4)
+    ref = weakref.ref(model)
+    assert len(DecodeEngine._engines) >= 1
+    del model
+    gc.collect()
+    assert ref() is None  # engines (buffers, graphs) go with their model

@@ -123,7 +123,8 @@ class DecodeEngine:
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, cuda_graphs: bool | None = None,
                  max_pools: int = 4) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # the per-model cache must not keep the model alive
+        self.vlm, self.lm_head = model.model, model.lm_head
         self.compile = bool(compile)
         self._compiled: Any = None
         self.text = model.model.language_model
@@ -142,6 +143,14 @@ class DecodeEngine:
         self._pools: dict[tuple[int, int], _Pool] = {}
         self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model this engine decodes with."""
+        model = self._model()
+        if model is None:
+            raise EngineError("the model of this DecodeEngine was garbage-collected")
+        return model
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, name: str = "static") -> "DecodeEngine":
@@ -211,7 +220,7 @@ class DecodeEngine:
         cache.prefill = True
         try:
             mask = additive_mask(mask, self.dtype) if self.additive else mask
-            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            out = self.vlm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                    use_cache=True, **media)
         finally:
             cache.prefill = False
@@ -231,7 +240,7 @@ class DecodeEngine:
             h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=pool.cache)
         if logits_from is None:
             return None
-        return self.model.lm_head(self.text.norm(h[:, logits_from:]))
+        return self.lm_head(self.text.norm(h[:, logits_from:]))
 
     def _step(self, pool: _Pool, q: int, hi: torch.Tensor, logits_from: int | None) -> torch.Tensor | None:
         if not self.compile:
@@ -537,7 +546,7 @@ class ARSession(DecodeSession):
                          causal_prompt=True)
         am = inputs["attention_mask"]
         last = am.shape[1] - 1 - am.flip(-1).long().argmax(-1)  # each row's last real prompt token
-        logits = engine.model.lm_head(self.hidden[torch.arange(self.batch, device=am.device), last])
+        logits = engine.lm_head(self.hidden[torch.arange(self.batch, device=am.device), last])
         self.hidden = None
         self.token = torch.full((self.pool.rows,), pad, dtype=torch.long, device=engine.device)
         self.token[: self.batch] = logits.argmax(-1)
