@@ -28,8 +28,8 @@ def _stops_mid_run(model, enc, **kw) -> list[int]:
 
 
 PARITY = [  # (block size, steps, strategy, threshold)
-    (4, 4, STATIC, 1.0), (4, 2, DYNAMIC, 0.5), (8, 3, STATIC, 1.0), (8, 8, DYNAMIC, 0.3),
-    (16, 16, DYNAMIC, 0.9), (16, 4, DYNAMIC, 0.2), (32, 32, STATIC, 1.0), (32, 8, DYNAMIC, 0.5),
+    (4, 4, STATIC, 1.0), (4, 2, DYNAMIC, 0.5), (8, 3, STATIC, 1.0), (8, 8, DYNAMIC, 0.9),
+    (16, 16, DYNAMIC, 0.5), (16, 4, DYNAMIC, 0.2), (32, 32, DYNAMIC, 0.3), (32, 8, STATIC, 1.0),
 ]
 
 
