@@ -11,7 +11,6 @@ from nemo_bard.generation import (
     StaticKVCache,
     ar_generate,
     block_diffusion_generate,
-    run_session,
 )
 from nemo_bard.generation.decode import model_inputs
 from tests.test_generation import DYNAMIC, PROMPTS, STATIC, encode, stop_for_different_blocks

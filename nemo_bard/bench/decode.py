@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -60,11 +59,11 @@ def synthetic_image(seed: int, size: int = 64):
 
 def prompt_batch(processor, batch_size: int) -> dict:
     """The benchmark's prompts for one batch (cycled), tokenised with left padding."""
-    from nemo_bard.generation.inputs import build_inputs
+    from nemo_bard.generation.inputs import build_inputs, user_conversation
 
     items = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
-    images = [[synthetic_image(10 * i + j) for j in range(n)] for i, (_, n) in enumerate(items)]
-    return build_inputs(processor, [t for t, _ in items], images)
+    return build_inputs(processor, [user_conversation(text, [synthetic_image(10 * i + j) for j in range(n)])
+                                    for i, (text, n) in enumerate(items)])
 
 
 def tiny_models(root: Path, block_size: int) -> tuple[Path, Path]:

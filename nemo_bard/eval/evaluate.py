@@ -29,17 +29,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nemo_bard.data.collate import conversation_media, decode_videos
-from nemo_bard.data.media import MediaError, VideoSampling, video_processor_kwargs
+from nemo_bard.data.media import VideoSampling
 from nemo_bard.eval.metrics import aggregate, score
+from nemo_bard.generation.inputs import build_inputs
 from nemo_bard.generation.points import DecodePoint, check_engine, default_points, parse_points
 
 logger = logging.getLogger(__name__)
 
-_PROCESSOR_KEYS = (
-    "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-    "mm_token_type_ids",
-)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -180,44 +176,6 @@ def load_samples(
         reference = str(answer) if answer is not None else content_text(conv[last]["content"])
         samples.append(EvalSample(conv[:last], reference.strip(), item["row"], item["where"]))
     return samples
-
-
-def build_inputs(
-    processor: Any,
-    prompts: list[list[dict]],
-    sampling: VideoSampling | None = None,
-    where: Sequence[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Chat-template + processor call for a batch of prompts (left padding).
-
-    Videos (files, bytes, frame directories or lists) are decoded here with ``sampling`` (default: the
-    processor's); a video that cannot be decoded raises :class:`nemo_bard.data.datasets.DataError`
-    naming ``where[i]`` (e.g. the row) and the file.
-    """
-    from nemo_bard.data.datasets import DataError
-
-    sampling = sampling or VideoSampling.from_processor(getattr(processor, "video_processor", None))
-    decoded = []
-    for i, p in enumerate(prompts):
-        try:
-            decoded.append(decode_videos(p, sampling))
-        except MediaError as exc:
-            raise DataError(f"{where[i] if where else f'prompt {i}'}: {exc}") from None
-    texts = processor.apply_chat_template(decoded, tokenize=False, add_generation_prompt=True)
-    if isinstance(texts, str):
-        texts = [texts]
-    images, videos = [], []
-    for p in decoded:
-        im, vid = conversation_media(p)
-        images += im
-        videos += vid
-    kwargs: dict[str, Any] = {}
-    if images:
-        kwargs["images"] = images
-    if videos:
-        kwargs.update(video_processor_kwargs(videos))
-    batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
-    return {k: batch[k] for k in _PROCESSOR_KEYS if k in batch}
 
 
 # ----------------------------------------------------------------------------------- generation

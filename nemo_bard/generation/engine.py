@@ -40,7 +40,7 @@ import torch
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
 from nemo_bard.generation.output import GenerationOutput
-from nemo_bard.generation.points import ENGINES, EngineError, check_engine
+from nemo_bard.generation.points import EngineError, check_engine
 from nemo_bard.integrations.hf import attn_implementation
 from nemo_bard.generation.sampling import sample_tokens, select_commits
 
