@@ -67,10 +67,6 @@ def model_type(model_dir: str | Path) -> str | None:
     return json.loads(cfg.read_text()).get("model_type")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(
     model_dir: str | Path,
     *,
@@ -89,13 +85,11 @@ def load_model(
 
     import nemo_bard  # noqa: F401  (registers bard_vl with the Auto classes)
 
+    from nemo_bard.models.loading import resolve_device_dtype
+
     path = Path(model_dir)
     mtype = model_type(path)
-    device = device or default_device()
-    if dtype is None or dtype == "auto":
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    device, dtype = resolve_device_dtype(device, dtype)
     kind = "bard" if mtype == "bard_vl" and not force_ar else "ar"
     if kind == "bard":
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
@@ -182,17 +176,11 @@ def load_samples(
 
 
 def stop_ids(loaded: LoadedModel) -> list[int]:
-    """eos ids: the generation config's (or config's) eos plus the tokenizer's eos."""
-    out: list[int] = []
-    for src in (getattr(loaded.model, "generation_config", None), loaded.model.config):
-        eos = getattr(src, "eos_token_id", None)
-        if eos is not None:
-            out += [eos] if isinstance(eos, int) else list(eos)
-            break
+    """Stop ids: the model's eos (generation config, else config) plus the tokenizer's eos."""
+    from nemo_bard.generation.decode import special_token_ids
+
     tok_eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        out.append(tok_eos)
-    return list(dict.fromkeys(int(i) for i in out))
+    return special_token_ids(loaded.model, None, None if tok_eos is None else [tok_eos])[0]
 
 
 def generate_batch(
