@@ -481,28 +481,28 @@ class BlockDiffusionSession(DecodeSession):
     @torch.inference_mode()
     def step(self) -> None:
         """One denoising forward of the current block (the first one also commits the previous block)."""
-        bs, x = self.block_size, self.x
+        block_len, x = self.block_size, self.x
         masked = x == self.mask_id
         if self.step_in_block >= len(self.schedule) or not bool(masked.any()):  # block finished: sync per step
             self._end_block()
             return
         pool = self.pool
-        pos0 = self.start[:, None] + self.block * bs + self.offsets
+        pos0 = self.start[:, None] + self.block * block_len + self.offsets
         if self.pending:  # fused: [finished block (clean) | this block (noisy)]
-            q, hi = 2 * bs, (bs,) * bs + (2 * bs,) * bs
+            q, hi = 2 * block_len, (block_len,) * block_len + (2 * block_len,) * block_len
             ids, pos = pool.buffers(q)
-            ids[:, :bs].copy_(self.finished)
-            ids[:, bs:].copy_(x)
-            pos[:, :bs].copy_(pos0 - bs)
-            pos[:, bs:].copy_(pos0)
+            ids[:, :block_len].copy_(self.finished)
+            ids[:, block_len:].copy_(x)
+            pos[:, :block_len].copy_(pos0 - block_len)
+            pos[:, block_len:].copy_(pos0)
         else:
-            q, hi = bs, (bs,) * bs
+            q, hi = block_len, (block_len,) * block_len
             ids, pos = pool.buffers(q)
             ids.copy_(x)
             pos.copy_(pos0)
-        logits = self.engine.run_step(pool, q, hi, q - bs)
+        logits = self.engine.run_step(pool, q, hi, q - block_len)
         if self.pending:
-            self._commit(bs)
+            self._commit(block_len)
             self.pending = False
         logits[..., self.mask_id] = float("-inf")  # never produce the mask token
         temperature, top_k, top_p, gen = self.sampling
@@ -515,8 +515,8 @@ class BlockDiffusionSession(DecodeSession):
         self.step_in_block += 1
 
     def _end_block(self) -> None:
-        k, bs = self.block, self.block_size
-        running = self._finish_rows(self.x, k * bs)
+        k, block_len = self.block, self.block_size
+        running = self._finish_rows(self.x, k * block_len)
         self.block += 1
         if running == 0 or self.block == self.num_blocks:
             self.done = True
@@ -525,11 +525,11 @@ class BlockDiffusionSession(DecodeSession):
             self.pending = True
         else:  # a separate forward commits the finished block
             pool = self.pool
-            ids, pos = pool.buffers(bs)
+            ids, pos = pool.buffers(block_len)
             ids.copy_(self.x)
-            pos.copy_(self.start[:, None] + k * bs + self.offsets)
-            self.engine.run_step(pool, bs, (bs,) * bs, None)
-            self._commit(bs)
+            pos.copy_(self.start[:, None] + k * block_len + self.offsets)
+            self.engine.run_step(pool, block_len, (block_len,) * block_len, None)
+            self._commit(block_len)
             self._count_forward(self.active)
         self._new_block()
 
