@@ -146,8 +146,11 @@ class StopSignals(DistributedSignalHandler):
         self._signal_received = False
         self.released = False
         self.received = None
+        owner = os.getpid()
 
         def handler(signum: int, frame: Any) -> None:
+            if os.getpid() != owner:  # a forked dataloader worker (Ctrl-C reaches the whole process group)
+                return
             name = signal.Signals(signum).name
             if self.received is None:
                 self.received, self._first_at, self._signal_received = signum, time.monotonic(), True
