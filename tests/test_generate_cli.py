@@ -119,9 +119,9 @@ def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, mo
 
 def test_generate_refuses_tau_outside_unit_interval(tiny_bard_model, tiny_processor):
     from nemo_bard.generation import block_diffusion_generate
-    from nemo_bard.generation.inputs import build_inputs
+    from nemo_bard.generation.inputs import build_inputs, user_conversation
 
-    inputs = build_inputs(tiny_processor, ["hi"])
+    inputs = build_inputs(tiny_processor, [user_conversation("hi")])
     for tau in (-1.0, 2.0):
         with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
             block_diffusion_generate(tiny_bard_model, **inputs, max_new_tokens=4, confidence_threshold=tau)
