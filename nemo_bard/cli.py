@@ -13,8 +13,8 @@ Hydra-style ``key=value`` override, is composed with Hydra; NeMo-style
 way NeMo AutoModel parses them); the resolved YAML is written into the run
 directory (``checkpoint.checkpoint_dir``) and that file is handed to
 ``nemo_automodel.cli.app``. Any other config goes to
-``nemo_automodel.cli.app`` unchanged. ``--nproc-per-node N`` (N > 1) starts
-``torchrun -m nemo_bard.cli`` so every worker re-reads the same resolved file;
+``nemo_automodel.cli.app`` unchanged. ``--nproc-per-node N`` (N > 1) runs
+torchrun's agent (``torch.distributed.run``) on ``-m nemo_bard.cli`` so every worker re-reads the same resolved file;
 on a CPU-only host the recipes run with gloo (``nemo_bard.integrations.cpu``).
 
 Before anything heavy is imported, a BARD config is checked (sections, schedule, parallelism, the
@@ -230,29 +230,26 @@ def run_nemo_app(config: Path, extra: list[str]) -> int:
     return int(result or 0)
 
 
-def _run_torchrun(cmd: list[str]) -> int:
-    """Run torchrun in its own session and hand it SIGTERM / SIGINT once, so its workers get one stop request
-    (a terminal's Ctrl-C reaches only this process) and time to save (``--shutdown-timeout``)."""
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    received: list[int] = []
+def _run_torchrun(torchrun_args: list[str]) -> int:
+    """Run torchrun's elastic agent in this process (it starts the workers in their own sessions and hands a
+    SIGTERM / SIGINT on to them, then waits up to ``--shutdown-timeout`` for them to save and stop). A failed
+    worker is summed up in one line (its own error is printed above) instead of torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
-    def forward(signum: int, frame: object) -> None:
-        if not received:
-            received.append(signum)
-            proc.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        while True:
-            try:
-                code = proc.wait()
-                break
-            except KeyboardInterrupt:  # pragma: no cover - the handler above replaces it
-                continue
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return 128 + received[0] if received and code else code
+        run(parse_args(torchrun_args))
+    except SignalException as exc:  # the workers got the signal and have stopped (checkpoint saved)
+        return 128 + int(exc.sigval)
+    except ChildFailedError as exc:
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
+        if code - 128 not in (signal.SIGTERM, signal.SIGINT):  # a stop by signal has said so itself
+            print(f"automodel: error: training process rank {rank} exited with code {code} (its message is above)",
+                  file=sys.stderr, flush=True)
+        return code
+    return 0
 
 
 def launch(config: Path, nproc: int | None, extra: list[str]) -> int:
@@ -266,12 +263,10 @@ def launch(config: Path, nproc: int | None, extra: list[str]) -> int:
     if nproc <= 1:
         return run_nemo_app(config, [*extra, "--nproc-per-node", "1"])
     timeout = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        f"--shutdown-timeout={timeout}", "-m", "nemo_bard.cli", str(config), *extra,
-    ]
-    print("nemo-bard: launching " + " ".join(cmd), flush=True)
-    return _run_torchrun(cmd)
+    torchrun = ["--standalone", f"--nproc-per-node={nproc}", f"--shutdown-timeout={timeout}", "-m", "nemo_bard.cli",
+                str(config), *extra]
+    print("nemo-bard: launching torch.distributed.run " + " ".join(torchrun), flush=True)
+    return _run_torchrun(torchrun)
 
 
 def _main(argv: list[str]) -> int:

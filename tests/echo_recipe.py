@@ -20,4 +20,8 @@ class EchoRecipe:
         if int(os.environ.get("RANK", "0")) == 0:
             with open(out, "w") as f:
                 json.dump(data, f, default=str)
+        elif self.cfg.get("fail_other_ranks", None):  # a user error raised on a non-zero rank only
+            from nemo_bard.errors import UserError
+
+            raise UserError(self.cfg.get("fail_other_ranks"))
         return 0

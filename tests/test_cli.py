@@ -99,13 +99,18 @@ def test_print_resolved_only_composes(tmp_path):
 
 
 def test_nemo_bard_alias_and_two_workers(tmp_path):
+    """Two workers under torchrun; the user error rank 1 raises is one line per failing rank and one summary line,
+    exit 2, no traceback (torchrun's own is replaced)."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     nemo_bard = str(Path(AUTOMODEL).with_name("nemo-bard"))
     proc = subprocess.run([nemo_bard, "finetune", "--config", str(FIX / "echo_plain.yaml"), "--nproc-per-node", "2",
-                           f"--echo_file={tmp_path / 'echo.json'}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+                           f"--echo_file={tmp_path / 'echo.json'}", "--fail_other_ranks=bad row 7 in data.jsonl"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads((tmp_path / "echo.json").read_text())["_world_size"] == 2
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "[rank 1] automodel: error: bad row 7 in data.jsonl" in proc.stderr.splitlines()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "automodel: error: training process rank 1 exited with code 2 (its message is above)")
 
 
 def test_bad_bard_section_is_one_line_before_any_heavy_import(tmp_path):
