@@ -124,10 +124,12 @@ def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, t
 
 
 def test_two_process_fsdp2(tiny_bard_dir, data_path, tmp_path):
-    """--nproc-per-node 2: real FSDP2 sharding on CPU (gloo); one model shard file per rank."""
+    """--nproc-per-node 2: real FSDP2 sharding on CPU (gloo); one model shard file per rank; NeMo's activation
+    checkpointing (its sharded FSDP2 path) on every layer of the bard_vl model."""
     proc = run_cli(tiny_args(tiny_bard_dir, data_path, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=4",
-                             "step_scheduler.ckpt_every_steps=100",
+                             "step_scheduler.ckpt_every_steps=100", "distributed.activation_checkpointing=true",
                              "block_merge.schedule=[{block_size:4,steps:2},{block_size:8,steps:2}]"))
+    assert "activation checkpointing: 16 modules recompute their activations in backward" in proc.stdout + proc.stderr
     run = tmp_path / "bard_pbm_tiny"
     log = training_log(run)
     assert [log[s]["block_size"] for s in range(4)] == [4, 4, 8, 8]

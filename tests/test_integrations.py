@@ -233,7 +233,7 @@ class Recorder(BardCallback):
         self.events.append(("end", step, dict(metrics)))
 
 
-def stub_recipe(model, processor, local_batch_size: int, callbacks=()):
+def stub_recipe(model, processor, local_batch_size: int, callbacks=(), device="cpu", mask_backend="dense"):
     """A PBM recipe with just the state NeMo's optimizer step reads (the upstream unit-test convention)."""
     from nemo_automodel.components.config.loader import ConfigNode
     from nemo_bard.callbacks.base import CallbackList
@@ -252,12 +252,13 @@ def stub_recipe(model, processor, local_batch_size: int, callbacks=()):
     recipe.pp_enabled = False
     recipe.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
     recipe.step_scheduler = SimpleNamespace(step=0, epoch=0, is_remote_logging_step=False)
-    recipe.dist_env = SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
+    recipe.dist_env = SimpleNamespace(device=torch.device(device), is_main=True, rank=0, world_size=1)
     recipe.timestamp = time.perf_counter()
-    recipe.bard = parse_bard_settings({"max_length": 512})
+    recipe.bard = parse_bard_settings({"max_length": 512, "mask_backend": mask_backend})
     recipe.loss_fn = MaskedDenoisingLoss()
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    recipe.layout = BlockLayout(4, model.config.mask_token_id, im_end, max_length=512)
+    recipe.layout = BlockLayout(4, model.config.mask_token_id, im_end, max_length=512, mask_backend=mask_backend,
+                                flex_compile=mask_backend == "flex")
     recipe.noise_seed = 7
     recipe.callbacks = CallbackList(callbacks)
     return recipe
@@ -320,3 +321,48 @@ def test_gradient_accumulation_equals_one_big_batch(tiny_bard_dir, tiny_processo
     assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
     torch.testing.assert_close(w_a, w_b, rtol=0, atol=1e-5)
     assert json.dumps(loss_a)  # a plain float, loggable as is
+
+
+# ------------------------------------------------------------------------ activation checkpointing
+def pbm_grads(model, recipe, batches):
+    """Loss and parameter gradients of one PBM micro-batch through the recipe's forward + loss."""
+    built, denominator = recipe.prepare_step(batches, step=0)
+    loss, _ = recipe.forward_loss(model, built[0], denominator, is_train=True)
+    loss.backward()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def count_calls(module):
+    """Count forward calls of ``module`` (a pre-hook: a recompute in backward stops early, after its inputs)."""
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_activation_checkpointing_gives_identical_loss_and_grads(tiny_bard_dir, tiny_processor, collated):
+    """NeMo's activation checkpointing (its world-size-1 FSDP2 path) on the NeMo training class with BARD's dense
+    block mask: the attention and MLP of every layer re-run in backward, and loss and gradients are bit-identical
+    to the step without it. (Flex: tests/test_gpu.py.)"""
+    from nemo_bard.integrations.nemo import (
+        NeMoBardVLForConditionalGeneration,
+        apply_activation_checkpointing,
+        checkpointed_modules,
+    )
+
+    batches = [collated([0, 1, 2, 3])]
+    results = {}
+    for ac in (False, True):
+        model = NeMoBardVLForConditionalGeneration.from_pretrained(tiny_bard_dir, dtype=torch.float32).train()
+        if ac:
+            model = apply_activation_checkpointing(model)
+        layer = model.model.language_model.layers[0]
+        calls = count_calls(getattr(layer.mlp, "_checkpoint_wrapped_module", layer.mlp))
+        results[ac] = (*pbm_grads(model, stub_recipe(model, tiny_processor, local_batch_size=4), batches),
+                       calls[0], checkpointed_modules(model))
+    (loss, grads, calls, wrapped), (loss_ac, grads_ac, calls_ac, wrapped_ac) = results[False], results[True]
+    assert (calls, calls_ac) == (1, 2) and wrapped == 0 and wrapped_ac >= 8  # really recomputed
+    assert torch.equal(loss, loss_ac)
+    assert grads.keys() == grads_ac.keys() and len(grads) > 10
+    assert all(torch.equal(grads[k], grads_ac[k]) for k in grads)

@@ -33,12 +33,17 @@ def export_hf(
     processor: Any = None,
     block_size: int | None = None,
     dtype: torch.dtype | None = None,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` to ``out_dir`` as an HF ``bard_vl`` directory; returns the path."""
+    """Write ``model`` to ``out_dir`` as an HF ``bard_vl`` directory; returns the path.
+
+    ``state_dict``: the full state dict to write (e.g. with LoRA adapters merged; empty on ranks other than
+    0); default: gathered from ``model`` here.
+    """
     from safetensors.torch import save_file
 
     out = Path(out_dir)
-    state = full_state_dict(model)
+    state = full_state_dict(model) if state_dict is None else state_dict
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
