@@ -110,20 +110,23 @@ env_step() {
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target .gpu-site .gpu-wheels/*.whl || return 1
   fi
   "$PY" - "$OUT_DIR/env.json" <<'EOF'
-import json, sys
-import torch, transformers
-info = {"python": sys.version.split()[0], "torch": torch.__version__, "transformers": transformers.__version__,
-        "transformers_path": transformers.__file__, "cuda": torch.cuda.is_available(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
-try:
-    import nemo_automodel
-    info["nemo_automodel"] = nemo_automodel.__version__
-except Exception as exc:  # recorded; the recipes will fail loudly
-    info["nemo_automodel"] = f"not importable: {exc}"
+"""Versions and paths of what will import (package metadata: no heavy import), the GPU, and the version pin."""
+import importlib.metadata as md, importlib.util, json, shutil, subprocess, sys
+info = {"python": sys.version.split()[0], "device": "cpu"}
+for dist in ("torch", "transformers", "nemo_automodel", "hydra-core", "pydantic"):
+    try:
+        info[dist] = md.version(dist)
+    except md.PackageNotFoundError:
+        info[dist] = "missing"
+info["transformers_path"] = getattr(importlib.util.find_spec("transformers"), "origin", None)
+if shutil.which("nvidia-smi"):
+    query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
+    info["device"] = subprocess.run(query, capture_output=True, text=True).stdout.strip() or "cpu"
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info))
 from nemo_bard.integrations import check_version
-check_version("transformers")  # the .gpu-site 5.18 must shadow the box's 5.17
+check_version("transformers")  # .gpu-site's 5.18 must shadow the box's 5.17 (PYTHONPATH order)
+check_version("nemo_automodel")
 EOF
 }
 step env 240 env_step || { log "environment not usable; see $OUT_DIR/logs/env.log"; }
@@ -137,14 +140,18 @@ fi
 
 prepare() {
   "$PY" - "$WORK" <<'EOF'
+"""The tiny bard_vl model (block size 4) and colour data; GPU_CHECK_MODEL / GPU_CHECK_DATA give existing ones."""
 import os, sys
 from pathlib import Path
-from nemo_bard.convert import convert
-from nemo_bard.data.synthetic import write_synthetic_dataset
-from nemo_bard.tiny import write_tiny_model
 work = Path(sys.argv[1])
-model = os.environ.get("GPU_CHECK_MODEL") or str(convert(write_tiny_model(work / "ar", preset="test"), work / "bard", block_size=4))
-data = os.environ.get("GPU_CHECK_DATA") or str(write_synthetic_dataset(work / "data", rows=32, seed=0))
+model, data = os.environ.get("GPU_CHECK_MODEL"), os.environ.get("GPU_CHECK_DATA")
+if not model:
+    from nemo_bard.convert import convert
+    from nemo_bard.tiny import write_tiny_model
+    model = str(convert(write_tiny_model(work / "ar", preset="test"), work / "bard", block_size=4))
+if not data:
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+    data = str(write_synthetic_dataset(work / "data", rows=32, seed=0))
 (work / "paths.env").write_text(f"MODEL={model}\nDATA={data}\n")
 print(model, data)
 EOF
@@ -156,7 +163,7 @@ MODEL="" DATA=""
 if ((DRY)); then
   TINY=("model.torch_dtype=float32" "dist_env.backend=gloo")
   PBM_STEPS=("step_scheduler.max_steps=2" "block_merge.schedule=[{block_size:4,steps:1},{block_size:8,steps:1}]")
-  SWD_STEPS=("step_scheduler.max_steps=1")
+  SWD_STEPS=("step_scheduler.max_steps=2")
 else
   TINY=("model.torch_dtype=bfloat16" "dist_env.backend=nccl")
   PBM_STEPS=("step_scheduler.max_steps=4" "block_merge.schedule=[{block_size:4,steps:2},{block_size:8,steps:2}]")
@@ -184,7 +191,8 @@ else
 fi
 
 if ((DRY)); then
-  step bench_train 120 "$PY" -m nemo_bard.bench.train --preset tiny --iters 1 --variants ar,bard_dense,bard_dense_ac \
+  step bench_train 120 "$PY" -m nemo_bard.bench.train --preset tiny --batch-size 2 --prompt-tokens 64 \
+    --response-tokens 32 --block-size 8 --iters 1 --variants ar,bard_dense,bard_dense_ac \
     --json "$OUT_DIR/bench_train.json" --markdown "$OUT_DIR/bench_train.md"
   skip ac_fit "needs a GPU (bard.max_length 8192 at batch 8 is a GPU memory check)"
 else
@@ -217,19 +225,20 @@ import nemo_bard  # noqa: F401
 from nemo_bard.bench.decode import prompt_batch
 from nemo_bard.generation import block_diffusion_generate
 
-model_dir, out = sys.argv[1], sys.argv[2]
+model_dir, out, rows, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 device = "cuda" if torch.cuda.is_available() else "cpu"
 processor = AutoProcessor.from_pretrained(model_dir)
-enc = {k: v.to(device) for k, v in prompt_batch(processor, 8).items()}
+enc = {k: v.to(device) for k, v in prompt_batch(processor, rows).items()}
 seqs = {}
 for dtype in (torch.float32, torch.bfloat16):
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in enc.items()}
     for engine in ("eager", "static"):
-        o = block_diffusion_generate(model, **batch, engine=engine, max_new_tokens=32, block_size=model.config.block_size,
+        o = block_diffusion_generate(model, **batch, engine=engine, max_new_tokens=new_tokens,
+                                     block_size=model.config.block_size,
                                      denoising_steps=model.config.block_size, confidence_threshold=0.9, eos_token_id=[])
         seqs[(str(dtype), engine)] = o.sequences.cpu()
-report = {"model": model_dir, "device": device, "rows": 8, "max_new_tokens": 32}
+report = {"model": model_dir, "device": device, "rows": rows, "max_new_tokens": new_tokens}
 for engine in ("eager", "static"):
     a, b = seqs[("torch.float32", engine)], seqs[("torch.bfloat16", engine)]
     report[engine] = {"same_sequences": int((a == b).all(-1).sum()), "token_agreement": float((a == b).float().mean())}
@@ -240,7 +249,8 @@ EOF
 STUDENT=$WORK/e2e_dense/bard_swd_tiny/student_b8
 [[ -f $STUDENT/config.json ]] || STUDENT=$MODEL
 if [[ -n $STUDENT ]]; then
-  step agreement 120 agreement "$STUDENT" "$OUT_DIR/agreement.json"
+  if ((DRY)); then SIZE=(2 8); else SIZE=(8 32); fi
+  step agreement 120 agreement "$STUDENT" "$OUT_DIR/agreement.json" "${SIZE[@]}"
 else
   skip agreement "no model (prepare failed)"
 fi

@@ -123,38 +123,32 @@ def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, t
     assert (resumed / "bard_pbm_tiny" / "stages" / "b4" / "config.json").exists()
 
 
-def test_two_process_fsdp2(tiny_bard_dir, data_path, tmp_path):
-    """--nproc-per-node 2: real FSDP2 sharding on CPU (gloo); one model shard file per rank; NeMo's activation
-    checkpointing (its sharded FSDP2 path) on every layer of the bard_vl model."""
-    proc = run_cli(tiny_args(tiny_bard_dir, data_path, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=4",
-                             "step_scheduler.ckpt_every_steps=100", "distributed.activation_checkpointing=true",
-                             "block_merge.schedule=[{block_size:4,steps:2},{block_size:8,steps:2}]"))
-    assert "activation checkpointing: 16 modules recompute their activations in backward" in proc.stdout + proc.stderr
-    run = tmp_path / "bard_pbm_tiny"
-    log = training_log(run)
-    assert [log[s]["block_size"] for s in range(4)] == [4, 4, 8, 8]
-    shards = sorted(p.name for p in (run / "epoch_0_step_3" / "model").glob("shard-*.safetensors"))
-    assert len(shards) == 2, shards
-    assert "torch.distributed.run" in proc.stdout
+def test_two_process_fsdp2_mixed_text_image_and_video_batches(tiny_bard_dir, tmp_path, capsys):
+    """--nproc-per-node 2: real FSDP2 sharding on CPU (gloo), one model shard file per rank, and NeMo's activation
+    checkpointing (its sharded FSDP2 path) on every layer of the bard_vl model. Text-only, image and video-file
+    rows: a rank whose micro-batch lacks images or videos still runs the (sharded) vision tower (no FSDP hang,
+    finite loss); the stage export then answers about a clip."""
     from transformers import AutoModelForImageTextToText
 
-    assert AutoModelForImageTextToText.from_pretrained(run / "stages" / "b4").config.block_size == 4
-
-
-def test_two_process_mixed_text_image_and_video_batches(tiny_bard_dir, tmp_path, capsys):
-    """Text-only, image and video-file rows on 2 ranks: a rank whose micro-batch lacks images or videos still
-    runs the (sharded) vision tower (no FSDP hang, finite loss); the stage export then answers about a clip."""
     from nemo_bard.data.synthetic import write_synthetic_dataset
     from nemo_bard.generate import main as generate
 
     data = write_synthetic_dataset(tmp_path / "mixed", rows=24, seed=3, text_only_every=2, video_every=3)
     assert len(list((tmp_path / "mixed" / "videos").glob("*.mp4"))) == 4
-    run_cli(tiny_args(tiny_bard_dir, data, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=6",
-                      "step_scheduler.local_batch_size=1", "step_scheduler.global_batch_size=2",
-                      "step_scheduler.ckpt_every_steps=100", "bard.length_grouped=false",
-                      "block_merge.schedule=[{block_size:4,steps:3},{block_size:8,steps:3}]"), timeout=300)
-    log = training_log(tmp_path / "bard_pbm_tiny")
+    proc = run_cli(tiny_args(tiny_bard_dir, data, tmp_path, "--nproc-per-node", "2", "step_scheduler.max_steps=6",
+                             "step_scheduler.local_batch_size=1", "step_scheduler.global_batch_size=2",
+                             "step_scheduler.ckpt_every_steps=100", "bard.length_grouped=false",
+                             "distributed.activation_checkpointing=true",
+                             "block_merge.schedule=[{block_size:4,steps:3},{block_size:8,steps:3}]"), timeout=300)
+    assert "torch.distributed.run" in proc.stdout
+    assert "activation checkpointing: 16 modules recompute their activations in backward" in proc.stdout + proc.stderr
+    run = tmp_path / "bard_pbm_tiny"
+    log = training_log(run)
     assert sorted(log) == list(range(6)) and all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
+    assert [log[s]["block_size"] for s in range(6)] == [4, 4, 4, 8, 8, 8]
+    shards = sorted(p.name for p in (run / "epoch_0_step_5" / "model").glob("shard-*.safetensors"))
+    assert len(shards) == 2, shards
+    assert AutoModelForImageTextToText.from_pretrained(run / "stages" / "b4").config.block_size == 4
     stats = tmp_path / "gen.json"
     clip = tmp_path / "mixed" / "videos" / "00002.mp4"  # 16 frames at 8 fps: the processor's 2 fps picks 4
     assert generate(["--model", str(tmp_path / "bard_pbm_tiny" / "stages" / "b8"), "--video", str(clip),

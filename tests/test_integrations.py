@@ -130,6 +130,9 @@ def colours(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("seam_colours"), rows=16, seed=2)
 
 
+LORA = {"_target_": "nemo_automodel.components._peft.lora.PeftConfig", "target_modules": ["*language_model*_proj"]}
+
+
 def pbm_config(data, **changes) -> dict:
     cfg = {
         "recipe": "nemo_bard.recipes.pbm.BardPBMRecipe",
@@ -169,6 +172,18 @@ def preflight(cfg: dict):
         ({"bard.noise.type": "gaussian"}, "bard.noise.type: input should be 'stratified_blocks' or 'uniform_sample'"),
         ({"kd": {"top_k": 4}}, "kd is an SWD setting"),
         ({"step_scheduler.max_steps": 5}, "block_merge.schedule steps sum to 4 but step_scheduler.max_steps=5"),
+        ({"distributed": {"strategy": "megatron_fsdp", "activation_checkpointing": True}},
+         "^distributed.activation_checkpointing=True: NeMo AutoModel 0.7's Megatron-FSDP backend"),
+        ({"peft": {**LORA, "use_dora": True}}, "^peft.use_dora=true: NeMo AutoModel cannot merge DoRA"),
+        ({"peft": {**LORA, "rank": 8}}, r"^unknown key peft.rank \(valid: target_modules, exclude_modules"),
+        ({"peft": {**LORA, "exclude_modules": ["*visual*"]}},
+         "^peft.target_modules / peft.exclude_modules / peft.match_all_linear: target_modules and exclude_modules "
+         "are mutually exclusive"),
+        ({"peft": {"_target_": "torch.nn.Linear", "r": 8}}, r"^peft._target_=torch.nn.modules.linear.Linear: BARD "
+         "supports NeMo AutoModel's LoRA"),
+        ({"peft": LORA, "quantization": {"load_in_4bit": True}}, "^quantization with peft: NeMo AutoModel cannot merge"),
+        pytest.param({"peft": {**LORA, "use_triton": True}}, r"^peft.use_triton=true needs a GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")),
     ],
 )
 def test_preflight_refuses_bad_configs(colours, changes, match):
@@ -177,6 +192,16 @@ def test_preflight_refuses_bad_configs(colours, changes, match):
 
     with pytest.raises((BardConfigError, ScheduleError), match=match):
         preflight(pbm_config(colours, **changes))
+
+
+def test_preflight_accepts_the_lora_group_and_checkpointing(colours):
+    import yaml
+
+    from nemo_bard.integrations import nemo
+
+    lora = yaml.safe_load(open("conf/peft/lora.yaml"))
+    assert lora["_target_"] == nemo.LORA_TARGET
+    preflight(pbm_config(colours, peft=lora, **{"distributed.activation_checkpointing": True}))
 
 
 def test_preflight_prepares_loss_and_data_through_nemo_config(colours):

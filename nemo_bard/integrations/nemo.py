@@ -371,7 +371,8 @@ def check_peft_and_checkpointing(peft: dict | None, distributed: dict | None, qu
         raise BardConfigError(f"peft must be a mapping (e.g. peft=lora), got {peft!r}")
     target = peft.get("_target_")  # a dotted path, or already the class (NeMo's config loader resolves it)
     if target not in (PeftConfig, PeftConfig.from_dict, LORA_TARGET, f"{LORA_TARGET}.from_dict"):
-        raise BardConfigError(f"peft._target_={target!r}: BARD supports NeMo AutoModel's LoRA ({LORA_TARGET}; "
+        name = target if isinstance(target, str) or target is None else f"{target.__module__}.{target.__qualname__}"
+        raise BardConfigError(f"peft._target_={name}: BARD supports NeMo AutoModel's LoRA ({LORA_TARGET}; "
                               "see conf/peft/lora.yaml)")
     fields = [f.name for f in dataclasses.fields(PeftConfig)]
     unknown = [k for k in peft if k != "_target_" and k not in fields]
