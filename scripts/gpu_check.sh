@@ -119,6 +119,7 @@ for dist in ("torch", "transformers", "nemo_automodel", "hydra-core", "pydantic"
     except md.PackageNotFoundError:
         info[dist] = "missing"
 info["transformers_path"] = getattr(importlib.util.find_spec("transformers"), "origin", None)
+info["PYTORCH_CUDA_ALLOC_CONF"] = __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF")
 if shutil.which("nvidia-smi"):
     query = ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"]
     info["device"] = subprocess.run(query, capture_output=True, text=True).stdout.strip() or "cpu"

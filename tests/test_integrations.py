@@ -391,3 +391,43 @@ def test_activation_checkpointing_gives_identical_loss_and_grads(tiny_bard_dir, 
     assert torch.equal(loss, loss_ac)
     assert grads.keys() == grads_ac.keys() and len(grads) > 10
     assert all(torch.equal(grads[k], grads_ac[k]) for k in grads)
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+def test_merged_lora_state_is_the_adapted_model(tiny_bard_dir, tiny_processor, collated):
+    """NeMo's LoRA on the training class, under NeMo's activation checkpointing (wrapped module names): the merged
+    state dict is ``W + alpha/dim * B @ A`` on the adapted projections, the base elsewhere, no adapter keys, and a
+    plain bard_vl model loaded with it computes what the adapted model computes."""
+    from nemo_automodel.components._peft.lora import PeftConfig, apply_lora_to_linear_modules
+    from transformers import AutoModelForImageTextToText
+
+    from nemo_bard.data.layout import MODEL_INPUT_KEYS
+    from nemo_bard.integrations.nemo import (
+        NeMoBardVLForConditionalGeneration,
+        apply_activation_checkpointing,
+        merge_lora_state_dict,
+    )
+
+    model = NeMoBardVLForConditionalGeneration.from_pretrained(tiny_bard_dir, dtype=torch.float32)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    assert apply_lora_to_linear_modules(model, PeftConfig(target_modules=["*language_model*_proj"], dim=4, alpha=8)) == 14
+    with torch.no_grad():  # NeMo starts B at zero; give the adapters an effect
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=g)
+    model = apply_activation_checkpointing(model).eval()
+    state = model.state_dict()
+    merged = merge_lora_state_dict(model, state)
+    assert merged.keys() == base.keys() and any("lora_A" in k for k in state)
+    q = "model.language_model.layers.1.self_attn.q_proj"
+    expected = base[f"{q}.weight"] + 2.0 * state[f"{q}.lora_B.weight"] @ state[f"{q}.lora_A.weight"]
+    torch.testing.assert_close(merged[f"{q}.weight"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
+    plain.load_state_dict(merged)
+    b = stub_recipe(plain, tiny_processor, local_batch_size=2).prepare_step([collated([0, 1])], step=0)[0][0]
+    inputs = {k: b[k] for k in MODEL_INPUT_KEYS if k in b}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+    assert merge_lora_state_dict(model, {}) == {}  # ranks that do not write
