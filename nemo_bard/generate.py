@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> dict:
     import nemo_bard  # noqa: F401  registers bard_vl
     from nemo_bard.generation import block_diffusion_generate
     from nemo_bard.data.media import VideoSampling
-    from nemo_bard.generation.inputs import build_inputs, load_image, load_video
+    from nemo_bard.generation.inputs import build_inputs, load_image, load_video, user_conversation
 
     from nemo_bard.models.loading import resolve_device_dtype
 
@@ -137,7 +137,7 @@ def run(args: argparse.Namespace) -> dict:
                                             max_frames=args.video_max_frames)
     videos = [load_video(p, sampling) for p in args.video]
     model = AutoModelForImageTextToText.from_pretrained(args.model, dtype=dtype).to(device).eval()
-    inputs = build_inputs(processor, [args.prompt], [images], [videos], system=args.system)
+    inputs = build_inputs(processor, [user_conversation(args.prompt, images, videos, args.system)])
     for key in ("pixel_values", "pixel_values_videos"):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)

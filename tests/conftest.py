@@ -45,6 +45,17 @@ def tiny_bard_model(tiny_bard_dir):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def sharp_model(tiny_bard_model):
+    """The tiny model with a 30x lm_head: peaked confidences, so thresholds commit several tokens per step."""
+    import copy
+
+    model = copy.deepcopy(tiny_bard_model)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30)
+    return model
+
+
 def random_image(seed: int, h: int = 64, w: int = 64) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))

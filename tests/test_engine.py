@@ -11,7 +11,6 @@ from nemo_bard.generation import (
     StaticKVCache,
     ar_generate,
     block_diffusion_generate,
-    run_session,
 )
 from nemo_bard.generation.decode import model_inputs
 from tests.test_generation import DYNAMIC, PROMPTS, STATIC, encode, stop_for_different_blocks
@@ -21,17 +20,6 @@ BATCH8 = PROMPTS + [("yes", []), ("Count the red squares.", [(5, 64, 64)]), ("a 
                     ("Describe the top left of the picture.", [(6, 96, 96)])]
 
 
-@pytest.fixture(scope="module")
-def sharp(tiny_bard_model):
-    """The tiny model with a 30x lm_head: peaked confidences, several commits per step at tau < 1."""
-    import copy
-
-    model = copy.deepcopy(tiny_bard_model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    return model
-
-
 def _stops_mid_run(model, enc, **kw) -> list[int]:
     """A stop id that ends the rows of ``enc`` in different blocks (picked from a free run)."""
     free = block_diffusion_generate(model, **enc, eos_token_id=[], engine="eager", **kw).sequences
@@ -39,22 +27,22 @@ def _stops_mid_run(model, enc, **kw) -> list[int]:
 
 
 PARITY = [  # (block size, steps, strategy, threshold)
-    (4, 4, STATIC, 1.0), (4, 2, DYNAMIC, 0.5), (8, 3, STATIC, 1.0), (8, 8, DYNAMIC, 0.3),
-    (16, 16, DYNAMIC, 0.9), (16, 4, DYNAMIC, 0.2), (32, 32, STATIC, 1.0), (32, 8, DYNAMIC, 0.5),
+    (4, 4, STATIC, 1.0), (4, 2, DYNAMIC, 0.5), (8, 3, STATIC, 1.0), (8, 8, DYNAMIC, 0.9),
+    (16, 16, DYNAMIC, 0.5), (16, 4, DYNAMIC, 0.2), (32, 32, DYNAMIC, 0.3), (32, 8, STATIC, 1.0),
 ]
 
 
 @pytest.mark.parametrize("bs,steps,strategy,tau", PARITY)
-def test_engine_tokens_equal_eager_decoder(bs, steps, strategy, tau, sharp, tiny_processor):
+def test_engine_tokens_equal_eager_decoder(bs, steps, strategy, tau, sharp_model, tiny_processor):
     """Greedy, fp32: same tokens, lengths and forward counts as engine='eager', for batch 1 (text, image) and a
     mixed batch of 8 whose rows stop in different blocks."""
     kw = dict(max_new_tokens=2 * bs + 3, block_size=bs, denoising_steps=steps, remasking_strategy=strategy,
               confidence_threshold=tau)
     batch = encode(tiny_processor, BATCH8)
-    stops = _stops_mid_run(sharp, batch, **kw)
+    stops = _stops_mid_run(sharp_model, batch, **kw)
     for enc in (encode(tiny_processor, [PROMPTS[0]]), encode(tiny_processor, [PROMPTS[2]]), batch):
-        eager = block_diffusion_generate(sharp, **enc, eos_token_id=stops, engine="eager", **kw)
-        static = block_diffusion_generate(sharp, **enc, eos_token_id=stops, engine="static", **kw)
+        eager = block_diffusion_generate(sharp_model, **enc, eos_token_id=stops, engine="eager", **kw)
+        static = block_diffusion_generate(sharp_model, **enc, eos_token_id=stops, engine="static", **kw)
         assert torch.equal(static.sequences, eager.sequences) and torch.equal(static.lengths, eager.lengths)
         assert static.num_forwards == eager.num_forwards
         assert torch.equal(static.row_forwards, eager.row_forwards)
@@ -154,20 +142,35 @@ def test_eager_attention_model_uses_additive_masks(tiny_bard_dir, tiny_bard_mode
     assert torch.equal(a.sequences, b.sequences)
 
 
-def test_compiled_engine_traces_the_step_and_decodes_the_same_tokens(sharp, tiny_processor):
+def test_compiled_engine_traces_the_step_and_decodes_the_same_tokens(sharp_model, tiny_processor):
     """engine='compiled' runs the step through torch.compile (here with dynamo's eager backend, which traces
     the step exactly as inductor would get it but skips code generation, so the test stays fast)."""
     import torch._dynamo
 
-    engine = DecodeEngine.for_model(sharp, "compiled")
+    engine = DecodeEngine.for_model(sharp_model, "compiled")
     engine.compile_backend = "eager"
     torch._dynamo.reset()
     counts = torch._dynamo.utils.counters
     counts.clear()
     enc = encode(tiny_processor, PROMPTS[:3])
     kw = dict(max_new_tokens=10, block_size=4, denoising_steps=2, confidence_threshold=0.5, eos_token_id=[])
-    compiled = block_diffusion_generate(sharp, **enc, engine="compiled", **kw)
-    eager = block_diffusion_generate(sharp, **enc, engine="eager", **kw)
+    compiled = block_diffusion_generate(sharp_model, **enc, engine="compiled", **kw)
+    eager = block_diffusion_generate(sharp_model, **enc, engine="eager", **kw)
     assert torch.equal(compiled.sequences, eager.sequences) and compiled.num_forwards == eager.num_forwards
     assert counts["stats"]["unique_graphs"] >= 2  # the 4-token step and the fused 8-token step were captured
     assert not counts["graph_break"]  # the whole step is one graph
+
+
+def test_engine_cache_does_not_keep_models_alive(tiny_bard_dir, tiny_processor):
+    import gc
+    import weakref
+
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
+    block_diffusion_generate(model, **encode(tiny_processor, [PROMPTS[0]]), max_new_tokens=4, block_size=4)
+    ref = weakref.ref(model)
+    assert len(DecodeEngine._engines) >= 1
+    del model
+    gc.collect()
+    assert ref() is None  # engines (buffers, graphs) go with their model

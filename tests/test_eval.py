@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from nemo_bard.eval import metrics
 from nemo_bard.eval.evaluate import DecodePoint, evaluate, load_samples, parse_points
@@ -235,7 +237,6 @@ def test_lmms_core_video_visuals(tiny_bard_dir, coded_clip, digits_data):
 
 
 def test_lmms_task_writer_with_videos(video_data, tmp_path):
-    import importlib.util
 
     from nemo_bard.eval.lmms.task import write_task
 
@@ -258,7 +259,14 @@ def test_lmms_task_writer(digits_data, tmp_path):
     docs = [json.loads(line) for line in (tmp_path / "docs.jsonl").read_text().splitlines()]
     assert len(docs) == 3 and docs[0]["question"] == "Read the digits." and docs[0]["answer"].isdigit()
     assert all((tmp_path / "images").joinpath(p.split("/")[-1]).is_file() for d in docs for p in d["images"])
-    assert (tmp_path / "utils.py").is_file()
+    spec = importlib.util.spec_from_file_location("digits_utils", tmp_path / "utils.py")  # lmms-eval's !function
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+    assert utils.doc_to_text(docs[0], {"pre_prompt": "Q: "}) == "Q: Read the digits."
+    assert utils.doc_to_visual(docs[0])[0].size == Image.open(docs[0]["images"][0]).size
+    ref = docs[0]["answer"]
+    assert utils.process_results(docs[0], [ref[:-1] + "x"]) == {"exact_match": 0.0,
+                                                                 "char_accuracy": 1 - 1 / len(ref)}
 
 
 def test_lmms_harness_registration():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -41,15 +39,6 @@ def encode(processor, items, side: str = "left"):
     return dict(processor(text=texts, images=images or None, padding=True, padding_side=side, return_tensors="pt"))
 
 
-@pytest.fixture(scope="module")
-def sharp_model(tiny_bard_model):
-    """The tiny model with a 30x lm_head: peaked confidences, so thresholds commit several tokens per step."""
-    model = copy.deepcopy(tiny_bard_model)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(30)
-    return model
-
-
 class LogitsRecorder:
     """Records every non-empty logits tensor the model produces (i.e. every denoising step)."""
 
@@ -72,7 +61,7 @@ class LogitsRecorder:
 def reference_decode(model, enc, block_size, steps, strategy, threshold, max_new_tokens, stops, pos_shift=0):
     """Slow reference: full recompute of [prompt | committed blocks | current block] every step, no cache.
 
-    Written from BARD_SPEC §2/§4/§7 independently of the decoder (per-position Python, topk, one prompt).
+    Written from docs/method.md (§2, §4, "Decoding") independently of the decoder (per-position Python, topk, one prompt).
     Returns ``(tokens, logits_per_step, masked_per_step)``: the logits at the still-masked positions of each
     step and those positions.
     """
@@ -133,6 +122,12 @@ CASES = [  # (model, block size, steps, strategy, threshold)
 ENGINES = ["eager", "static"]
 
 
+@pytest.fixture(scope="module")
+def reference_runs() -> dict[tuple, tuple]:
+    """Reference decodes, computed once and shared by both engines' test cases."""
+    return {}
+
+
 def masked_logits(recorded: list[torch.Tensor], engine: str, block_size: int, ref_masks: list[torch.Tensor]):
     """The recorded lm_head outputs at the still-masked positions of each step (batch 1).
 
@@ -146,7 +141,7 @@ def masked_logits(recorded: list[torch.Tensor], engine: str, block_size: int, re
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("which,bs,steps,strategy,tau", CASES)
 def test_decoder_matches_uncached_reference(
-    engine, which, bs, steps, strategy, tau, tiny_bard_model, sharp_model, tiny_processor
+    engine, which, bs, steps, strategy, tau, tiny_bard_model, sharp_model, tiny_processor, reference_runs
 ):
     model = sharp_model if which == "sharp" else tiny_bard_model
     stops = [model.generation_config.eos_token_id]
@@ -157,7 +152,10 @@ def test_decoder_matches_uncached_reference(
                 model, **enc, max_new_tokens=16, block_size=bs, denoising_steps=steps,
                 remasking_strategy=strategy, confidence_threshold=tau, engine=engine,
             )
-        ref, ref_logits, ref_masks = reference_decode(model, enc, bs, steps, strategy, tau, 16, stops)
+        key = (which, bs, steps, strategy, tau, items[0][0])
+        if key not in reference_runs:
+            reference_runs[key] = reference_decode(model, enc, bs, steps, strategy, tau, 16, stops)
+        ref, ref_logits, ref_masks = reference_runs[key]
         assert out.sequences[0, : out.lengths[0]].tolist() == ref
         assert out.num_forwards == len(ref_logits) == len(rec.logits)
         for got, want in zip(masked_logits(rec.logits, engine, bs, ref_masks), ref_logits):
@@ -227,13 +225,20 @@ def _batch_sizes(model):
     return sizes, handle
 
 
+@pytest.fixture(scope="module")
+def alone_runs(tiny_bard_model, tiny_processor):
+    """A stop id that ends the PROMPTS rows in different blocks, and each prompt decoded alone (eager)."""
+    stop = stop_for_different_blocks(free_tokens(tiny_bard_model, tiny_processor, PROMPTS, remasking_strategy=STATIC))
+    kw = dict(max_new_tokens=24, block_size=4, remasking_strategy=STATIC, stop_token_ids=[stop], engine="eager")
+    return stop, [block_diffusion_generate(tiny_bard_model, **encode(tiny_processor, [item]), **kw) for item in PROMPTS]
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("side", ["left", "right"])
-def test_batch_of_uneven_prompts_equals_each_alone(engine, side, tiny_bard_model, tiny_processor):
+def test_batch_of_uneven_prompts_equals_each_alone(engine, side, tiny_bard_model, tiny_processor, alone_runs):
     model = tiny_bard_model
-    stop = stop_for_different_blocks(free_tokens(model, tiny_processor, PROMPTS, remasking_strategy=STATIC))
+    stop, alone = alone_runs
     kw = dict(max_new_tokens=24, block_size=4, remasking_strategy=STATIC, stop_token_ids=[stop], engine=engine)
-    alone = [block_diffusion_generate(model, **encode(tiny_processor, [item]), **kw) for item in PROMPTS]
     finish_blocks = [-(-int(o.lengths[0]) // 4) for o in alone]
     assert len(set(finish_blocks)) >= 3  # rows really stop at different blocks
 

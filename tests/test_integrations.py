@@ -33,12 +33,12 @@ import nemo_bard
 import numpy as np
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
-from nemo_bard.generation.inputs import build_inputs
+from nemo_bard.generation.inputs import build_inputs, user_conversation
 
 model = AutoModelForImageTextToText.from_pretrained({str(tiny_bard_dir)!r}).eval()
 processor = AutoProcessor.from_pretrained({str(tiny_bard_dir)!r})
 image = Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8))
-out = model.generate(**build_inputs(processor, ["Name the colour."], images=[[image]]), max_new_tokens=8)
+out = model.generate(**build_inputs(processor, [user_conversation("Name the colour.", [image])]), max_new_tokens=8)
 print(type(model).__module__, type(model).__name__, tuple(out.sequences.shape), out.num_forwards > 0)
 print(sorted(m for m in sys.modules if m.startswith("nemo_automodel") and sys.modules[m] is not None))
 """)

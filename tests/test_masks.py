@@ -1,4 +1,4 @@
-"""Block masks (BARD_SPEC §2/§4) on hand-enumerated cases, and dense == Flex."""
+"""Block masks (docs/method.md §2/§4) on hand-enumerated cases, and dense == Flex."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Block attention masks for BARD (BARD_SPEC §2 and §4), from one definition.
+"""Block attention masks for BARD (docs/method.md §2 and §4), from one definition.
 
 Every token carries a *kind* (prefix / clean / noisy / pad) and a *block id*.
 :func:`attention_allowed` is the only place the attention rule is written; the

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -60,11 +59,11 @@ def synthetic_image(seed: int, size: int = 64):
 
 def prompt_batch(processor, batch_size: int) -> dict:
     """The benchmark's prompts for one batch (cycled), tokenised with left padding."""
-    from nemo_bard.generation.inputs import build_inputs
+    from nemo_bard.generation.inputs import build_inputs, user_conversation
 
     items = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
-    images = [[synthetic_image(10 * i + j) for j in range(n)] for i, (_, n) in enumerate(items)]
-    return build_inputs(processor, [t for t, _ in items], images)
+    return build_inputs(processor, [user_conversation(text, [synthetic_image(10 * i + j) for j in range(n)])
+                                    for i, (text, n) in enumerate(items)])
 
 
 def tiny_models(root: Path, block_size: int) -> tuple[Path, Path]:
@@ -143,15 +142,15 @@ def run(args: argparse.Namespace) -> dict:
     fast = [e for e in engines if e != "eager"]
 
     rows = []
-    for bs in args.batch_sizes:
-        enc = {k: v.to(device) for k, v in prompt_batch(processor, bs).items()}
+    for batch in args.batch_sizes:
+        enc = {k: v.to(device) for k, v in prompt_batch(processor, batch).items()}
         for key in ("pixel_values", "pixel_values_videos"):
             if key in enc:
                 enc[key] = enc[key].to(dtype)
         ar_fns = {e: (lambda e=e: ar_generate(ar, **enc, max_new_tokens=args.max_new_tokens, engine=e, **eos))
                   for e in ["hf", *fast]}
         best = _median_runs(ar_fns, args.repeats)
-        ar_rows = [_row("ar", e, bs, out, best["hf"]) for e, out in best.items()]
+        ar_rows = [_row("ar", e, batch, out, best["hf"]) for e, out in best.items()]
         rows += ar_rows
         for point in points:
             kw = dict(max_new_tokens=args.max_new_tokens, block_size=point.block_size,
@@ -163,13 +162,13 @@ def run(args: argparse.Namespace) -> dict:
             else:  # the eager decoder runs once, for the reference tokens only
                 best = {"eager": fns["eager"](), **_median_runs({e: fns[e] for e in fast}, args.repeats)}
             for e in engines:
-                rows.append(_row("bard", e, bs, best[e], best["eager"], point=point.label,
+                rows.append(_row("bard", e, batch, best[e], best["eager"], point=point.label,
                                  block_size=point.block_size, denoising_steps=point.denoising_steps,
                                  threshold=point.threshold, strategy=point.remasking_strategy))
         fastest = max(r["tokens_per_second"] for r in ar_rows)
         fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in ar_rows)
         for r in rows:
-            if r["batch_size"] == bs:
+            if r["batch_size"] == batch:
                 r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
                 r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
                                     if r["decode_tokens_per_second"] and fastest_decode else None)

@@ -1,4 +1,4 @@
-"""Progressive Block Merging schedule (BARD_SPEC §1): block size 4 -> 8 -> 16 -> 32 in one run.
+"""Progressive Block Merging schedule (docs/method.md §7): block size 4 -> 8 -> 16 -> 32 in one run.
 
 At each stage boundary the callback exports the finished stage as an HF ``bard_vl`` directory
 (``<checkpoint_dir>/stages/b4`` ...; usable with ``from_pretrained`` and as the SWD teacher),

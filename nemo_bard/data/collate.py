@@ -7,7 +7,7 @@ which depends on the *live* block size, is built at step time by
 with the old size, and dataloader workers need no shared state).
 
 Prefix = the rendered conversation up to and including ``<|im_start|>assistant\\n`` of the last
-assistant turn; response = from there up to and including the first ``<|im_end|>`` (BARD_SPEC §3),
+assistant turn; response = from there up to and including the first ``<|im_end|>`` (docs/method.md §3),
 with repeated newlines right after the header collapsed.
 """
 

@@ -1,4 +1,4 @@
-"""Block layout: processor batch -> BARD training batch (BARD_SPEC §2-§6).
+"""Block layout: processor batch -> BARD training batch (docs/method.md §2-§6).
 
 ``[prefix P | clean response R | noisy response R | batch padding]`` per sample, with the response
 padded to a multiple of the block size with the pad token (default ``<|im_end|>``), mRoPE positions

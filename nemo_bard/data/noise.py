@@ -1,4 +1,4 @@
-"""Per-sample masking noise (BARD_SPEC §5 for PBM; §8's per-sample rate for SWD).
+"""Per-sample masking noise (docs/method.md §5: stratified per block for PBM, one rate per sample for SWD).
 
 Each sample draws from its own ``torch.Generator`` seeded by the caller (the recipes derive the
 seed from the run seed, the step and the sample's global position, so noise is deterministic per

@@ -29,17 +29,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from nemo_bard.data.collate import conversation_media, decode_videos
-from nemo_bard.data.media import MediaError, VideoSampling, video_processor_kwargs
+from nemo_bard.data.media import VideoSampling
 from nemo_bard.eval.metrics import aggregate, score
+from nemo_bard.generation.inputs import build_inputs
 from nemo_bard.generation.points import DecodePoint, check_engine, default_points, parse_points
 
 logger = logging.getLogger(__name__)
 
-_PROCESSOR_KEYS = (
-    "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-    "mm_token_type_ids",
-)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -71,10 +67,6 @@ def model_type(model_dir: str | Path) -> str | None:
     return json.loads(cfg.read_text()).get("model_type")
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(
     model_dir: str | Path,
     *,
@@ -93,13 +85,11 @@ def load_model(
 
     import nemo_bard  # noqa: F401  (registers bard_vl with the Auto classes)
 
+    from nemo_bard.models.loading import resolve_device_dtype
+
     path = Path(model_dir)
     mtype = model_type(path)
-    device = device or default_device()
-    if dtype is None or dtype == "auto":
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    device, dtype = resolve_device_dtype(device, dtype)
     kind = "bard" if mtype == "bard_vl" and not force_ar else "ar"
     if kind == "bard":
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
@@ -182,59 +172,15 @@ def load_samples(
     return samples
 
 
-def build_inputs(
-    processor: Any,
-    prompts: list[list[dict]],
-    sampling: VideoSampling | None = None,
-    where: Sequence[str] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Chat-template + processor call for a batch of prompts (left padding).
-
-    Videos (files, bytes, frame directories or lists) are decoded here with ``sampling`` (default: the
-    processor's); a video that cannot be decoded raises :class:`nemo_bard.data.datasets.DataError`
-    naming ``where[i]`` (e.g. the row) and the file.
-    """
-    from nemo_bard.data.datasets import DataError
-
-    sampling = sampling or VideoSampling.from_processor(getattr(processor, "video_processor", None))
-    decoded = []
-    for i, p in enumerate(prompts):
-        try:
-            decoded.append(decode_videos(p, sampling))
-        except MediaError as exc:
-            raise DataError(f"{where[i] if where else f'prompt {i}'}: {exc}") from None
-    texts = processor.apply_chat_template(decoded, tokenize=False, add_generation_prompt=True)
-    if isinstance(texts, str):
-        texts = [texts]
-    images, videos = [], []
-    for p in decoded:
-        im, vid = conversation_media(p)
-        images += im
-        videos += vid
-    kwargs: dict[str, Any] = {}
-    if images:
-        kwargs["images"] = images
-    if videos:
-        kwargs.update(video_processor_kwargs(videos))
-    batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
-    return {k: batch[k] for k in _PROCESSOR_KEYS if k in batch}
-
-
 # ----------------------------------------------------------------------------------- generation
 
 
 def stop_ids(loaded: LoadedModel) -> list[int]:
-    """eos ids: the generation config's (or config's) eos plus the tokenizer's eos."""
-    out: list[int] = []
-    for src in (getattr(loaded.model, "generation_config", None), loaded.model.config):
-        eos = getattr(src, "eos_token_id", None)
-        if eos is not None:
-            out += [eos] if isinstance(eos, int) else list(eos)
-            break
+    """Stop ids: the model's eos (generation config, else config) plus the tokenizer's eos."""
+    from nemo_bard.generation.decode import special_token_ids
+
     tok_eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        out.append(tok_eos)
-    return list(dict.fromkeys(int(i) for i in out))
+    return special_token_ids(loaded.model, None, None if tok_eos is None else [tok_eos])[0]
 
 
 def generate_batch(

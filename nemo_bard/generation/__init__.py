@@ -3,7 +3,8 @@
 from nemo_bard.generation.ar import AR_ENGINES, ar_generate
 from nemo_bard.generation.cache import BlockKVCache, StaticKVCache
 from nemo_bard.generation.decode import block_diffusion_generate, run_session
-from nemo_bard.generation.engine import ENGINES, DecodeEngine, DecodeSession, EngineError
+from nemo_bard.generation.engine import DecodeEngine, DecodeSession
+from nemo_bard.generation.points import ENGINES, EngineError
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule
 

@@ -23,7 +23,7 @@ import torch
 
 from nemo_bard.attention.masks import CLEAN, NOISY, dense_mask, num_prompt_blocks, prompt_token_meta
 from nemo_bard.generation.cache import BlockKVCache
-from nemo_bard.generation.engine import DecodeEngine, check_engine, device_sync
+from nemo_bard.generation.engine import DecodeEngine, check_engine, device_sync, prompt_positions
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule
 
@@ -72,7 +72,7 @@ def _forward(model, cache: BlockKVCache, kind, block, ids, pos, logits_mask) -> 
     ).logits
 
 
-def _prefill(model, ids, am, media, bs: int, n_blocks: int):
+def _prefill(model, ids, am, media, block_len: int, n_blocks: int):
     """Prefill the prompts into a new cache; returns ``(cache, kind, block, start)`` over all slots.
 
     Prompt slots take kinds/blocks from the padding mask; response block k gets id ceil(P/B) + k (§2);
@@ -80,13 +80,13 @@ def _prefill(model, ids, am, media, bs: int, n_blocks: int):
     """
     b, lp = ids.shape
     device = ids.device
-    kind_p, block_p = prompt_token_meta(am, bs)
-    resp = torch.arange(n_blocks * bs, device=device)
+    kind_p, block_p = prompt_token_meta(am, block_len)
+    resp = torch.arange(n_blocks * block_len, device=device)
     kind = torch.cat([kind_p, torch.full((b, resp.numel()), NOISY, device=device)], 1)
-    block = torch.cat([block_p, num_prompt_blocks(am.sum(-1, keepdim=True), bs) + resp // bs], 1)
-    pos, _ = model.rope_positions(ids, am, media["mm_token_type_ids"], media["image_grid_thw"], media["video_grid_thw"])
-    start = pos.masked_fill(~am.bool()[None], -1).amax(dim=(0, 2)) + 1
-    cache = BlockKVCache(model.config.text_config.num_hidden_layers, lp + n_blocks * bs)
+    block = torch.cat([block_p, num_prompt_blocks(am.sum(-1, keepdim=True), block_len) + resp // block_len], 1)
+    pos, start = prompt_positions(model, ids, am, media["mm_token_type_ids"], media["image_grid_thw"],
+                                  media["video_grid_thw"])
+    cache = BlockKVCache(model.config.text_config.num_hidden_layers, lp + n_blocks * block_len)
     model(input_ids=ids, attention_mask=dense_mask(kind[:, :lp], block[:, :lp]), position_ids=pos,
           past_key_values=cache, logits_mask=torch.zeros_like(ids, dtype=torch.bool), **media)
     cache.commit(lp)
@@ -180,10 +180,10 @@ def block_diffusion_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}")
-    bs = int(block_size or model.config.block_size)
-    if bs < 1:
-        raise ValueError(f"block_size must be >= 1, got {bs}")
-    schedule = step_schedule(bs, min(max(int(denoising_steps or bs), 1), bs))
+    block_len = int(block_size or model.config.block_size)
+    if block_len < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_len}")
+    schedule = step_schedule(block_len, min(max(int(denoising_steps or block_len), 1), block_len))
     stop_list, pad = special_token_ids(model, eos_token_id, stop_token_ids, pad_token_id)
     device = model.device
     stops = torch.tensor(stop_list, dtype=torch.long, device=device)
@@ -192,7 +192,7 @@ def block_diffusion_generate(
                           video_grid_thw, mm_token_type_ids)
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     stream = _Streamer(streamer, ids.shape[0], ids[:, am[0].bool()], max_new_tokens)
-    kwargs = dict(block_size=bs, schedule=schedule, max_new_tokens=max_new_tokens, mask_token_id=int(
+    kwargs = dict(block_size=block_len, schedule=schedule, max_new_tokens=max_new_tokens, mask_token_id=int(
         model.config.mask_token_id), stops=stops, pad=pad, strategy=remasking_strategy,
         threshold=confidence_threshold, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen,
         fuse_commit=fuse_commit)
@@ -241,23 +241,23 @@ def _eager_block_diffusion(model, inputs, stream, *, block_size: int, schedule: 
                            temperature: float, top_k: int | None, top_p: float | None,
                            generator: torch.Generator | None, fuse_commit: bool) -> GenerationOutput:
     """The reference decoder (``engine="eager"``): dynamic shapes, rows leave the batch when they finish."""
-    bs, mask_id, device = block_size, mask_token_id, model.device
+    block_len, mask_id, device = block_size, mask_token_id, model.device
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
     b, lp = ids.shape
-    n_blocks = -(-max_new_tokens // bs)
+    n_blocks = -(-max_new_tokens // block_len)
     t0 = device_sync(device)
-    cache, kind, block, start = _prefill(model, ids, am, media, bs, n_blocks)
+    cache, kind, block, start = _prefill(model, ids, am, media, block_len, n_blocks)
     prefill_time = device_sync(device) - t0
 
     rows = torch.arange(b, device=device)  # original index of each running row
-    out = torch.full((b, n_blocks * bs), pad, dtype=torch.long, device=device)
+    out = torch.full((b, n_blocks * block_len), pad, dtype=torch.long, device=device)
     row_forwards = torch.zeros(b, dtype=torch.long, device=device)
-    num_forwards, pending, offsets = 0, None, torch.arange(bs, device=device)
+    num_forwards, pending, offsets = 0, None, torch.arange(block_len, device=device)
     for k in range(n_blocks):
-        s0 = lp + k * bs
-        x = torch.full((rows.numel(), bs), mask_id, dtype=torch.long, device=device)
-        x_pos = start[:, None] + k * bs + offsets
+        s0 = lp + k * block_len
+        x = torch.full((rows.numel(), block_len), mask_id, dtype=torch.long, device=device)
+        x_pos = start[:, None] + k * block_len + offsets
         for n_commit in schedule:
             masked = x == mask_id
             if not bool(masked.any()):
@@ -266,8 +266,8 @@ def _eager_block_diffusion(model, inputs, stream, *, block_size: int, schedule: 
                 logits = _forward(model, cache, kind, block, x, x_pos, masked)
             else:  # fused: commit the finished block and run this block's first step in one forward
                 logits = _forward(model, cache, kind, block, torch.cat([pending, x], 1),
-                                  torch.cat([x_pos - bs, x_pos], 1), torch.cat([torch.zeros_like(masked), masked], 1))
-                cache.commit(bs)
+                                  torch.cat([x_pos - block_len, x_pos], 1), torch.cat([torch.zeros_like(masked), masked], 1))
+                cache.commit(block_len)
                 pending = None
             logits[:, mask_id] = float("-inf")  # never produce the mask token
             tok, conf = sample_tokens(logits, temperature, top_k, top_p, generator)
@@ -276,9 +276,9 @@ def _eager_block_diffusion(model, inputs, stream, *, block_size: int, schedule: 
             x = torch.where(commit, x.masked_scatter(masked, tok), x)
             num_forwards += 1
             row_forwards[rows] += masked.any(-1).long()
-        kind[:, s0:s0 + bs] = CLEAN
-        out[rows, k * bs:(k + 1) * bs] = x
-        stream.block(rows, x, k * bs, stops)
+        kind[:, s0:s0 + block_len] = CLEAN
+        out[rows, k * block_len:(k + 1) * block_len] = x
+        stream.block(rows, x, k * block_len, stops)
         if k + 1 == n_blocks:
             break
         done = torch.isin(x, stops).any(-1)
@@ -291,9 +291,9 @@ def _eager_block_diffusion(model, inputs, stream, *, block_size: int, schedule: 
         if fuse_commit:
             pending = x
         else:  # unfused: a separate commit forward (rows may have been dropped: recompute positions)
-            x_pos = start[:, None] + k * bs + offsets
+            x_pos = start[:, None] + k * block_len + offsets
             _forward(model, cache, kind, block, x, x_pos, torch.zeros_like(x, dtype=torch.bool))
-            cache.commit(bs)
+            cache.commit(block_len)
             num_forwards += 1
             row_forwards[rows] += 1
 

@@ -40,7 +40,8 @@ import torch
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
 from nemo_bard.generation.output import GenerationOutput
-from nemo_bard.generation.points import ENGINES, EngineError, check_engine
+from nemo_bard.generation.points import EngineError, check_engine
+from nemo_bard.integrations.hf import attn_implementation
 from nemo_bard.generation.sampling import sample_tokens, select_commits
 
 logger = logging.getLogger(__name__)
@@ -72,20 +73,11 @@ def prompt_positions(
     image_grid_thw: torch.Tensor | None = None,
     video_grid_thw: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D mRoPE positions ``[3, b, L]`` of (padded) prompts and each row's first response position ``[b]``.
+    """3-D mRoPE positions ``[3, b, L]`` of (padded) prompts and each row's first response position ``[b]``
+    (the largest prompt position + 1, on all three axes). ``model``: any Qwen3-VL (AR or bard_vl)."""
+    from nemo_bard.models.modeling_bard_vl import mrope_positions
 
-    With images/videos the positions come from the model's ``get_rope_index``; text-only prompts count
-    their real tokens (0..n-1 on all three axes). The response starts at the largest prompt position + 1.
-    """
-    if image_grid_thw is not None or video_grid_thw is not None:
-        if mm_token_type_ids is None:
-            raise ValueError("images/videos were given without mm_token_type_ids; pass the processor's output whole")
-        pos, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw, attention_mask=attention_mask,
-        )
-    else:
-        pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[None].expand(3, -1, -1)
+    pos, _ = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw)
     start = pos.masked_fill(~attention_mask.bool()[None], -1).amax(dim=(0, 2)) + 1
     return pos, start
 
@@ -131,7 +123,8 @@ class DecodeEngine:
 
     def __init__(self, model: torch.nn.Module, compile: bool = False, cuda_graphs: bool | None = None,
                  max_pools: int = 4) -> None:
-        self.model = model
+        self._model = weakref.ref(model)  # the per-model cache must not keep the model alive
+        self.vlm, self.lm_head = model.model, model.lm_head
         self.compile = bool(compile)
         self._compiled: Any = None
         self.text = model.model.language_model
@@ -140,7 +133,7 @@ class DecodeEngine:
         self.dtype = next(model.parameters()).dtype
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         self.max_pools = max_pools
-        impl = getattr(self.cfg, "_attn_implementation", None) or "sdpa"
+        impl = attn_implementation(self.cfg)
         if impl not in ("sdpa", "eager"):
             raise EngineError(
                 f"engine='static' runs the text decoder with sdpa or eager attention, not {impl!r}; load the model "
@@ -150,6 +143,14 @@ class DecodeEngine:
         self._pools: dict[tuple[int, int], _Pool] = {}
         self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model this engine decodes with."""
+        model = self._model()
+        if model is None:
+            raise EngineError("the model of this DecodeEngine was garbage-collected")
+        return model
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, name: str = "static") -> "DecodeEngine":
@@ -219,7 +220,7 @@ class DecodeEngine:
         cache.prefill = True
         try:
             mask = additive_mask(mask, self.dtype) if self.additive else mask
-            out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+            out = self.vlm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
                                    use_cache=True, **media)
         finally:
             cache.prefill = False
@@ -239,7 +240,7 @@ class DecodeEngine:
             h = layer(h, attention_mask=mask, position_embeddings=pe, past_key_values=pool.cache)
         if logits_from is None:
             return None
-        return self.model.lm_head(self.text.norm(h[:, logits_from:]))
+        return self.lm_head(self.text.norm(h[:, logits_from:]))
 
     def _step(self, pool: _Pool, q: int, hi: torch.Tensor, logits_from: int | None) -> torch.Tensor | None:
         if not self.compile:
@@ -480,28 +481,28 @@ class BlockDiffusionSession(DecodeSession):
     @torch.inference_mode()
     def step(self) -> None:
         """One denoising forward of the current block (the first one also commits the previous block)."""
-        bs, x = self.block_size, self.x
+        block_len, x = self.block_size, self.x
         masked = x == self.mask_id
         if self.step_in_block >= len(self.schedule) or not bool(masked.any()):  # block finished: sync per step
             self._end_block()
             return
         pool = self.pool
-        pos0 = self.start[:, None] + self.block * bs + self.offsets
+        pos0 = self.start[:, None] + self.block * block_len + self.offsets
         if self.pending:  # fused: [finished block (clean) | this block (noisy)]
-            q, hi = 2 * bs, (bs,) * bs + (2 * bs,) * bs
+            q, hi = 2 * block_len, (block_len,) * block_len + (2 * block_len,) * block_len
             ids, pos = pool.buffers(q)
-            ids[:, :bs].copy_(self.finished)
-            ids[:, bs:].copy_(x)
-            pos[:, :bs].copy_(pos0 - bs)
-            pos[:, bs:].copy_(pos0)
+            ids[:, :block_len].copy_(self.finished)
+            ids[:, block_len:].copy_(x)
+            pos[:, :block_len].copy_(pos0 - block_len)
+            pos[:, block_len:].copy_(pos0)
         else:
-            q, hi = bs, (bs,) * bs
+            q, hi = block_len, (block_len,) * block_len
             ids, pos = pool.buffers(q)
             ids.copy_(x)
             pos.copy_(pos0)
-        logits = self.engine.run_step(pool, q, hi, q - bs)
+        logits = self.engine.run_step(pool, q, hi, q - block_len)
         if self.pending:
-            self._commit(bs)
+            self._commit(block_len)
             self.pending = False
         logits[..., self.mask_id] = float("-inf")  # never produce the mask token
         temperature, top_k, top_p, gen = self.sampling
@@ -514,8 +515,8 @@ class BlockDiffusionSession(DecodeSession):
         self.step_in_block += 1
 
     def _end_block(self) -> None:
-        k, bs = self.block, self.block_size
-        running = self._finish_rows(self.x, k * bs)
+        k, block_len = self.block, self.block_size
+        running = self._finish_rows(self.x, k * block_len)
         self.block += 1
         if running == 0 or self.block == self.num_blocks:
             self.done = True
@@ -524,11 +525,11 @@ class BlockDiffusionSession(DecodeSession):
             self.pending = True
         else:  # a separate forward commits the finished block
             pool = self.pool
-            ids, pos = pool.buffers(bs)
+            ids, pos = pool.buffers(block_len)
             ids.copy_(self.x)
-            pos.copy_(self.start[:, None] + k * bs + self.offsets)
-            self.engine.run_step(pool, bs, (bs,) * bs, None)
-            self._commit(bs)
+            pos.copy_(self.start[:, None] + k * block_len + self.offsets)
+            self.engine.run_step(pool, block_len, (block_len,) * block_len, None)
+            self._commit(block_len)
             self._count_forward(self.active)
         self._new_block()
 
@@ -545,7 +546,7 @@ class ARSession(DecodeSession):
                          causal_prompt=True)
         am = inputs["attention_mask"]
         last = am.shape[1] - 1 - am.flip(-1).long().argmax(-1)  # each row's last real prompt token
-        logits = engine.model.lm_head(self.hidden[torch.arange(self.batch, device=am.device), last])
+        logits = engine.lm_head(self.hidden[torch.arange(self.batch, device=am.device), last])
         self.hidden = None
         self.token = torch.full((self.pool.rows,), pad, dtype=torch.long, device=engine.device)
         self.token[: self.batch] = logits.argmax(-1)

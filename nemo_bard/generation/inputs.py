@@ -1,4 +1,4 @@
-"""Chat prompts with images / videos -> processor inputs (used by the CLI and the benchmark).
+"""Chats with images / videos -> processor inputs (generate, eval, lmms-eval, the benchmarks).
 
 Media loading itself lives in :mod:`nemo_bard.data.media`.
 """
@@ -6,12 +6,16 @@ Media loading itself lives in :mod:`nemo_bard.data.media`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from nemo_bard.data import media
 from nemo_bard.data.media import Video, VideoSampling, video_processor_kwargs
+
+
+PROCESSOR_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+                  "video_grid_thw", "mm_token_type_ids")
 
 
 class InputError(ValueError):
@@ -37,30 +41,49 @@ def load_video(path: str | Path, sampling: VideoSampling | None = None) -> Video
         raise InputError(f"--video: {exc}") from None
 
 
-def chat_text(processor, prompt: str, n_images: int = 0, n_videos: int = 0, system: str | None = None) -> str:
-    """The processor's chat template for one user turn (media first, then the text) + the assistant header."""
-    content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
-    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def user_conversation(
+    prompt: str, images: list[Any] = (), videos: list[Video] = (), system: str | None = None
+) -> list[dict]:
+    """A one-turn chat: optional system message, then the user's media (images first) and text."""
+    content = ([{"type": "image", "image": im} for im in images] + [{"type": "video", "video": v} for v in videos]
+               + [{"type": "text", "text": prompt}])
+    return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
 
 
 def build_inputs(
-    processor,
-    prompts: list[str],
-    images: list[list[Any]] | None = None,
-    videos: list[list[Video]] | None = None,
-    system: str | None = None,
+    processor: Any,
+    conversations: list[list[dict]],
+    sampling: VideoSampling | None = None,
+    where: Sequence[str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Left-padded processor inputs for a batch of single-turn prompts with per-prompt images / decoded videos."""
-    images = images or [[] for _ in prompts]
-    videos = videos or [[] for _ in prompts]
-    texts = [chat_text(processor, p, len(i), len(v), system) for p, i, v in zip(prompts, images, videos)]
+    """Left-padded processor inputs for a batch of chats, each rendered with its generation prompt.
+
+    Media items sit in the messages (images: anything :func:`nemo_bard.data.media.load_image` returns;
+    videos: files, bytes, frame directories or lists, decoded here with ``sampling`` — default: the
+    processor's — or already decoded :class:`~nemo_bard.data.media.Video`). A video that cannot be
+    decoded raises :class:`nemo_bard.data.datasets.DataError` naming ``where[i]`` (e.g. the row) and the file.
+    """
+    from nemo_bard.data.collate import conversation_media, decode_videos
+    from nemo_bard.data.datasets import DataError
+
+    sampling = sampling or VideoSampling.from_processor(getattr(processor, "video_processor", None))
+    decoded = []
+    for i, conv in enumerate(conversations):
+        try:
+            decoded.append(decode_videos(conv, sampling))
+        except media.MediaError as exc:
+            raise DataError(f"{where[i] if where else f'prompt {i}'}: {exc}") from None
+    texts = processor.apply_chat_template(decoded, tokenize=False, add_generation_prompt=True)
+    texts = [texts] if isinstance(texts, str) else texts
+    images, videos = [], []
+    for conv in decoded:
+        im, vid = conversation_media(conv)
+        images += im
+        videos += vid
     kwargs: dict[str, Any] = {}
-    flat_images = [im for row in images for im in row]
-    flat_videos = [v for row in videos for v in row]
-    if flat_images:
-        kwargs["images"] = flat_images
-    if flat_videos:
-        kwargs.update(video_processor_kwargs(flat_videos))
-    enc = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
-    return dict(enc)
+    if images:
+        kwargs["images"] = images
+    if videos:
+        kwargs.update(video_processor_kwargs(videos))
+    batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
+    return {k: batch[k] for k in PROCESSOR_KEYS if k in batch}

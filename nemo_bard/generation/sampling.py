@@ -1,4 +1,4 @@
-"""Token sampling and remasking (which masked positions to commit) for block diffusion (BARD_SPEC §7)."""
+"""Token sampling and remasking (which masked positions to commit) for block diffusion (docs/method.md, "Decoding")."""
 
 from __future__ import annotations
 

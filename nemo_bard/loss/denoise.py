@@ -1,4 +1,4 @@
-"""Masked-denoising loss (BARD_SPEC §6).
+"""Masked-denoising loss (docs/method.md §6).
 
 Inputs are already gathered at the loss positions (the model computes logits only there):
 ``logits [M, V]``, ``targets [M]``, ``weights [M]`` (1/t, halved on response padding) and

@@ -1,4 +1,4 @@
-"""Top-k knowledge distillation for Stage-Wise Distillation (BARD_SPEC §8).
+"""Top-k knowledge distillation for Stage-Wise Distillation (docs/method.md §8).
 
 The teacher contributes only its top-k logits per loss position. With ``q_T`` the softmax of the
 teacher's top-k logits (temperature tau) and ``p_S`` the student's *full-vocabulary* softmax (same tau):

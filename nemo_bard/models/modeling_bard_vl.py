@@ -44,6 +44,36 @@ def text_attn_implementation(model: torch.nn.Module) -> str:
     return attn_implementation(cfg)
 
 
+def mrope_positions(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask_2d: torch.Tensor | None = None,
+    mm_token_type_ids: torch.Tensor | None = None,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D mRoPE positions ``[3, B, L]`` and deltas ``[B, 1]`` of (padded) prompts for any Qwen3-VL ``model``.
+
+    With images/videos they come from the model's ``get_rope_index``; text-only prompts count their real
+    tokens (0..n-1 on all three axes, deltas 0, as ``get_rope_index`` would give).
+    """
+    if attention_mask_2d is None:
+        attention_mask_2d = torch.ones_like(input_ids)
+    if image_grid_thw is not None or video_grid_thw is not None:
+        if mm_token_type_ids is None:
+            raise ValueError(
+                "bard_vl: images/videos were given without mm_token_type_ids; pass the processor's "
+                "mm_token_type_ids so mRoPE positions can be computed"
+            )
+        return model.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, attention_mask=attention_mask_2d,
+        )
+    pos = (attention_mask_2d.bool().long().cumsum(-1) - 1).clamp_min(0)
+    deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+    return pos[None].expand(3, -1, -1).contiguous(), deltas
+
+
 class BardVLTextModel(FlexAttentionSupport, Qwen3VLTextModel):
     """The Qwen3-VL text decoder, built for a bard_vl config; FlexAttention ``BlockMask`` inputs allowed."""
 
@@ -69,27 +99,8 @@ class BardVLForConditionalGeneration(FlexAttentionSupport, Qwen3VLForConditional
         image_grid_thw: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """3-D mRoPE positions ``[3, B, L]`` and deltas ``[B, 1]`` of (padded) prompts."""
-        if attention_mask_2d is None:
-            attention_mask_2d = torch.ones_like(input_ids)
-        if image_grid_thw is not None or video_grid_thw is not None:
-            if mm_token_type_ids is None:
-                raise ValueError(
-                    "bard_vl: images/videos were given without mm_token_type_ids; pass the processor's "
-                    "mm_token_type_ids so mRoPE positions can be computed"
-                )
-            return self.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids=mm_token_type_ids,
-                image_grid_thw=image_grid_thw,
-                video_grid_thw=video_grid_thw,
-                attention_mask=attention_mask_2d,
-            )
-        valid = attention_mask_2d.bool()
-        pos = (valid.long().cumsum(-1) - 1).clamp_min(0)
-        # text only: positions are 0..n-1 over the real tokens, so max + 1 - n = 0 (get_rope_index's convention)
-        deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
-        return pos[None].expand(3, -1, -1).contiguous(), deltas
+        """3-D mRoPE positions ``[3, B, L]`` and deltas ``[B, 1]`` of (padded) prompts (see :func:`mrope_positions`)."""
+        return mrope_positions(self, input_ids, attention_mask_2d, mm_token_type_ids, image_grid_thw, video_grid_thw)
 
     def forward(
         self,

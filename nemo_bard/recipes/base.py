@@ -249,11 +249,7 @@ class BardRecipeBase(BardNeMoRecipe):
         return built, self.step_counts[key]
 
     # ------------------------------------------------------------------- the step
-    def forward_loss(
-        self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Return (loss to backpropagate, detached summable statistics). Implemented by the stage recipes."""
-        raise NotImplementedError
+    # forward_loss: implemented by the stage recipes (the hook is declared on BardNeMoRecipe)
 
     def step_metrics(
         self, built: list[dict[str, Any]], batches: list[dict[str, Any]], sums: dict[str, float]
