@@ -4,7 +4,9 @@
 #   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--budget SECONDS]
 #
 # Steps, most important first, each under its own timeout and all under one time budget (default 450 s, so
-# the run ends before 8 minutes even when steps hit their limits; a step that no longer fits is skipped):
+# the run ends before 8 minutes even when steps hit their limits; a step that no longer fits is skipped and
+# recorded as such; --budget 570 gives the later steps room within a 10-minute call). If the environment
+# step fails (e.g. the box's transformers 5.17 wins), every later step is recorded as skipped:
 #   env           install the wheels a bare box lacks (.gpu-wheels -> .gpu-site) and record the versions
 #   gpu_tests     pytest -m gpu: Flex PBM step == dense step (bf16), Flex SWD step, activation checkpointing + Flex
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
@@ -13,9 +15,10 @@
 #   ac_fit        bard.max_length 8192 (P + 2R) at batch 8 with activation checkpointing (flex, then dense)
 #   e2e_dense_*   tiny PBM -> SWD, nccl + bf16, dense masks, LoRA (peft=lora)
 #   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD, eager and static engines)
-#   agreement     tokens of the tiny SWD student decoded in bf16 vs fp32 (static and eager engines)
+#   agreement     python -m nemo_bard.bench.agreement: the tiny SWD student's tokens in bf16 vs fp32 (eager, static)
 # and writes one summary, summary.md + summary.json (plus logs/ and every step's JSON), under the output
-# directory: --out, else $OUT (set by the device tool), else gpu_check_out/.
+# directory: --out, else $OUT (set by the device tool), else gpu_check_out/. Scratch (tiny models, runs) goes to
+# $GPU_CHECK_WORK or a temporary directory.
 #
 # --dry-run runs the same sequence on this machine's CPU at tiny sizes (CI runs it: tests/test_gpu_check.py);
 # steps that need a GPU (the gpu tests, FlexAttention, the 8192 x 8 memory check) are recorded as skipped.
@@ -46,8 +49,14 @@ cd "$ROOT"
 OUT_DIR=${OUT_DIR:-${OUT:-$ROOT/gpu_check_out}}
 mkdir -p "$OUT_DIR/logs"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-WORK=$OUT_DIR/work
-rm -rf "$WORK" "$OUT_DIR/steps.jsonl"
+rm -f "$OUT_DIR/steps.jsonl"
+# models, data and run directories go to a scratch directory (not into the output that travels back); removed at
+# the end unless GPU_CHECK_KEEP=1 (a directory given as GPU_CHECK_WORK is kept)
+if [[ -n ${GPU_CHECK_WORK:-} ]]; then
+  WORK=$GPU_CHECK_WORK KEEP=1
+else
+  WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXXXX") KEEP=${GPU_CHECK_KEEP:-0}
+fi
 mkdir -p "$WORK"
 PY=${PYTHON:-python3}
 START=$(date +%s)
@@ -71,9 +80,15 @@ record() {
 
 # step NAME TIMEOUT COMMAND...: run under min(TIMEOUT, what is left of the budget); log to logs/NAME.log.
 # COMMAND may be a function of this script (it runs in a child bash that is given the function).
+ABORT=""
 step() {
   local name=$1 limit=$2
   shift 2
+  if [[ -n $ABORT ]]; then
+    log "$name: skipped ($ABORT)"
+    record "$name" skipped 0 0 "$ABORT"
+    return 1
+  fi
   local left=$((BUDGET - ($(date +%s) - START)))
   if ((left < 30)); then
     log "$name: skipped (time budget spent)"
@@ -102,7 +117,7 @@ step() {
   [[ $status == ok ]]
 }
 
-skip() { log "$1: skipped ($2)"; record "$1" skipped 0 0 "$2"; }
+skip() { log "$1: skipped (${ABORT:-$2})"; record "$1" skipped 0 0 "${ABORT:-$2}"; }
 
 # ------------------------------------------------------------------------------------------ environment
 env_step() {
@@ -130,7 +145,7 @@ check_version("transformers")  # .gpu-site's 5.18 must shadow the box's 5.17 (PY
 check_version("nemo_automodel")
 EOF
 }
-step env 240 env_step || { log "environment not usable; see $OUT_DIR/logs/env.log"; }
+step env 240 env_step || ABORT="environment not usable (see logs/env.log)"
 
 # ------------------------------------------------------------------------------------------ the checks
 if ((DRY)); then
@@ -212,56 +227,25 @@ if ((DRY)); then
     --max-new-tokens 8 --ignore-eos --engine eager,static --repeats 1 --json "$OUT_DIR/bench_decode.json"
 else
   step bench_decode 240 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 8 \
-    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine eager,static --repeats 2 \
+    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine eager,static --repeats 1 \
     --json "$OUT_DIR/bench_decode.json"
 fi
 
-agreement() {
-  "$PY" - "$@" <<'EOF'
-"""Tokens of one bard_vl model decoded in bf16 vs fp32 (same prompts, greedy), per engine."""
-import json, sys
-import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
-import nemo_bard  # noqa: F401
-from nemo_bard.bench.decode import prompt_batch
-from nemo_bard.generation import block_diffusion_generate
-
-model_dir, out, rows, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-device = "cuda" if torch.cuda.is_available() else "cpu"
-processor = AutoProcessor.from_pretrained(model_dir)
-enc = {k: v.to(device) for k, v in prompt_batch(processor, rows).items()}
-seqs = {}
-for dtype in (torch.float32, torch.bfloat16):
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in enc.items()}
-    for engine in ("eager", "static"):
-        o = block_diffusion_generate(model, **batch, engine=engine, max_new_tokens=new_tokens,
-                                     block_size=model.config.block_size,
-                                     denoising_steps=model.config.block_size, confidence_threshold=0.9, eos_token_id=[])
-        seqs[(str(dtype), engine)] = o.sequences.cpu()
-report = {"model": model_dir, "device": device, "rows": rows, "max_new_tokens": new_tokens}
-for engine in ("eager", "static"):
-    a, b = seqs[("torch.float32", engine)], seqs[("torch.bfloat16", engine)]
-    report[engine] = {"same_sequences": int((a == b).all(-1).sum()), "token_agreement": float((a == b).float().mean())}
-json.dump(report, open(out, "w"), indent=2)
-print(json.dumps(report))
-EOF
-}
 STUDENT=$WORK/e2e_dense/bard_swd_tiny/student_b8
 [[ -f $STUDENT/config.json ]] || STUDENT=$MODEL
 if [[ -n $STUDENT ]]; then
-  if ((DRY)); then SIZE=(2 8); else SIZE=(8 32); fi
-  step agreement 120 agreement "$STUDENT" "$OUT_DIR/agreement.json" "${SIZE[@]}"
+  if ((DRY)); then SIZE=(--rows 2 --max-new-tokens 8); else SIZE=(--rows 8 --max-new-tokens 32); fi
+  step agreement 120 "$PY" -m nemo_bard.bench.agreement --model "$STUDENT" "${SIZE[@]}" --json "$OUT_DIR/agreement.json"
 else
   skip agreement "no model (prepare failed)"
 fi
 
 # ------------------------------------------------------------------------------------------ summary
-"$PY" - "$OUT_DIR" "$DRY" "$BUDGET" "$(($(date +%s) - START))" <<'EOF'
+"$PY" - "$OUT_DIR" "$WORK" "$DRY" "$BUDGET" "$(($(date +%s) - START))" <<'EOF'
 import json, sys
 from pathlib import Path
 
-out, dry, budget, total = Path(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+out, work, dry, budget, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
 load = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
 steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
 env, train, fit, decode, agree = (load(n) for n in ("env.json", "bench_train.json", "ac_fit.json",
@@ -269,7 +253,7 @@ env, train, fit, decode, agree = (load(n) for n in ("env.json", "bench_train.jso
 
 
 def last_losses(run):
-    f = out / "work" / run / "training.jsonl"
+    f = work / run / "training.jsonl"
     return [json.loads(x)["loss"] for x in f.read_text().splitlines()] if f.is_file() else None
 
 
@@ -313,3 +297,6 @@ failed = [s["name"] for s in steps if s["status"] in ("failed", "timeout")]
 print(f"\nsummary: {out / 'summary.md'} and summary.json; {'failed: ' + ', '.join(failed) if failed else 'no step failed'}")
 sys.exit(1 if failed else 0)
 EOF
+rc=$?
+[[ $KEEP == 1 ]] || rm -rf "$WORK"
+exit $rc
