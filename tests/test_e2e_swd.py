@@ -74,12 +74,12 @@ def assert_generates(model_dir, block_size):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from nemo_bard import BardVLForConditionalGeneration
-    from nemo_bard.generation.inputs import build_inputs
+    from nemo_bard.generation.inputs import build_inputs, user_conversation
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
     assert isinstance(model, BardVLForConditionalGeneration) and model.config.block_size == block_size
     image = Image.fromarray(np.full((64, 64, 3), 200, dtype=np.uint8))
-    inputs = build_inputs(AutoProcessor.from_pretrained(model_dir), ["Name the colour."], images=[[image]])
+    inputs = build_inputs(AutoProcessor.from_pretrained(model_dir), [user_conversation("Name the colour.", [image])])
     out = model.generate(**inputs, max_new_tokens=8)
     assert out.sequences.shape[0] == 1 and out.num_forwards > 0
 
