@@ -131,9 +131,12 @@ def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, t
 
 def test_two_process_fsdp2_native_form_mixed_batches(pbm_run, tiny_bard_dir, tmp_path, capsys):
     """`automodel <plain NeMo yaml> --nproc-per-node 2 --a.b=c` (NeMo AutoModel 0.7's own form) with real FSDP2
-    sharding on CPU (gloo): the block size switches on schedule, one checkpoint shard file per rank. Text-only,
-    image and video-file rows: a rank whose micro-batch lacks images or videos still runs the (sharded) vision
-    tower (no FSDP hang, finite loss); the stage export then answers about a clip."""
+    sharding on CPU (gloo): the block size switches on schedule, one checkpoint shard file per rank, and NeMo's
+    activation checkpointing (its sharded FSDP2 path) on every layer of the bard_vl model. Text-only, image and
+    video-file rows: a rank whose micro-batch lacks images or videos still runs the (sharded) vision tower (no
+    FSDP hang, finite loss); the stage export then answers about a clip."""
+    from transformers import AutoModelForImageTextToText
+
     from nemo_bard.data.synthetic import write_synthetic_dataset
     from nemo_bard.generate import main as generate
 
@@ -148,16 +151,16 @@ def test_two_process_fsdp2_native_form_mixed_batches(pbm_run, tiny_bard_dir, tmp
     cfg["block_merge"]["schedule"] = [{"block_size": 4, "steps": 3}, {"block_size": 8, "steps": 3}]
     plain = tmp_path / "plain_nemo.yaml"
     plain.write_text(yaml.safe_dump(cfg))
-    proc = run_cli([str(plain), "--nproc-per-node", "2", "--step_scheduler.max_steps=6"], timeout=300)
+    proc = run_cli([str(plain), "--nproc-per-node", "2", "--step_scheduler.max_steps=6",
+                    "--distributed.activation_checkpointing=true"], timeout=300)
     assert "torch.distributed.run" in proc.stdout
+    assert "activation checkpointing: 16 modules recompute their activations in backward" in proc.stdout + proc.stderr
     native = tmp_path / "native"
     log = training_log(native)
     assert sorted(log) == list(range(6)) and all(torch.isfinite(torch.tensor(r["loss"])) for r in log.values())
     assert [log[s]["block_size"] for s in range(6)] == [4, 4, 4, 8, 8, 8]
     shards = sorted(p.name for p in (native / "epoch_0_step_5" / "model").glob("shard-*.safetensors"))
     assert len(shards) == 2, shards
-    from transformers import AutoModelForImageTextToText
-
     assert AutoModelForImageTextToText.from_pretrained(native / "stages" / "b4").config.block_size == 4
     stats = tmp_path / "gen.json"
     clip = tmp_path / "mixed" / "videos" / "00002.mp4"  # 16 frames at 8 fps: the processor's 2 fps picks 4

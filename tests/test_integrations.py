@@ -130,6 +130,9 @@ def colours(tmp_path_factory):
     return write_synthetic_dataset(tmp_path_factory.mktemp("seam_colours"), rows=16, seed=2)
 
 
+LORA = {"_target_": "nemo_automodel.components._peft.lora.PeftConfig", "target_modules": ["*language_model*_proj"]}
+
+
 def pbm_config(data, **changes) -> dict:
     cfg = {
         "recipe": "nemo_bard.recipes.pbm.BardPBMRecipe",
@@ -169,6 +172,18 @@ def preflight(cfg: dict):
         ({"bard.noise.type": "gaussian"}, "bard.noise.type: input should be 'stratified_blocks' or 'uniform_sample'"),
         ({"kd": {"top_k": 4}}, "kd is an SWD setting"),
         ({"step_scheduler.max_steps": 5}, "block_merge.schedule steps sum to 4 but step_scheduler.max_steps=5"),
+        ({"distributed": {"strategy": "megatron_fsdp", "activation_checkpointing": True}},
+         "^distributed.activation_checkpointing=True: NeMo AutoModel 0.7's Megatron-FSDP backend"),
+        ({"peft": {**LORA, "use_dora": True}}, "^peft.use_dora=true: NeMo AutoModel cannot merge DoRA"),
+        ({"peft": {**LORA, "rank": 8}}, r"^unknown key peft.rank \(valid: target_modules, exclude_modules"),
+        ({"peft": {**LORA, "exclude_modules": ["*visual*"]}},
+         "^peft.target_modules / peft.exclude_modules / peft.match_all_linear: target_modules and exclude_modules "
+         "are mutually exclusive"),
+        ({"peft": {"_target_": "torch.nn.Linear", "r": 8}}, r"^peft._target_=torch.nn.modules.linear.Linear: BARD "
+         "supports NeMo AutoModel's LoRA"),
+        ({"peft": LORA, "quantization": {"load_in_4bit": True}}, "^quantization with peft: NeMo AutoModel cannot merge"),
+        pytest.param({"peft": {**LORA, "use_triton": True}}, r"^peft.use_triton=true needs a GPU",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only refusal")),
     ],
 )
 def test_preflight_refuses_bad_configs(colours, changes, match):
@@ -177,6 +192,16 @@ def test_preflight_refuses_bad_configs(colours, changes, match):
 
     with pytest.raises((BardConfigError, ScheduleError), match=match):
         preflight(pbm_config(colours, **changes))
+
+
+def test_preflight_accepts_the_lora_group_and_checkpointing(colours):
+    import yaml
+
+    from nemo_bard.integrations import nemo
+
+    lora = yaml.safe_load(open("conf/peft/lora.yaml"))
+    assert lora["_target_"] == nemo.LORA_TARGET
+    preflight(pbm_config(colours, peft=lora, **{"distributed.activation_checkpointing": True}))
 
 
 def test_preflight_prepares_loss_and_data_through_nemo_config(colours):
@@ -233,7 +258,7 @@ class Recorder(BardCallback):
         self.events.append(("end", step, dict(metrics)))
 
 
-def stub_recipe(model, processor, local_batch_size: int, callbacks=()):
+def stub_recipe(model, processor, local_batch_size: int, callbacks=(), device="cpu", mask_backend="dense"):
     """A PBM recipe with just the state NeMo's optimizer step reads (the upstream unit-test convention)."""
     from nemo_automodel.components.config.loader import ConfigNode
     from nemo_bard.callbacks.base import CallbackList
@@ -252,12 +277,13 @@ def stub_recipe(model, processor, local_batch_size: int, callbacks=()):
     recipe.pp_enabled = False
     recipe.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
     recipe.step_scheduler = SimpleNamespace(step=0, epoch=0, is_remote_logging_step=False)
-    recipe.dist_env = SimpleNamespace(device=torch.device("cpu"), is_main=True, rank=0, world_size=1)
+    recipe.dist_env = SimpleNamespace(device=torch.device(device), is_main=True, rank=0, world_size=1)
     recipe.timestamp = time.perf_counter()
-    recipe.bard = parse_bard_settings({"max_length": 512})
+    recipe.bard = parse_bard_settings({"max_length": 512, "mask_backend": mask_backend})
     recipe.loss_fn = MaskedDenoisingLoss()
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    recipe.layout = BlockLayout(4, model.config.mask_token_id, im_end, max_length=512)
+    recipe.layout = BlockLayout(4, model.config.mask_token_id, im_end, max_length=512, mask_backend=mask_backend,
+                                flex_compile=mask_backend == "flex")
     recipe.noise_seed = 7
     recipe.callbacks = CallbackList(callbacks)
     return recipe
@@ -401,3 +427,88 @@ def test_micro_batch_of_over_long_rows_is_a_counted_drop(tiny_bard_dir, tiny_pro
     sample = recipe._run_train_optim_step([long_mb], 1.0)
     assert sample.metrics["num_dropped_samples"] == 2 and sample.metrics["empty_steps"] == 1.0
     assert _same(_params(model), before)
+
+
+# ------------------------------------------------------------------------ activation checkpointing
+def pbm_grads(model, recipe, batches):
+    """Loss and parameter gradients of one PBM micro-batch through the recipe's forward + loss."""
+    built, denominator = recipe.prepare_step(batches, step=0)
+    loss, _ = recipe.forward_loss(model, built[0], denominator, is_train=True)
+    loss.backward()
+    grads = {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+             for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def count_calls(module):
+    """Count forward calls of ``module`` (a pre-hook: a recompute in backward stops early, after its inputs)."""
+    calls = [0]
+    module.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_activation_checkpointing_gives_identical_loss_and_grads(tiny_bard_dir, tiny_processor, collated):
+    """NeMo's activation checkpointing (its world-size-1 FSDP2 path) on the NeMo training class with BARD's dense
+    block mask: the attention and MLP of every layer re-run in backward, and loss and gradients are bit-identical
+    to the step without it. (Flex: tests/test_gpu.py.)"""
+    from nemo_bard.integrations.nemo import (
+        NeMoBardVLForConditionalGeneration,
+        apply_activation_checkpointing,
+        checkpointed_modules,
+    )
+
+    batches = [collated([0, 1, 2, 3])]
+    results = {}
+    for ac in (False, True):
+        model = NeMoBardVLForConditionalGeneration.from_pretrained(tiny_bard_dir, dtype=torch.float32).train()
+        if ac:
+            model = apply_activation_checkpointing(model)
+        layer = model.model.language_model.layers[0]
+        calls = count_calls(getattr(layer.mlp, "_checkpoint_wrapped_module", layer.mlp))
+        results[ac] = (*pbm_grads(model, stub_recipe(model, tiny_processor, local_batch_size=4), batches),
+                       calls[0], checkpointed_modules(model))
+    (loss, grads, calls, wrapped), (loss_ac, grads_ac, calls_ac, wrapped_ac) = results[False], results[True]
+    assert (calls, calls_ac) == (1, 2) and wrapped == 0 and wrapped_ac >= 8  # really recomputed
+    assert torch.equal(loss, loss_ac)
+    assert grads.keys() == grads_ac.keys() and len(grads) > 10
+    assert all(torch.equal(grads[k], grads_ac[k]) for k in grads)
+
+
+# ------------------------------------------------------------------------------------------- LoRA
+def test_merged_lora_state_is_the_adapted_model(tiny_bard_dir, tiny_processor, collated):
+    """NeMo's LoRA on the training class, under NeMo's activation checkpointing (wrapped module names): the merged
+    state dict is ``W + alpha/dim * B @ A`` on the adapted projections, the base elsewhere, no adapter keys, and a
+    plain bard_vl model loaded with it computes what the adapted model computes."""
+    from nemo_automodel.components._peft.lora import PeftConfig, apply_lora_to_linear_modules
+    from transformers import AutoModelForImageTextToText
+
+    from nemo_bard.data.layout import MODEL_INPUT_KEYS
+    from nemo_bard.integrations.nemo import (
+        NeMoBardVLForConditionalGeneration,
+        apply_activation_checkpointing,
+        merge_lora_state_dict,
+    )
+
+    model = NeMoBardVLForConditionalGeneration.from_pretrained(tiny_bard_dir, dtype=torch.float32)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    assert apply_lora_to_linear_modules(model, PeftConfig(target_modules=["*language_model*_proj"], dim=4, alpha=8)) == 14
+    with torch.no_grad():  # NeMo starts B at zero; give the adapters an effect
+        g = torch.Generator().manual_seed(0)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=g)
+    model = apply_activation_checkpointing(model).eval()
+    state = model.state_dict()
+    merged = merge_lora_state_dict(model, state)
+    assert merged.keys() == base.keys() and any("lora_A" in k for k in state)
+    q = "model.language_model.layers.1.self_attn.q_proj"
+    expected = base[f"{q}.weight"] + 2.0 * state[f"{q}.lora_B.weight"] @ state[f"{q}.lora_A.weight"]
+    torch.testing.assert_close(merged[f"{q}.weight"], expected, rtol=0, atol=1e-6)
+    assert torch.equal(merged["lm_head.weight"], base["lm_head.weight"])
+    plain = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
+    plain.load_state_dict(merged)
+    b = stub_recipe(plain, tiny_processor, local_batch_size=2).prepare_step([collated([0, 1])], step=0)[0][0]
+    inputs = {k: b[k] for k in MODEL_INPUT_KEYS if k in b}
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
+    assert merge_lora_state_dict(model, {}) == {}  # ranks that do not write

@@ -168,3 +168,33 @@ def test_loss_positions_match_model_side_mask():
     kind, block = training_token_meta(out["prefix_lens"], out["resp_lens"], 4, out["input_ids"].shape[1])
     assert torch.equal(out["attention_mask"], dense_mask(kind, block))
     assert not (out["loss_mask"] & (kind != 2)).any()
+
+
+@pytest.mark.parametrize("backend", ["dense", "flex"])
+def test_built_batch_and_mask_land_on_the_requested_device(backend, monkeypatch):
+    """Every tensor the model and the loss read, and the mask, are placed on / built on ``device`` (here the
+    ``meta`` device, which a CPU-only machine has: shapes without data); the lengths stay on the host."""
+    import torch.nn.attention.flex_attention as flex
+
+    built_on = []
+
+    def create_block_mask(mask_mod, B, H, Q_LEN, KV_LEN, device, BLOCK_SIZE):  # noqa: N803  (torch's names)
+        built_on.append(torch.device(device))
+        index = torch.zeros(1, dtype=torch.long, device=device)
+        built_on.append(mask_mod(index, index, index, index).device)  # the tensors the mask_mod reads
+        return "block-mask"
+
+    monkeypatch.setattr(flex, "create_block_mask", create_block_mask)
+    layout = BlockLayout(block_size=2, mask_token_id=MASK, pad_token_id=PAD, noise=ALL_MASKED, mask_backend=backend)
+    batch = processor_batch([[10, 11, 12], [40, 41]], [[20, 21, 22], [30]])
+    out = layout.build(batch, [0, 1], text_rope, device="meta")
+    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    assert {"input_ids", "position_ids", "loss_mask", "targets", "loss_weights", "mask_rates"} <= set(tensors)
+    assert {k for k, v in tensors.items() if v.device.type != "meta"} == {"prefix_lens", "resp_lens"}
+    assert out["num_loss_tokens"] == 6 and out["num_loss_samples"] == 2  # host-side counts, no device sync
+    if backend == "dense":
+        assert out["attention_mask"].device.type == "meta" and built_on == []
+    else:
+        assert out["attention_mask"] == "block-mask" and built_on == [torch.device("meta")] * 2
+    cpu = layout.build(batch, [0, 1], text_rope)
+    assert all(v.device.type == "cpu" for v in cpu.values() if isinstance(v, torch.Tensor))

@@ -72,6 +72,7 @@ def test_teacher_sees_student_tokens_and_positions_with_teacher_block_mask():
     recipe = BardSWDRecipe.__new__(BardSWDRecipe)
     recipe.teacher_block = 4
     recipe.bard = parse_bard_settings({"mask_backend": "dense"})
+    recipe.layout = layout
     recipe.dist_env = SimpleNamespace(device=torch.device("cpu"))
     got = recipe.teacher_inputs(batch)
     # built by hand: same tokens/positions; block ids recomputed with B_t = 4 over the same lengths
@@ -81,6 +82,10 @@ def test_teacher_sees_student_tokens_and_positions_with_teacher_block_mask():
     assert torch.equal(got["position_ids"], batch["position_ids"])
     assert torch.equal(got["attention_mask"], dense_mask(kind, block))
     assert not torch.equal(got["attention_mask"], batch["attention_mask"])  # the student's B=8 mask differs
+    recipe.dist_env = SimpleNamespace(device=torch.device("meta"))  # built on the training device
+    on_device = recipe.teacher_inputs(layout.build(processor_batch([[1, 2, 3]], [[20, 21]]), [1], text_rope,
+                                                   device="meta"))
+    assert all(v.device.type == "meta" for v in on_device.values() if isinstance(v, torch.Tensor))
 
 
 def _copy(src, dst, **config_changes):

@@ -126,6 +126,23 @@ def dense_mask(
     return allowed[:, None]
 
 
+_compiled_create_block_mask = None
+
+
+def _block_mask_builder(compile: bool):
+    """``create_block_mask``, or one cached ``torch.compile`` of it with dynamic shapes (a new sequence length
+    or batch size does not recompile; the mask is evaluated block-sparsely instead of materialising
+    ``[N, Q, K]`` on the device)."""
+    global _compiled_create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if not compile:
+        return create_block_mask
+    if _compiled_create_block_mask is None:
+        _compiled_create_block_mask = torch.compile(create_block_mask, dynamic=True)
+    return _compiled_create_block_mask
+
+
 def flex_block_mask(
     kind: torch.Tensor,
     block: torch.Tensor,
@@ -135,12 +152,11 @@ def flex_block_mask(
     block_size_flex: int | tuple[int, int] = 128,
     compile: bool = False,
 ):
-    """FlexAttention ``BlockMask`` evaluating the same rule as :func:`dense_mask`.
+    """FlexAttention ``BlockMask`` evaluating the same rule as :func:`dense_mask`, built on ``kind``'s device.
 
-    Query ``i`` of the mask is token ``q_offset + i`` of the key sequence.
+    Query ``i`` of the mask is token ``q_offset + i`` of the key sequence. ``compile`` builds it with a
+    compiled ``create_block_mask`` (GPU training: no dense ``[N, Q, K]`` intermediate).
     """
-    from torch.nn.attention.flex_attention import create_block_mask
-
     causal = _check_mode(clean_attention)
     n, kv_len = kind.shape
     q_len = kv_len - q_offset if q_len is None else q_len
@@ -149,10 +165,24 @@ def flex_block_mask(
         qi = q_idx + q_offset
         return attention_allowed(kind[b, qi], block[b, qi], qi, kind[b, kv_idx], block[b, kv_idx], kv_idx, causal)
 
-    return create_block_mask(
-        mask_mod, B=n, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=kind.device,
-        BLOCK_SIZE=block_size_flex, _compile=compile,
+    return _block_mask_builder(compile)(
+        mask_mod, B=n, H=None, Q_LEN=q_len, KV_LEN=kv_len, device=kind.device, BLOCK_SIZE=block_size_flex,
     )
+
+
+def token_meta_mask(
+    kind: torch.Tensor,
+    block: torch.Tensor,
+    clean_attention: CleanAttention = "block_causal",
+    backend: Literal["dense", "flex"] = "dense",
+    compile: bool = False,
+):
+    """Dense ``[N,1,L,L]`` bool mask or Flex ``BlockMask`` of token kinds / block ids, on their device."""
+    if backend == "dense":
+        return dense_mask(kind, block, clean_attention)
+    if backend == "flex":
+        return flex_block_mask(kind, block, clean_attention, compile=compile)
+    raise ValueError(f"mask backend {backend!r} is not one of 'dense', 'flex'")
 
 
 def training_mask(
@@ -162,14 +192,15 @@ def training_mask(
     seq_len: int,
     clean_attention: CleanAttention = "block_causal",
     backend: Literal["dense", "flex"] = "dense",
+    device: torch.device | str | None = None,
+    compile: bool = False,
 ):
-    """The §4 training mask for a batch, dense ``[N,1,L,L]`` bool or a Flex ``BlockMask``."""
+    """The §4 training mask for a batch, dense ``[N,1,L,L]`` bool or a Flex ``BlockMask``, built on ``device``
+    (default: the device of ``prefix_lens``). ``compile``: compiled ``BlockMask`` construction (flex)."""
     kind, block = training_token_meta(prefix_lens, resp_lens, block_size, seq_len)
-    if backend == "dense":
-        return dense_mask(kind, block, clean_attention)
-    if backend == "flex":
-        return flex_block_mask(kind, block, clean_attention)
-    raise ValueError(f"mask backend {backend!r} is not one of 'dense', 'flex'")
+    if device is not None:
+        kind, block = kind.to(device), block.to(device)
+    return token_meta_mask(kind, block, clean_attention, backend, compile)
 
 
 def prompt_token_meta(

@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 import torch
 
-from nemo_bard.attention.masks import CLEAN_ATTENTION_MODES, dense_mask, flex_block_mask, training_token_meta
+from nemo_bard.attention.masks import CLEAN_ATTENTION_MODES, token_meta_mask, training_token_meta
 from nemo_bard.data.noise import NoiseConfig, sample_noise
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,8 @@ RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 # Keys of a built batch that are model-forward inputs (the rest is loss / bookkeeping).
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values",
                     "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+# Keys of a built batch that stay on the CPU: lengths read on the host (the SWD teacher's mask is built from them).
+HOST_KEYS = ("prefix_lens", "resp_lens")
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class BlockLayout:
         mask_backend: ``dense`` (``[N,1,L,L]`` bool for SDPA/eager) or ``flex`` (a FlexAttention BlockMask).
         pad_weight: loss weight factor of response padding positions (§6: 0.5, i.e. t doubled).
         min_loss_t: optional clamp ``t >= min_loss_t`` inside the 1/t weight (None: no clamp).
+        flex_compile: build Flex ``BlockMask`` objects with a compiled ``create_block_mask`` (GPU).
     """
 
     block_size: int
@@ -119,10 +122,26 @@ class BlockLayout:
         room = (self.max_length - batch["prefix_lens"]) // (2 * b) * b
         return torch.minimum(padded, room.clamp_min(0)), room >= b
 
+    def mask(self, prefix_lens: torch.Tensor, resp_lens: torch.Tensor, seq_len: int, block_size: int | None = None,
+             device: torch.device | str | None = None) -> Any:
+        """The attention mask of a laid-out batch at ``block_size`` (default: the live one), built on ``device``
+        with this layout's backend, clean-attention mode and compilation (student and SWD teacher alike)."""
+        kind, block = training_token_meta(prefix_lens, resp_lens, block_size or self.block_size, seq_len)
+        if device is not None:
+            kind, block = kind.to(device), block.to(device)
+        return token_meta_mask(kind, block, self.clean_attention, self.mask_backend, self.flex_compile)
+
     def build(
-        self, batch: dict[str, Any], seeds: list[int], rope_fn: RopeFn, fake_media: list[FakeMedia] = ()
+        self, batch: dict[str, Any], seeds: list[int], rope_fn: RopeFn, fake_media: list[FakeMedia] = (),
+        device: torch.device | str | None = None,
     ) -> dict[str, Any]:
         """Lay out, mask and noise a processor batch. ``seeds``: one noise seed per sample.
+
+        The layout is computed on the CPU; every tensor the model and the loss read is then placed on
+        ``device`` (default: the CPU) and the attention mask (dense or a Flex ``BlockMask``) is built there.
+        Host-side bookkeeping stays on the CPU: the lengths (:data:`HOST_KEYS`) and ``num_loss_tokens`` /
+        ``num_loss_samples`` (counts of loss positions and of samples with one), so the step's denominators
+        and the SWD teacher's mask need no device sync.
 
         ``fake_media`` appends one isolated placeholder token per item after the batch (kind PAD: nothing
         attends it, it attends only itself), with its pixels, so this micro-batch runs the vision tower
@@ -173,12 +192,6 @@ class BlockLayout:
         noisy_src = (p[:, None] + off_n).clamp(0, pc_len - 1).expand(3, -1, -1)
         pos = torch.where(in_n[None], pos_pc.gather(2, noisy_src), pos)
 
-        kind, block = training_token_meta(p, r, b, length)
-        if self.mask_backend == "dense":
-            attn = dense_mask(kind, block, self.clean_attention)
-        else:
-            attn = flex_block_mask(kind, block, self.clean_attention, compile=self.flex_compile)
-
         loss_mask = in_n & take(masked, off_n)
         tok_t = take(t, off_n).to(torch.float32)
         t_eff = tok_t if self.min_loss_t is None else tok_t.clamp_min(self.min_loss_t)
@@ -189,7 +202,6 @@ class BlockLayout:
 
         out = {
             "input_ids": input_ids,
-            "attention_mask": attn,
             "position_ids": pos,
             "mm_token_type_ids": mm,
             "loss_mask": loss_mask,
@@ -201,6 +213,8 @@ class BlockLayout:
             "num_samples": n,
             "num_dropped": num_dropped,
             "num_skipped": batch.get("num_skipped", 0),
+            "num_loss_tokens": int(loss_mask.sum()),
+            "num_loss_samples": int(loss_mask.any(-1).sum()),
             "block_size": b,
         }
         for pix_key, grid_key, _ in MEDIA:
@@ -213,4 +227,8 @@ class BlockLayout:
             if pix_key in out:
                 raise ValueError(f"fake {pix_key} requested for a micro-batch that already has {pix_key}")
             out[pix_key], out[grid_key] = fake.pixels, fake.grid_thw
+        if device is not None:
+            out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v)
+                   for k, v in out.items()}
+        out["attention_mask"] = self.mask(p, r, length, b, device)
         return out

@@ -12,6 +12,11 @@ What BARD needs from NeMo AutoModel, in one place:
 * :class:`BardRecipeConfig`: NeMo's typed recipe config whose training dataloader (NeMo's VLM builder,
   with the dataset built in pre-flight and NeMo's length-grouped sampler) and loss are BARD's.
 * :func:`build_frozen_model` (the SWD teacher), :func:`noise_seed`, :func:`run_main`.
+* Activation checkpointing and LoRA are NeMo's (``distributed.activation_checkpointing``, ``peft:``):
+  :func:`check_peft_and_checkpointing` refuses what NeMo cannot do for BARD before any model loads,
+  :func:`checkpointed_modules` reports what NeMo wrapped, :func:`apply_activation_checkpointing` applies
+  NeMo's single-device checkpointing to a plain model (benchmarks), and :func:`merge_lora_state_dict`
+  folds NeMo's LoRA adapters into a gathered state dict (merged stage exports).
 
 Faults (``BardNeMoRecipe``): the run directory is locked for the life of the run
 (:class:`nemo_bard.rundir.RunLock`); an optimizer step with a non-finite loss or gradient is skipped and
@@ -30,6 +35,7 @@ import os
 import signal
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -57,6 +63,7 @@ from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
 from nemo_bard.integrations.guards import NonFiniteGuard, StopSignals, all_finite  # noqa: E402
 from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
 from nemo_bard.models.registration import ARCHITECTURE_ALIASES  # noqa: E402
+from nemo_bard.recipes.config import BardConfigError  # noqa: E402
 from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -455,6 +462,110 @@ def noise_seed(base: int, step: int, dp_rank: int, dp_size: int, lbs: int, grad_
     return corruption_sample_seed(base, step, dp_rank, dp_size, lbs, grad_acc, mb, i)
 
 
+# ------------------------------------------------------------ activation checkpointing and LoRA
+LORA_TARGET = "nemo_automodel.components._peft.lora.PeftConfig"
+
+
+def check_peft_and_checkpointing(peft: dict | None, distributed: dict | None, quantization: Any = None,
+                                 cuda: bool = False) -> None:
+    """Refuse, before any model loads, the ``peft:`` / ``distributed.activation_checkpointing`` combinations
+    NeMo AutoModel 0.7 cannot do for BARD; each error is one line naming the key.
+
+    ``peft``: NeMo's LoRA (``PeftConfig``) with keys it knows, target/exclude/match-all rules its module
+    matcher accepts, no DoRA (NeMo cannot fold DoRA into base weights, and every BARD stage export is a
+    merged ``bard_vl`` model), no quantized base (same reason), Triton kernels only with CUDA. Activation
+    checkpointing: not with ``megatron_fsdp`` on several ranks (NeMo 0.7 skips it there with a log line).
+    """
+    distributed = distributed or {}
+    ac = distributed.get("activation_checkpointing", False)
+    if ac and distributed.get("strategy", "fsdp2") == "megatron_fsdp":
+        raise BardConfigError(
+            f"distributed.activation_checkpointing={ac}: NeMo AutoModel 0.7's Megatron-FSDP backend does not "
+            "checkpoint activations on several ranks (it skips them); use distributed=fsdp2 or turn it off"
+        )
+    if peft is None:
+        return
+    from nemo_automodel.components._peft.lora import PeftConfig
+    from nemo_automodel.components._peft.module_matcher import ModuleMatcher
+
+    if not isinstance(peft, dict):
+        raise BardConfigError(f"peft must be a mapping (e.g. peft=lora), got {peft!r}")
+    target = peft.get("_target_")  # a dotted path, or already the class (NeMo's config loader resolves it)
+    if target not in (PeftConfig, PeftConfig.from_dict, LORA_TARGET, f"{LORA_TARGET}.from_dict"):
+        name = target if isinstance(target, str) or target is None else f"{target.__module__}.{target.__qualname__}"
+        raise BardConfigError(f"peft._target_={name}: BARD supports NeMo AutoModel's LoRA ({LORA_TARGET}; "
+                              "see conf/peft/lora.yaml)")
+    fields = [f.name for f in dataclasses.fields(PeftConfig)]
+    unknown = [k for k in peft if k != "_target_" and k not in fields]
+    if unknown:
+        raise BardConfigError(f"unknown key peft.{unknown[0]} (valid: {', '.join(fields)})")
+    if peft.get("use_dora"):
+        raise BardConfigError("peft.use_dora=true: NeMo AutoModel cannot merge DoRA adapters into the base weights "
+                              "and every BARD stage export is a merged bard_vl model; use LoRA (peft.use_dora=false)")
+    if quantization is not None:
+        raise BardConfigError("quantization with peft: NeMo AutoModel cannot merge adapters into quantized base "
+                              "weights and every BARD stage export is a merged bard_vl model; remove quantization")
+    if peft.get("use_triton") and not cuda:
+        raise BardConfigError("peft.use_triton=true needs a GPU (Triton LoRA kernels); set peft.use_triton=false")
+    try:
+        ModuleMatcher(peft.get("target_modules") or [], peft.get("exclude_modules") or [],
+                      bool(peft.get("match_all_linear", False)))
+    except ValueError as exc:
+        raise BardConfigError(f"peft.target_modules / peft.exclude_modules / peft.match_all_linear: {exc}") from None
+
+
+def checkpointed_modules(model: torch.nn.Module) -> int:
+    """Sub-modules NeMo wrapped for activation checkpointing (or decoder layers under HF's own checkpointing)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
+    wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
+    if not wrapped and getattr(model, "is_gradient_checkpointing", False):
+        wrapped = sum(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())
+    return wrapped
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
+    """NeMo AutoModel's activation checkpointing for a model on one device: exactly what its FSDP2 path applies
+    at world size 1 with ``distributed.activation_checkpointing: true`` (NeMo's Qwen3-VL parallelizer; the
+    attention and MLP of every vision block and decoder layer re-run in backward). For the benchmarks, which
+    build plain (transformers) models."""
+    from nemo_automodel.components.distributed.config import FSDP2Config
+    from nemo_automodel.components.distributed.model_parallelizer import _parallelize_unsharded_fsdp2
+
+    setup = SimpleNamespace(strategy_config=FSDP2Config(activation_checkpointing=True),
+                            activation_checkpointing=True, reapply_trainability=None)
+    return _parallelize_unsharded_fsdp2(model, setup, parallelizer=NeMoQwen3VLForConditionalGeneration.parallelizer)
+
+
+def _state_key(module_name: str) -> str:
+    """A module's prefix in a (gathered) state dict: wrapper segments (activation checkpointing) dropped."""
+    return ".".join(p for p in module_name.split(".") if p not in ("_checkpoint_wrapped_module", "_orig_mod"))
+
+
+@torch.no_grad()
+def merge_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold NeMo's LoRA adapters into the base weights of ``model``'s full state dict (gathered, e.g. on CPU):
+    ``W + (alpha / dim) * B @ A`` in fp32, cast back to ``W``'s dtype; the adapter tensors are dropped. The
+    model itself is not changed (training goes on with its adapters). An empty ``state`` (the ranks that do
+    not write) stays empty."""
+    from nemo_automodel.components._peft.lora import LinearLoRA
+
+    if not state:
+        return state
+    out = dict(state)
+    for name, module in model.named_modules():
+        if not isinstance(module, LinearLoRA):
+            continue
+        key = _state_key(name)
+        a, b = out.pop(f"{key}.lora_A.weight"), out.pop(f"{key}.lora_B.weight")
+        weight = out[f"{key}.weight"]
+        out[f"{key}.weight"] = (weight.float() + module.scale * (b.float() @ a.float())).to(weight.dtype)
+    left = [k for k in out if any(part.startswith("lora_") for part in k.split("."))]
+    if left:
+        raise RuntimeError(f"adapter tensors that cannot be merged into a bard_vl export: {left[:3]}")
+    return out
+
+
 def run_main(recipe_cls: type, config_path: str | None = None) -> None:
     """Load ``-c cfg.yaml`` (+ ``--a.b=c`` overrides) the NeMo way, then set up and run ``recipe_cls``.
 
@@ -478,7 +589,11 @@ __all__ = [
     "ColumnLengthGroupedSampler",
     "NeMoBardVLForConditionalGeneration",
     "Prebuilt",
+    "apply_activation_checkpointing",
     "build_frozen_model",
+    "check_peft_and_checkpointing",
+    "checkpointed_modules",
+    "merge_lora_state_dict",
     "noise_seed",
     "run_main",
     "training_dataset",

@@ -73,10 +73,15 @@ def export_hf(
     block_size: int | None = None,
     dtype: torch.dtype | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write ``model`` to ``out_dir`` as an HF ``bard_vl`` directory (collective; rank 0 writes); returns the path."""
+    """Write ``model`` to ``out_dir`` as an HF ``bard_vl`` directory (collective; rank 0 writes); returns the path.
+
+    ``state_dict``: the full state dict to write (e.g. with LoRA adapters merged; empty on ranks other than
+    0); default: gathered from ``model`` here.
+    """
     out = Path(out_dir)
-    state = full_state_dict(model)
+    state = full_state_dict(model) if state_dict is None else state_dict
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         config = copy.deepcopy(model.config)

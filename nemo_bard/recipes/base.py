@@ -27,7 +27,14 @@ from nemo_bard.callbacks.block_merge import BlockMergeCallback, ScheduleError
 from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout, FakeMedia
 from nemo_bard.data.noise import NoiseConfig
 from nemo_bard.errors import DiskFullError
-from nemo_bard.integrations.nemo import BardNeMoRecipe, noise_seed, training_dataset
+from nemo_bard.integrations.nemo import (
+    BardNeMoRecipe,
+    check_peft_and_checkpointing,
+    checkpointed_modules,
+    merge_lora_state_dict,
+    noise_seed,
+    training_dataset,
+)
 from nemo_bard.loss.denoise import num_loss_samples
 from nemo_bard.recipes.config import (
     BardConfigError,
@@ -61,6 +68,8 @@ class BardRecipeBase(BardNeMoRecipe):
         check_training_setup(plain)
         check_paths(plain)
         self._check_mask_backend()
+        check_peft_and_checkpointing(to_plain(self.cfg.get("peft", None)), to_plain(self.cfg.get("distributed", None)),
+                                     self.cfg.get("quantization", None), cuda=torch.cuda.is_available())
         self.callbacks = CallbackList(self.build_callbacks())
         self.cfg.use_loss(self.build_loss())
         self._prepare_data()
@@ -137,7 +146,22 @@ class BardRecipeBase(BardNeMoRecipe):
             min_loss_t=self.bard.loss.min_t, flex_compile=self.bard.flex_compile,
         )
         self.noise_seed = int(self.bard.seed if self.bard.seed is not None else self.cfg.get("seed", 42))
+        self._log_memory_savers(model)
         self.setup_stage()
+
+    def _log_memory_savers(self, model: torch.nn.Module) -> None:
+        """Say what NeMo applied for ``distributed.activation_checkpointing`` and ``peft`` (and fail if asked-for
+        activation checkpointing was silently skipped)."""
+        if self.cfg.get("distributed.activation_checkpointing", False):
+            wrapped = checkpointed_modules(model)
+            if not wrapped:
+                raise BardConfigError("distributed.activation_checkpointing is set but NeMo AutoModel checkpointed no "
+                                      "module of this model; check distributed.strategy")
+            logger.info("activation checkpointing: %d modules recompute their activations in backward", wrapped)
+        if getattr(self, "peft_config", None) is not None:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            logger.info("LoRA (NeMo PEFT): %d trainable adapter parameters; stage exports are merged bard_vl models",
+                        trainable)
 
     def setup_stage(self) -> None:
         """Stage-specific setup after the student is built (SWD builds its teacher here)."""
@@ -156,14 +180,18 @@ class BardRecipeBase(BardNeMoRecipe):
 
     def export_model(self, out_dir: str | Path, block_size: int | None = None) -> Path:
         """Export the student as an HF ``bard_vl`` directory (collective; rank 0 writes), atomically and sharded at
-        ``bard.export_max_shard_size``; refused when the weights are not finite."""
-        from nemo_bard.models.export import export_hf
+        ``bard.export_max_shard_size``; with LoRA the adapters are merged into the exported weights; refused when
+        the weights are not finite."""
+        from nemo_bard.models.export import export_hf, full_state_dict
 
         self.check_finite_weights(f"export {out_dir}")
         dtype = getattr(torch, self.bard.export_dtype) if self.bard.export_dtype else None
+        model, state = self.model_parts[0], None
+        if getattr(self, "peft_config", None) is not None:  # LoRA: a full model, adapters folded into the weights
+            state = merge_lora_state_dict(model, full_state_dict(model))
         try:
-            return export_hf(self.model_parts[0], out_dir, self.processor, block_size=block_size, dtype=dtype,
-                             max_shard_size=self.bard.export_max_shard_size)
+            return export_hf(model, out_dir, self.processor, block_size=block_size, dtype=dtype,
+                             max_shard_size=self.bard.export_max_shard_size, state_dict=state)
         except OSError as exc:
             full = disk_full_message(exc, out_dir)
             if full is None:
@@ -197,8 +225,8 @@ class BardRecipeBase(BardNeMoRecipe):
         lbs = int(self.cfg.get("step_scheduler.local_batch_size", 1))
         dp_rank, dp_size = self.dp_rank(), self.dp_size()
         seeds = [noise_seed(self.noise_seed, step, dp_rank, dp_size, lbs, grad_acc, microbatch, i) for i in range(n)]
-        fake_media = self.fake_media_for(batch)
-        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, fake_media)
+        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, self.fake_media_for(batch),
+                                  device=self.dist_env.device)
         if built["num_samples"] == 0:
             built = self.placeholder_batch(built, fake_media)
         return built
@@ -239,10 +267,8 @@ class BardRecipeBase(BardNeMoRecipe):
 
     def denominators(self, built: list[dict[str, Any]]) -> dict[str, float]:
         """Global sample / token counts of the optimizer step (all DP ranks, all micro-batches)."""
-        local = torch.tensor(
-            [sum(num_loss_samples(b["loss_mask"]) for b in built), sum(int(b["loss_mask"].sum()) for b in built)],
-            dtype=torch.long,
-        )
+        local = torch.tensor([sum(b["num_loss_samples"] for b in built), sum(b["num_loss_tokens"] for b in built)],
+                             dtype=torch.long)
         total = self.dp_allreduce(local)
         return {"samples": float(total[0]), "tokens": float(total[1])}
 
@@ -281,7 +307,7 @@ class BardRecipeBase(BardNeMoRecipe):
     def validation_loss(self, batch: dict[str, Any], index: int) -> tuple[torch.Tensor, float]:
         """Validation with fixed noise (seeded by batch index); token-weighted."""
         b = self.build_block_batch(batch, step=-1 - index, microbatch=0, grad_acc=1)
-        tokens = float(b["loss_mask"].sum())
-        denominator = tokens if self.bard.loss.reduction == "token_mean" else float(num_loss_samples(b["loss_mask"]))
+        tokens = float(b["num_loss_tokens"])
+        denominator = tokens if self.bard.loss.reduction == "token_mean" else float(b["num_loss_samples"])
         loss, _ = self.forward_loss(self.model_parts[0], b, denominator=denominator, is_train=False)
         return loss.double().cpu() * tokens, tokens

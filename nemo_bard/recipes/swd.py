@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nemo_bard.attention.masks import training_mask
 from nemo_bard.integrations.nemo import build_frozen_model, run_main
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
 from nemo_bard.recipes.base import BardRecipeBase
@@ -72,11 +71,10 @@ class BardSWDRecipe(BardRecipeBase):
     def teacher_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The student's tokens, positions and media with the attention mask rebuilt at the teacher block size."""
         inputs = self._model_inputs(batch)
-        mask = training_mask(
-            batch["prefix_lens"], batch["resp_lens"], self.teacher_block, int(batch["input_ids"].shape[1]),
-            self.bard.clean_attention, self.bard.mask_backend,
+        inputs["attention_mask"] = self.layout.mask(  # same backend, device and compilation as the student's
+            batch["prefix_lens"], batch["resp_lens"], int(batch["input_ids"].shape[1]), self.teacher_block,
+            device=self.dist_env.device,
         )
-        inputs["attention_mask"] = mask.to(self.dist_env.device) if isinstance(mask, torch.Tensor) else mask
         return inputs
 
     def forward_loss(

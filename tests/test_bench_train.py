@@ -1,0 +1,44 @@
+"""bench.train's arithmetic (tokens/s, MFU, ratios, targets), its exact-length batches and its table."""
+
+from __future__ import annotations
+
+import pytest
+
+from nemo_bard.bench.train import _derive, markdown, peak_tflops, processor_batch
+
+
+def report(**rows):
+    return {"tokens": 20_000, "num_parameters": 2_000_000_000, "variants": rows, "notes": {}, "preset": "qwen3vl_2b",
+            "device": "NVIDIA H100 80GB HBM3", "dtype": "bfloat16", "batch_size": 4, "prompt_tokens": 4096.0,
+            "response_tokens": 1024.0, "block_size": 32, "iters": 3}
+
+
+def test_peak_table_matches_device_names():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA H200") == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0 and peak_tflops("Some GPU") is None
+
+
+def test_tokens_mfu_ratios_and_targets():
+    r = report(ar={"step_s": 1.0, "seq_len": 5120, "positions": 20_000, "peak_gb": 70.0, "loss": 1.0},
+               bard_dense={"step_s": 1.5, "seq_len": 6144, "positions": 24_000, "peak_gb": 60.0, "loss": 2.0},
+               bard_flex={"step_s": 1.2, "seq_len": 6144, "positions": 24_000, "peak_gb": 42.0, "loss": 2.0},
+               bard_flex_ac={"error": "out of memory: ..."})
+    _derive(r, peak=1000.0)
+    flex = r["variants"]["bard_flex"]
+    assert flex["tokens_per_s"] == pytest.approx(20_000 / 1.2)  # data tokens, the same count for every variant
+    assert flex["mfu"] == pytest.approx(6 * 2e9 * 20_000 / 1.2 / 1e15)
+    assert flex["mfu_positions"] == pytest.approx(6 * 2e9 * 24_000 / 1.2 / 1e15)
+    assert flex["time_vs_ar"] == pytest.approx(1.2) and flex["time_vs_dense"] == pytest.approx(0.8)
+    assert flex["memory_vs_ar"] == pytest.approx(0.6) and flex["memory_vs_dense"] == pytest.approx(0.7)
+    assert r["targets"] == {"bard_flex <= 0.85x bard_dense": True, "bard_flex <= 1.2x ar": True,
+                            "bard_flex MFU >= 35%": False}
+    table = markdown(r)
+    assert "| bard_flex | " in table and "| bard_flex_ac | – | out of memory" in table and "- bard_flex MFU >= 35%: NO" in table
+
+
+def test_batch_has_the_requested_token_lengths():
+    from nemo_bard.tiny import build_processor, build_tokenizer
+
+    pre = processor_batch(build_processor(build_tokenizer()), 2, 150, 40)
+    assert pre["prefix_lens"].tolist() == [150, 150] and pre["response_lens"].tolist() == [40, 40]
+    assert pre["image_grid_thw"].tolist() == [[1, 14, 14]] * 2  # one 224x224 image per row

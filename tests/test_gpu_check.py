@@ -1,0 +1,40 @@
+"""scripts/gpu_check.sh --dry-run: the GPU check's sequence on this CPU at tiny sizes, and its summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.e2e_utils import REPO
+
+GPU_ONLY = {"gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "ac_fit"}
+STEPS = ["env", "gpu_tests", "prepare", "e2e_flex_pbm", "e2e_flex_swd", "bench_train", "ac_fit", "e2e_dense_pbm",
+         "e2e_dense_swd", "bench_decode", "agreement"]
+
+
+def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", rows=16, seed=0)
+    env = {**os.environ, "PYTHON": sys.executable, "GPU_CHECK_MODEL": str(tiny_bard_dir), "GPU_CHECK_DATA": str(data),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.pop("OUT", None)
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    status = {s["name"]: s["status"] for s in summary["steps"]}
+    assert list(status) == STEPS
+    assert {k for k, v in status.items() if v == "skipped"} == GPU_ONLY and set(status.values()) == {"ok", "skipped"}
+    assert summary["env"]["transformers"].startswith("5.18") and summary["dry_run"] is True
+    train = summary["bench_train"]["variants"]
+    assert set(train) == {"ar", "bard_dense", "bard_dense_ac"} and train["bard_dense_ac"]["checkpointed_modules"] > 0
+    assert train["bard_dense_ac"]["loss"] == train["bard_dense"]["loss"]  # same batch, weights, noise
+    assert len(summary["e2e_losses"]["dense_pbm"]) == 2 and len(summary["e2e_losses"]["dense_swd"]) == 2
+    assert summary["bench_decode"]["results"] and set(summary["agreement"]) >= {"eager", "static"}
+    md = (out / "summary.md").read_text()
+    for section in ("| e2e_dense_swd | ok |", "## Training step", "## Decoding", "## bf16 vs fp32 tokens"):
+        assert section in md, section
