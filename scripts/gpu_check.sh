@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # One prepared check of nemo-bard on one CUDA machine (an H100 or H200), done in under 8 minutes:
 #
-#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--budget SECONDS]
+#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--budget SECONDS] [--only STEP,...] [--agreement-model DIR]
 #
 # Steps, most important first, each under its own timeout and all under one time budget (default 450 s, so
 # the run ends before 8 minutes even when steps hit their limits; a step that no longer fits is skipped and
 # recorded as such; --budget 570 gives the later steps room within a 10-minute call). If the environment
 # step fails (e.g. the box's transformers 5.17 wins), every later step is recorded as skipped:
 #   env           install the wheels a bare box lacks (.gpu-wheels -> .gpu-site) and record the versions
-#   gpu_tests     pytest -m gpu: Flex PBM step == dense step (bf16), Flex SWD step, activation checkpointing + Flex
+#   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD, eager and static engines)
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
+#   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
+#                 (e.g. the demo's SWD student), else of the tiny model
+#   gpu_tests     pytest -m gpu: Flex PBM step == dense step (bf16), Flex SWD step, activation checkpointing + Flex
 #   e2e_flex_*    tiny PBM -> SWD through the front door, nccl + bf16, FlexAttention masks + activation checkpointing
 #   bench_train   python -m nemo_bard.bench.train --preset qwen3vl_2b (AR SFT vs BARD dense/flex, +/- checkpointing)
 #   ac_fit        bard.max_length 8192 (P + 2R) at batch 8 with activation checkpointing (flex, then dense)
 #   e2e_dense_*   tiny PBM -> SWD, nccl + bf16, dense masks, LoRA (peft=lora)
-#   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD, eager and static engines)
-#   agreement     python -m nemo_bard.bench.agreement: the tiny SWD student's tokens in bf16 vs fp32 (eager, static)
+# --only runs the named steps (the others are left out of the summary), e.g. two short calls on one warm machine:
+# --only env,bench_decode,prepare,agreement then --only env,gpu_tests,prepare,e2e_flex_pbm,... .
 # and writes one summary, summary.md + summary.json (plus logs/ and every step's JSON), under the output
 # directory: --out, else $OUT (set by the device tool), else gpu_check_out/. Scratch (tiny models, runs) goes to
 # $GPU_CHECK_WORK or a temporary directory.
@@ -32,12 +35,16 @@ set -uo pipefail
 
 DRY=0
 OUT_DIR=""
+ONLY=""
+AGREEMENT_MODEL=""
 BUDGET=450
 while (($#)); do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT_DIR="$2"; shift ;;
     --budget) BUDGET="$2"; shift ;;
+    --only) ONLY=",$2,"; shift ;;
+    --agreement-model) AGREEMENT_MODEL="$2"; shift ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -81,9 +88,11 @@ record() {
 # step NAME TIMEOUT COMMAND...: run under min(TIMEOUT, what is left of the budget); log to logs/NAME.log.
 # COMMAND may be a function of this script (it runs in a child bash that is given the function).
 ABORT=""
+selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
 step() {
   local name=$1 limit=$2
   shift 2
+  selected "$name" || return 1
   if [[ -n $ABORT ]]; then
     log "$name: skipped ($ABORT)"
     record "$name" skipped 0 0 "$ABORT"
@@ -117,7 +126,7 @@ step() {
   [[ $status == ok ]]
 }
 
-skip() { log "$1: skipped (${ABORT:-$2})"; record "$1" skipped 0 0 "${ABORT:-$2}"; }
+skip() { selected "$1" || return 0; log "$1: skipped (${ABORT:-$2})"; record "$1" skipped 0 0 "${ABORT:-$2}"; }
 
 # ------------------------------------------------------------------------------------------ environment
 env_step() {
@@ -145,13 +154,16 @@ check_version("transformers")  # .gpu-site's 5.18 must shadow the box's 5.17 (PY
 check_version("nemo_automodel")
 EOF
 }
-step env 240 env_step || ABORT="environment not usable (see logs/env.log)"
+if selected env; then step env 240 env_step || ABORT="environment not usable (see logs/env.log)"; fi
 
 # ------------------------------------------------------------------------------------------ the checks
 if ((DRY)); then
-  skip gpu_tests "needs a GPU (CI collects tests/test_gpu.py and skips it)"
+  step bench_decode 120 "$PY" -m nemo_bard.bench.decode --preset tiny --batch-sizes 1 --points 8:4:0.9 \
+    --max-new-tokens 8 --ignore-eos --engine eager,static --repeats 1 --json "$OUT_DIR/bench_decode.json"
 else
-  step gpu_tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+  step bench_decode 240 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 8 \
+    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine eager,static --repeats 1 \
+    --json "$OUT_DIR/bench_decode.json"
 fi
 
 prepare() {
@@ -175,6 +187,20 @@ EOF
 step prepare 120 prepare
 MODEL="" DATA=""
 [[ -f $WORK/paths.env ]] && source "$WORK/paths.env"
+
+STUDENT=${AGREEMENT_MODEL:-$MODEL}
+if [[ -n $STUDENT ]]; then
+  if ((DRY)); then SIZE=(--rows 2 --max-new-tokens 8); else SIZE=(--rows 8 --max-new-tokens 64); fi
+  step agreement 120 "$PY" -m nemo_bard.bench.agreement --model "$STUDENT" "${SIZE[@]}" --json "$OUT_DIR/agreement.json"
+else
+  skip agreement "no model (prepare failed)"
+fi
+
+if ((DRY)); then
+  skip gpu_tests "needs a GPU (CI collects tests/test_gpu.py and skips it)"
+else
+  step gpu_tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+fi
 
 if ((DRY)); then
   TINY=("model.torch_dtype=float32" "dist_env.backend=gloo")
@@ -222,23 +248,7 @@ fi
 
 e2e dense peft=lora
 
-if ((DRY)); then
-  step bench_decode 120 "$PY" -m nemo_bard.bench.decode --preset tiny --batch-sizes 1 --points 8:4:0.9 \
-    --max-new-tokens 8 --ignore-eos --engine eager,static --repeats 1 --json "$OUT_DIR/bench_decode.json"
-else
-  step bench_decode 240 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 8 \
-    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine eager,static --repeats 1 \
-    --json "$OUT_DIR/bench_decode.json"
-fi
 
-STUDENT=$WORK/e2e_dense/bard_swd_tiny/student_b8
-[[ -f $STUDENT/config.json ]] || STUDENT=$MODEL
-if [[ -n $STUDENT ]]; then
-  if ((DRY)); then SIZE=(--rows 2 --max-new-tokens 8); else SIZE=(--rows 8 --max-new-tokens 32); fi
-  step agreement 120 "$PY" -m nemo_bard.bench.agreement --model "$STUDENT" "${SIZE[@]}" --json "$OUT_DIR/agreement.json"
-else
-  skip agreement "no model (prepare failed)"
-fi
 
 # ------------------------------------------------------------------------------------------ summary
 "$PY" - "$OUT_DIR" "$WORK" "$DRY" "$BUDGET" "$(($(date +%s) - START))" <<'EOF'

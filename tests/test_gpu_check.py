@@ -10,8 +10,8 @@ import sys
 from tests.e2e_utils import REPO
 
 GPU_ONLY = {"gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "ac_fit"}
-STEPS = ["env", "gpu_tests", "prepare", "e2e_flex_pbm", "e2e_flex_swd", "bench_train", "ac_fit", "e2e_dense_pbm",
-         "e2e_dense_swd", "bench_decode", "agreement"]
+STEPS = ["env", "bench_decode", "prepare", "agreement", "gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "bench_train",
+         "ac_fit", "e2e_dense_pbm", "e2e_dense_swd"]
 
 
 def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
