@@ -9,6 +9,8 @@
 # step fails (e.g. the box's transformers 5.17 wins), every later step is recorded as skipped:
 #   env           install the wheels a bare box lacks (.gpu-wheels -> .gpu-site) and record the versions
 #   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD, eager and static engines)
+#   profile       python -m nemo_bard.bench.profile --preset qwen3vl_2b: kernels and GPU time per decoding forward
+#   bench_compiled  bench.decode at batch 1 with the static and compiled engines side by side (compile time untimed)
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
 #   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
 #                 (e.g. the demo's SWD student), else of the tiny model
@@ -166,6 +168,17 @@ else
     --json "$OUT_DIR/bench_decode.json"
 fi
 
+if ((DRY)); then
+  step profile 120 "$PY" -m nemo_bard.bench.profile --point 8:4:0.9 --max-new-tokens 8 --json "$OUT_DIR/profile.json"
+  skip bench_compiled "needs a GPU (the CPU compiled engine is covered by the unit tests)"
+else
+  step profile 120 "$PY" -m nemo_bard.bench.profile --preset qwen3vl_2b --point 32:4:0.9 --max-new-tokens 64 \
+    --json "$OUT_DIR/profile.json"
+  step bench_compiled 330 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 \
+    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine static,compiled --repeats 1 \
+    --json "$OUT_DIR/bench_compiled.json"
+fi
+
 prepare() {
   "$PY" - "$WORK" <<'EOF'
 """The tiny bard_vl model (block size 4) and colour data; GPU_CHECK_MODEL / GPU_CHECK_DATA give existing ones."""
@@ -199,7 +212,7 @@ fi
 if ((DRY)); then
   skip gpu_tests "needs a GPU (CI collects tests/test_gpu.py and skips it)"
 else
-  step gpu_tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py
+  step gpu_tests 180 "$PY" -m pytest -q -m gpu -p no:cacheprovider -p no:logging --tb=short tests/test_gpu.py
 fi
 
 if ((DRY)); then
@@ -258,8 +271,9 @@ from pathlib import Path
 out, work, dry, budget, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
 load = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
 steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-env, train, fit, decode, agree = (load(n) for n in ("env.json", "bench_train.json", "ac_fit.json",
-                                                    "bench_decode.json", "agreement.json"))
+env, train, fit, decode, agree, prof, compiled = (load(n) for n in (
+    "env.json", "bench_train.json", "ac_fit.json", "bench_decode.json", "agreement.json", "profile.json",
+    "bench_compiled.json"))
 
 
 def last_losses(run):
@@ -277,7 +291,8 @@ if fit:
                           "step_s": r.get("step_s"), "error": r.get("error")}
         targets[f"{name}: max_length {fit.get('max_length')} at batch {fit['batch_size']} fits in 80 GB"] = fits
 summary = {"dry_run": dry, "budget_s": budget, "total_s": total, "env": env, "steps": steps, "targets": targets,
-           "bench_train": train, "ac_fit": fit_rows, "bench_decode": decode, "agreement": agree, "e2e_losses": e2e}
+           "bench_train": train, "ac_fit": fit_rows, "bench_decode": decode, "agreement": agree, "e2e_losses": e2e,
+           "profile": prof, "bench_compiled": compiled}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 md = [f"# nemo-bard GPU check{' (dry run on CPU)' if dry else ''}", ""]
@@ -294,6 +309,14 @@ for title, name in (("Training step", "bench_train.md"), ("Activation checkpoint
 if decode:
     from nemo_bard.bench.decode import markdown
     md += ["", "## Decoding", "", f"{decode['device']}, {decode['dtype']}, {decode['models']}", "", markdown(decode)]
+if compiled:
+    from nemo_bard.bench.decode import markdown
+    md += ["", "## Decoding: static vs compiled engine", "", markdown(compiled)]
+if prof:
+    md += ["", "## One decoding forward", "", f"{prof['models']}, {prof['point']}, batch {prof['batch']}: "
+           f"{prof['ms_per_forward_graphs']:.2f} ms per forward with graphs, {prof['ms_per_forward_no_graphs']:.2f} "
+           f"ms without; {prof['kernels_per_forward']} kernels and {prof['kernel_ms_per_forward']:.2f} ms of kernel "
+           "time per forward", "", "```", prof["top_kernels"], "```"]
 if agree:
     md += ["", "## bf16 vs fp32 tokens", "", f"{agree['model']} on {agree['device']}, {agree['rows']} prompts x "
            f"{agree['max_new_tokens']} tokens: " + "; ".join(
