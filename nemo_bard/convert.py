@@ -24,10 +24,9 @@ from typing import Any
 
 from nemo_bard.errors import UserError, run_reported
 from nemo_bard.models.paths import ModelPathError, read_model_config
-from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID
+from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MASK_TOKEN
 from nemo_bard.rundir import atomic_directory
 
-MASK_TOKEN = "<|mask|>"
 RESERVED_TOKEN = "<|bard_reserved_{}|>"
 SOURCE_MODEL_TYPES = ("qwen3_vl",)
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from nemo_bard.models.registration import MASK_TOKEN
+
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
     "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
@@ -28,7 +30,6 @@ QWEN_ADDED_TOKENS = [
     "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
     "<|repo_name|>", "<|file_sep|>", "<tool_response>", "</tool_response>", "<think>", "</think>",
 ]
-MASK_TOKEN = "<|mask|>"
 
 # Qwen-VL style chat template: string or list content; image/video items become vision placeholders.
 CHAT_TEMPLATE = (

@@ -80,6 +80,7 @@ class BlockMergeCallback(BardCallback):
         reset_optimizer: clear optimizer moments at each boundary.
         export_stages: write ``<checkpoint_dir>/stages/b{B}`` when a stage finishes.
         export_dir: override the stage export root.
+        max_steps: ``step_scheduler.max_steps``, which the schedule's steps must sum to (unchecked when None).
     """
 
     def __init__(
@@ -89,8 +90,9 @@ class BlockMergeCallback(BardCallback):
         reset_optimizer: bool = False,
         export_stages: bool = True,
         export_dir: str | None = None,
+        max_steps: int | None = None,
     ) -> None:
-        self.stages = parse_schedule(schedule)
+        self.stages = parse_schedule(schedule, max_steps)
         self.reset_lr_schedule = reset_lr_schedule
         self.reset_optimizer = reset_optimizer
         self.export_stages = export_stages

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nemo_bard.models.registration import BARD_ARCHITECTURE
 from nemo_bard.rundir import atomic_directory, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def export_hf(
             state.pop("lm_head.weight", None)
         state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                  for k, v in state.items()}
-        config.architectures = ["BardVLForConditionalGeneration"]
+        config.architectures = [BARD_ARCHITECTURE]
         if dtype is not None:
             config.dtype = dtype
         save_bard_dir(state, config, out, generation_config=getattr(model, "generation_config", None),

@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 MODEL_TYPE = "bard_vl"
 DEFAULT_MASK_TOKEN_ID = 151671
+# the mask token's text (Qwen3 tokenizers have no such token; convert adds it at DEFAULT_MASK_TOKEN_ID)
+MASK_TOKEN = "<|mask|>"
 DEFAULT_BLOCK_SIZE = 32
 BARD_ARCHITECTURE = "BardVLForConditionalGeneration"
 # Architecture names a bard_vl config.json may carry; all resolve to the same class.
@@ -151,6 +153,7 @@ __all__ = [
     "ARCHITECTURE_ALIASES",
     "BARD_ARCHITECTURE",
     "DEFAULT_MASK_TOKEN_ID",
+    "MASK_TOKEN",
     "MODEL_TYPE",
     "LazyBardVLConfig",
     "ensure_model_classes",

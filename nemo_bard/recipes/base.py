@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from nemo_bard.callbacks.base import BardCallback, CallbackList
-from nemo_bard.callbacks.block_merge import BlockMergeCallback, ScheduleError
+from nemo_bard.callbacks.block_merge import BlockMergeCallback
 from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout, FakeMedia
 from nemo_bard.data.noise import NoiseConfig
 from nemo_bard.errors import DiskFullError
@@ -35,7 +35,6 @@ from nemo_bard.integrations.nemo import (
     noise_seed,
     training_dataset,
 )
-from nemo_bard.loss.denoise import num_loss_samples
 from nemo_bard.recipes.config import (
     BardConfigError,
     BardSections,
@@ -86,13 +85,9 @@ class BardRecipeBase(BardNeMoRecipe):
         callbacks: list[BardCallback] = []
         merge = self.sections.block_merge
         if merge is not None:
-            self.block_merge = BlockMergeCallback(**merge.model_dump())
             max_steps = self.cfg.get("step_scheduler.max_steps", None)
-            if max_steps is not None and self.block_merge.total_steps != int(max_steps):
-                raise ScheduleError(
-                    f"block_merge.schedule steps sum to {self.block_merge.total_steps} but "
-                    f"step_scheduler.max_steps={max_steps}; make them equal"
-                )
+            self.block_merge = BlockMergeCallback(**merge.model_dump(),
+                                                  max_steps=None if max_steps is None else int(max_steps))
             callbacks.append(self.block_merge)
         for i, node in enumerate(self.cfg.get("callbacks", None) or []):
             if not hasattr(node, "instantiate"):
@@ -225,7 +220,8 @@ class BardRecipeBase(BardNeMoRecipe):
         lbs = int(self.cfg.get("step_scheduler.local_batch_size", 1))
         dp_rank, dp_size = self.dp_rank(), self.dp_size()
         seeds = [noise_seed(self.noise_seed, step, dp_rank, dp_size, lbs, grad_acc, microbatch, i) for i in range(n)]
-        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, self.fake_media_for(batch),
+        fake_media = self.fake_media_for(batch)
+        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, fake_media,
                                   device=self.dist_env.device)
         if built["num_samples"] == 0:
             built = self.placeholder_batch(built, fake_media)
@@ -240,12 +236,13 @@ class BardRecipeBase(BardNeMoRecipe):
                 "response_lens": torch.tensor([1]), "n_images_per_sample": torch.tensor([0]),
                 "n_videos_per_sample": torch.tensor([0]), "rows": torch.tensor([-1])}
         layout = dataclasses.replace(self.layout, max_length=None)
-        built = layout.build(stub, [0], self.model_parts[0].rope_positions, fake_media)
+        built = layout.build(stub, [0], self.model_parts[0].rope_positions, fake_media, device=self.dist_env.device)
         built["loss_mask"] = torch.zeros_like(built["loss_mask"])
         built["targets"] = torch.full_like(built["targets"], -100)
         built["loss_weights"] = torch.zeros_like(built["loss_weights"])
         built["mask_rates"] = torch.zeros_like(built["mask_rates"])
-        built.update(num_samples=0, num_dropped=dropped["num_dropped"], num_skipped=dropped["num_skipped"])
+        built.update(num_samples=0, num_loss_tokens=0, num_loss_samples=0, num_dropped=dropped["num_dropped"],
+                     num_skipped=dropped["num_skipped"])
         return built
 
     def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from nemo_bard.callbacks.block_merge import ScheduleError, parse_schedule
+from nemo_bard.callbacks.block_merge import parse_schedule
 from nemo_bard.errors import UserError
 
 
@@ -207,11 +207,7 @@ def check_training_setup(cfg: dict[str, Any]) -> None:
     schedule = _get(cfg, "block_merge.schedule")
     max_steps = _get(cfg, "step_scheduler.max_steps")
     if schedule and max_steps is not None:
-        total = sum(int(s["steps"]) for s in schedule)
-        if total != int(max_steps):
-            raise ScheduleError(
-                f"block_merge.schedule steps sum to {total} but step_scheduler.max_steps={max_steps}; make them equal"
-            )
+        parse_schedule(list(schedule), int(max_steps))
 
 
 def check_paths(cfg: dict[str, Any]) -> None:
