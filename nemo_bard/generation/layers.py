@@ -1,0 +1,67 @@
+"""The Qwen3-VL text decoder layer of a decoding step, computed with fewer GPU kernels.
+
+A decoding forward is short (``B``, ``2B`` or 1 queries), so its cost on a GPU is set by how many kernels it
+launches rather than by arithmetic: the transformers layer issues ~78 kernels per layer (RMSNorms upcast and
+reduce in six element-wise steps each, the rotary embedding runs separately on queries and keys, the
+attention converts its boolean mask in every layer), most of them a few microseconds long even when
+replayed from a CUDA graph. :func:`decoder_layer_step` computes the same layer from the same weights with
+about 30: ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA), one rotary pass over queries and keys
+together, and an additive mask converted once per step (:func:`sdpa_mask`).
+
+Every operation and its order are those of transformers' ``Qwen3VLTextDecoderLayer`` with the ``sdpa``
+backend (same casts, same rounding points), so the results are the same; the engine tests compare the
+engine's tokens with the eager decoder's.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from nemo_bard.generation.cache import StaticKVLayer
+
+
+def sdpa_mask(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean keep-mask as the additive mask ``scaled_dot_product_attention`` makes of it (0 / -inf)."""
+    return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill_(~keep, float("-inf"))
+
+
+def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+    """Qwen3-VL's RMSNorm: normalised in fp32, rounded to ``x``'s dtype, then scaled by the weight."""
+    return F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon) * norm.weight
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def decoder_layer_step(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, cache: StaticKVLayer) -> torch.Tensor:
+    """One ``Qwen3VLTextDecoderLayer`` (sdpa) on ``h`` ``[rows, q, hidden]`` writing its keys/values to ``cache``.
+
+    ``mask`` is the additive ``[rows, 1, q, capacity]`` mask of :func:`sdpa_mask`; ``cos``/``sin`` are the
+    rotary tables of the queries' positions ``[rows, q, head_dim]``.
+    """
+    attn, mlp = layer.self_attn, layer.mlp
+    rows, q, _ = h.shape
+    x = rms_norm(h, layer.input_layernorm)
+    shape = (rows, q, -1, attn.head_dim)
+    queries = rms_norm(attn.q_proj(x).view(shape), attn.q_norm).transpose(1, 2)
+    keys = rms_norm(attn.k_proj(x).view(shape), attn.k_norm).transpose(1, 2)
+    values = attn.v_proj(x).view(shape).transpose(1, 2)
+    heads = queries.shape[1]
+    qk = torch.cat((queries, keys), dim=1)  # one rotary pass for both (element-wise: same values)
+    qk = qk * cos[:, None] + _rotate_half(qk) * sin[:, None]
+    all_keys, all_values = cache.update(qk[:, heads:], values)
+    groups = heads // all_keys.shape[1]
+    if groups > 1:  # transformers' repeat_kv
+        all_keys = all_keys[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
+        all_values = all_values[:, :, None].expand(-1, -1, groups, -1, -1).flatten(1, 2)
+    out = F.scaled_dot_product_attention(qk[:, :heads], all_keys, all_values, attn_mask=mask, scale=attn.scaling)
+    h = h + attn.o_proj(out.transpose(1, 2).reshape(rows, q, -1))
+    x = rms_norm(h, layer.post_attention_layernorm)
+    return h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+__all__ = ["decoder_layer_step", "rms_norm", "sdpa_mask"]
