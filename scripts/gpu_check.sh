@@ -8,9 +8,8 @@
 # recorded as such; --budget 570 gives the later steps room within a 10-minute call). If the environment
 # step fails (e.g. the box's transformers 5.17 wins), every later step is recorded as skipped:
 #   env           install the wheels a bare box lacks (.gpu-wheels -> .gpu-site) and record the versions
-#   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD, eager and static engines)
+#   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD; eager, static, compiled engines)
 #   profile       python -m nemo_bard.bench.profile --preset qwen3vl_2b: kernels and GPU time per decoding forward
-#   bench_compiled  bench.decode at batch 1 with the static and compiled engines side by side (compile time untimed)
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
 #   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
 #                 (e.g. the demo's SWD student), else of the tiny model
@@ -163,21 +162,13 @@ if ((DRY)); then
   step bench_decode 120 "$PY" -m nemo_bard.bench.decode --preset tiny --batch-sizes 1 --points 8:4:0.9 \
     --max-new-tokens 8 --ignore-eos --engine eager,static --repeats 1 --json "$OUT_DIR/bench_decode.json"
 else
-  step bench_decode 240 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 8 \
-    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine eager,static --repeats 1 \
+  step bench_decode 300 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 8 \
+    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine eager,static,compiled --repeats 1 \
     --json "$OUT_DIR/bench_decode.json"
 fi
 
-if ((DRY)); then
-  step profile 120 "$PY" -m nemo_bard.bench.profile --point 8:4:0.9 --max-new-tokens 8 --json "$OUT_DIR/profile.json"
-  skip bench_compiled "needs a GPU (the CPU compiled engine is covered by the unit tests)"
-else
-  step profile 120 "$PY" -m nemo_bard.bench.profile --preset qwen3vl_2b --point 32:4:0.9 --max-new-tokens 64 \
-    --json "$OUT_DIR/profile.json"
-  step bench_compiled 330 "$PY" -m nemo_bard.bench.decode --preset qwen3vl_2b --batch-sizes 1 \
-    --points 16:4:0.9,32:4:0.9 --max-new-tokens 128 --ignore-eos --engine static,compiled --repeats 1 \
-    --json "$OUT_DIR/bench_compiled.json"
-fi
+step profile 120 "$PY" -m nemo_bard.bench.profile $( ((DRY)) && echo "--point 8:4:0.9 --max-new-tokens 8" ||
+  echo "--preset qwen3vl_2b --point 32:4:0.9 --max-new-tokens 64") --json "$OUT_DIR/profile.json"
 
 prepare() {
   "$PY" - "$WORK" <<'EOF'
@@ -271,9 +262,8 @@ from pathlib import Path
 out, work, dry, budget, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
 load = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
 steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-env, train, fit, decode, agree, prof, compiled = (load(n) for n in (
-    "env.json", "bench_train.json", "ac_fit.json", "bench_decode.json", "agreement.json", "profile.json",
-    "bench_compiled.json"))
+env, train, fit, decode, agree, prof = (load(n) for n in (
+    "env.json", "bench_train.json", "ac_fit.json", "bench_decode.json", "agreement.json", "profile.json"))
 
 
 def last_losses(run):
@@ -292,7 +282,7 @@ if fit:
         targets[f"{name}: max_length {fit.get('max_length')} at batch {fit['batch_size']} fits in 80 GB"] = fits
 summary = {"dry_run": dry, "budget_s": budget, "total_s": total, "env": env, "steps": steps, "targets": targets,
            "bench_train": train, "ac_fit": fit_rows, "bench_decode": decode, "agreement": agree, "e2e_losses": e2e,
-           "profile": prof, "bench_compiled": compiled}
+           "profile": prof}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 md = [f"# nemo-bard GPU check{' (dry run on CPU)' if dry else ''}", ""]
@@ -309,9 +299,6 @@ for title, name in (("Training step", "bench_train.md"), ("Activation checkpoint
 if decode:
     from nemo_bard.bench.decode import markdown
     md += ["", "## Decoding", "", f"{decode['device']}, {decode['dtype']}, {decode['models']}", "", markdown(decode)]
-if compiled:
-    from nemo_bard.bench.decode import markdown
-    md += ["", "## Decoding: static vs compiled engine", "", markdown(compiled)]
 if prof:
     md += ["", "## One decoding forward", "", f"{prof['models']}, {prof['point']}, batch {prof['batch']}: "
            f"{prof['ms_per_forward_graphs']:.2f} ms per forward with graphs, {prof['ms_per_forward_no_graphs']:.2f} "

@@ -9,8 +9,8 @@ import sys
 
 from tests.e2e_utils import REPO
 
-GPU_ONLY = {"bench_compiled", "gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "ac_fit"}
-STEPS = ["env", "bench_decode", "profile", "bench_compiled", "prepare", "agreement", "gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "bench_train",
+GPU_ONLY = {"gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "ac_fit"}
+STEPS = ["env", "bench_decode", "profile", "prepare", "agreement", "gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "bench_train",
          "ac_fit", "e2e_dense_pbm", "e2e_dense_swd"]
 
 

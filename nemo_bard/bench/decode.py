@@ -142,6 +142,16 @@ def run(args: argparse.Namespace) -> dict:
     fast = [e for e in engines if e != "eager"]
 
     rows = []
+
+    def report() -> dict:
+        return {
+            "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                       else f"cpu ({torch.get_num_threads()} threads)"),
+            "dtype": str(dtype).replace("torch.", ""), "models": description, "engines": engines,
+            "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
+            "results": rows,
+        }
+
     for batch in args.batch_sizes:
         enc = {k: v.to(device) for k, v in prompt_batch(processor, batch).items()}
         for key in ("pixel_values", "pixel_values_videos"):
@@ -172,13 +182,11 @@ def run(args: argparse.Namespace) -> dict:
                 r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
                 r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
                                     if r["decode_tokens_per_second"] and fastest_decode else None)
+        if args.json:  # what is measured so far survives a run cut short by a time limit
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report(), indent=2) + "\n")
     tmp.cleanup()
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)",
-        "dtype": str(dtype).replace("torch.", ""), "models": description, "engines": engines,
-        "max_new_tokens": args.max_new_tokens, "ignore_eos": args.ignore_eos, "repeats": args.repeats,
-        "results": rows,
-    }
+    return report()
 
 
 def markdown(report: dict) -> str:

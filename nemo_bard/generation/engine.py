@@ -115,8 +115,8 @@ class DecodeEngine:
 
     Args:
         model: the model in eval mode, on its device.
-        compile: run the step through ``torch.compile`` (inductor): fewer, fused kernels per forward. The
-            first call per step shape compiles (tens of seconds on a small CPU, cached on disk by inductor).
+        compile: run the text layers through ``torch.compile`` (inductor): fewer, fused kernels per forward.
+            The first call per step shape compiles one layer (seconds; cached on disk by inductor).
         cuda_graphs: capture decoding steps as CUDA graphs (default: on when the model is on a GPU).
         max_pools: how many (bucket, capacity) buffer sets to keep between calls.
     """
@@ -143,6 +143,9 @@ class DecodeEngine:
                 "with attn_implementation='sdpa' (or pass --engine eager)"
             )
         self.additive = impl == "eager"
+        if self.compile and self.additive:
+            raise EngineError("engine='compiled' compiles the sdpa text layer; load the model with "
+                              "attn_implementation='sdpa' (or pass --engine static)")
         self._pools: dict[tuple[int, int], _Pool] = {}
         self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
@@ -241,22 +244,30 @@ class DecodeEngine:
             mask = additive_mask(mask, self.dtype)
             for layer in self.text.layers:
                 h = layer(h, attention_mask=mask, position_embeddings=(cos, sin), past_key_values=pool.cache)
-        else:  # sdpa: the same layer computed with fewer kernels
+        else:  # sdpa: the same layer computed with fewer kernels (compiled: one graph serves every layer)
             mask = sdpa_mask(mask, self.dtype)
+            step = self._layer_step()
             for layer, cache in zip(self.text.layers, pool.cache.layers):
-                h = decoder_layer_step(layer, h, mask, cos, sin, cache)
+                h = step(layer, h, mask, cos, sin, cache)
         if logits_from is None:
             return None
         return self.lm_head(self.text.norm(h[:, logits_from:]))
 
+    def _layer_step(self) -> Any:
+        """:func:`decoder_layer_step`, through ``torch.compile`` for engine="compiled" (the layers share one
+        structure, so one compiled graph per step shape serves all of them: compiling costs one layer)."""
+        if not self.compile:
+            return decoder_layer_step
+        if self._compiled is None:
+            self._compiled = torch.compile(decoder_layer_step, dynamic=False, backend=self.compile_backend)
+        return self._compiled
+
     def _step(self, pool: _Pool, q: int, hi: torch.Tensor, logits_from: int | None) -> torch.Tensor | None:
         if not self.compile:
             return self._step_fn(pool, q, hi, logits_from)
-        if self._compiled is None:
-            self._compiled = torch.compile(self._step_fn, dynamic=False, backend=self.compile_backend)
         # one graph per (bucket, capacity, query shape): allow more than dynamo's default of 8
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
-            return self._compiled(pool, q, hi, logits_from)
+            return self._step_fn(pool, q, hi, logits_from)
 
     def run_step(self, pool: _Pool, q: int, hi: tuple[int, ...], logits_from: int | None) -> torch.Tensor | None:
         """Run a step (replaying its CUDA graph when enabled); inputs are in ``pool.buffers(q)``."""
