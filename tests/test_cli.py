@@ -63,38 +63,44 @@ def test_compose_config_groups_and_overrides():
         compose(REPO / "conf" / "bard_pbm.yaml", ["model=qwen3vl_99b"], [])
 
 
-def _run(args, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([AUTOMODEL, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp_path / "echo.json").read_text()), proc
+def _run(args, tmp_path, monkeypatch, capsys):
+    """The console script's entry point in this process (the hand-over to NeMo's app is in-process too)."""
+    from nemo_bard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(args)
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    return json.loads((tmp_path / "echo.json").read_text()), out
 
 
-def test_nemo_form_reaches_recipe_unchanged(tmp_path):
+def test_nemo_form_reaches_recipe_unchanged(tmp_path, monkeypatch, capsys):
     out, _ = _run([str(FIX / "echo_plain.yaml"), f"--echo_file={tmp_path / 'echo.json'}", "--optimizer.lr=3e-4"],
-                  tmp_path)
+                  tmp_path, monkeypatch, capsys)
     assert out["optimizer"]["lr"] == 3e-4 and out["nested"] == {"a": 1} and out["_world_size"] == 1
 
 
-def test_finetune_form_without_and_with_hydra_overrides(tmp_path):
+def test_finetune_form_without_and_with_hydra_overrides(tmp_path, monkeypatch, capsys):
     out, _ = _run(["finetune", "--config", str(FIX / "echo_plain.yaml"), f"--echo_file={tmp_path / 'echo.json'}"],
-                  tmp_path)
+                  tmp_path, monkeypatch, capsys)
     assert out["optimizer"]["lr"] == 1e-4
-    out, proc = _run(["finetune", "--config", str(FIX / "hydra" / "echo.yaml"), "opt=sgd", "opt.lr=0.5",
-                      f"echo_file={tmp_path / 'echo.json'}", f"checkpoint.checkpoint_dir={tmp_path / 'run'}"],
-                     tmp_path)
+    out, stdout = _run(["finetune", "--config", str(FIX / "hydra" / "echo.yaml"), "opt=sgd", "opt.lr=0.5",
+                        f"echo_file={tmp_path / 'echo.json'}", f"checkpoint.checkpoint_dir={tmp_path / 'run'}"],
+                       tmp_path, monkeypatch, capsys)
     assert out["opt"] == {"kind": "sgd", "lr": 0.5} and out["name"] == "run_sgd"
     resolved = tmp_path / "run" / "resolved_config.yaml"
     assert yaml.safe_load(resolved.read_text())["opt"]["kind"] == "sgd"
-    assert str(resolved) in proc.stdout
+    assert str(resolved) in stdout
+    assert not (tmp_path / "run" / ".nemo_bard.lock").exists()  # the run-directory lock is released
 
 
-def test_print_resolved_only_composes(tmp_path):
-    proc = subprocess.run([AUTOMODEL, "finetune", "--config", str(FIX / "hydra" / "echo.yaml"), "--print-resolved",
-                           f"checkpoint.checkpoint_dir={tmp_path / 'r'}", f"echo_file={tmp_path / 'never.json'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0 and proc.stdout.strip() == str(tmp_path / "r" / "resolved_config.yaml")
+def test_print_resolved_only_composes(tmp_path, monkeypatch, capsys):
+    from nemo_bard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["finetune", "--config", str(FIX / "hydra" / "echo.yaml"), "--print-resolved",
+               f"checkpoint.checkpoint_dir={tmp_path / 'r'}", f"echo_file={tmp_path / 'never.json'}"])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(tmp_path / "r" / "resolved_config.yaml")
     assert not (tmp_path / "never.json").exists()
 
 
@@ -113,14 +119,16 @@ def test_nemo_bard_alias_and_two_workers(tmp_path):
         "automodel: error: training process rank 1 exited with code 2 (its message is above)")
 
 
-def test_bad_bard_section_is_one_line_before_any_heavy_import(tmp_path):
-    """A schema error in a composed BARD config: exit 2, one stderr line naming the key, nothing written."""
-    proc = subprocess.run([AUTOMODEL, "finetune", "--config", str(REPO / "conf" / "bard_tiny.yaml"),
-                           "bard.noise.type=gaussian", f"checkpoint.checkpoint_dir={tmp_path / 'run'}"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_bad_bard_section_is_one_line(tmp_path, monkeypatch, capsys):
+    """A schema error in a composed BARD config: exit 2, one stderr line naming the key, nothing written (that
+    such errors come before any heavy import is tests/test_faults.py::test_user_errors_answer_before_heavy_imports)."""
+    from nemo_bard.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["finetune", "--config", str(REPO / "conf" / "bard_tiny.yaml"), "bard.noise.type=gaussian",
+               f"checkpoint.checkpoint_dir={tmp_path / 'run'}"])
+    assert rc == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "automodel: error: bard.noise.type: input should be 'stratified_blocks' or 'uniform_sample' (got 'gaussian')"]
     assert not (tmp_path / "run").exists()
 

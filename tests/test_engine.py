@@ -118,36 +118,34 @@ def test_static_cache_writes_at_device_positions():
 def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_model, dtype):
     """generation.layers.decoder_layer_step (the engine's sdpa layer) vs Qwen3VLTextDecoderLayer: the same output
     and the same cache writes, exactly, with a mask that hides some slots of each row."""
+    import copy
+
     from nemo_bard.generation.layers import decoder_layer_step, sdpa_mask
 
     text = tiny_bard_model.model.language_model
     cfg = text.config
-    layer = text.layers[1].to(dtype)
-    try:
-        rows, q, cap = 2, 5, 12
-        g = torch.Generator().manual_seed(0)
-        h = torch.randn(rows, q, cfg.hidden_size, generator=g).to(dtype)
-        keep = torch.rand(rows, 1, q, cap, generator=g) > 0.3
-        keep[..., 4:9] = True  # every query sees the slots it writes
-        pos = torch.tensor([[4, 5, 6, 7, 8], [6, 7, 8, 9, 10]])
-        cos, sin = text.rotary_emb(h, pos[None].expand(3, -1, -1))
-        caches = [StaticKVCache(1, rows, cfg.num_key_value_heads, cfg.head_dim, cap, dtype, torch.device("cpu"))
-                  for _ in range(2)]
-        prefix = torch.randn(rows, cfg.num_key_value_heads, cap, cfg.head_dim, generator=g).to(dtype)
-        for cache in caches:
-            cache.layers[0].keys.copy_(prefix)
-            cache.layers[0].values.copy_(-prefix)
-            cache.write_index = torch.arange(4, 9)
-        layer.self_attn.layer_idx = 0
-        with torch.no_grad():
-            ref = layer(h, attention_mask=keep, position_embeddings=(cos, sin), past_key_values=caches[0])
-            lean = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[1].layers[0])
-        assert text.config._attn_implementation == "sdpa" and torch.equal(lean, ref)
-        assert torch.equal(caches[1].layers[0].keys, caches[0].layers[0].keys)
-        assert torch.equal(caches[1].layers[0].values, caches[0].layers[0].values)
-    finally:
-        layer.self_attn.layer_idx = 1
-        layer.to(torch.float32)
+    layer = copy.deepcopy(text.layers[1]).to(dtype)  # the shared model stays untouched
+    layer.self_attn.layer_idx = 0  # a one-layer cache
+    rows, q, cap = 2, 5, 12
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(rows, q, cfg.hidden_size, generator=g).to(dtype)
+    keep = torch.rand(rows, 1, q, cap, generator=g) > 0.3
+    keep[..., 4:9] = True  # every query sees the slots it writes
+    pos = torch.tensor([[4, 5, 6, 7, 8], [6, 7, 8, 9, 10]])
+    cos, sin = text.rotary_emb(h, pos[None].expand(3, -1, -1))
+    caches = [StaticKVCache(1, rows, cfg.num_key_value_heads, cfg.head_dim, cap, dtype, torch.device("cpu"))
+              for _ in range(2)]
+    prefix = torch.randn(rows, cfg.num_key_value_heads, cap, cfg.head_dim, generator=g).to(dtype)
+    for cache in caches:
+        cache.layers[0].keys.copy_(prefix)
+        cache.layers[0].values.copy_(-prefix)
+        cache.write_index = torch.arange(4, 9)
+    with torch.no_grad():
+        ref = layer(h, attention_mask=keep, position_embeddings=(cos, sin), past_key_values=caches[0])
+        lean = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[1].layers[0])
+    assert text.config._attn_implementation == "sdpa" and torch.equal(lean, ref)
+    assert torch.equal(caches[1].layers[0].keys, caches[0].layers[0].keys)
+    assert torch.equal(caches[1].layers[0].values, caches[0].layers[0].values)
 
 
 def test_engine_errors_name_the_flag_and_limit(tiny_bard_model, tiny_processor):

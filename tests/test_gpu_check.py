@@ -9,9 +9,9 @@ import sys
 
 from tests.e2e_utils import REPO
 
-GPU_ONLY = {"gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "ac_fit"}
-STEPS = ["env", "bench_decode", "profile", "prepare", "agreement", "gpu_tests", "e2e_flex_pbm", "e2e_flex_swd", "bench_train",
-         "ac_fit", "e2e_dense_pbm", "e2e_dense_swd"]
+# CI runs the script's plumbing and every step that has a CPU form except the tiny PBM -> SWD runs through the CLI
+# (tests/test_e2e_*.py run those) and the profile; gpu_tests is selected to show that it is skipped without a GPU.
+SELECTED = ["env", "bench_decode", "prepare", "agreement", "gpu_tests", "bench_train"]
 
 
 def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
@@ -22,19 +22,20 @@ def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("OUT", None)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out), "--only", ",".join(SELECTED)],
+                          cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     status = {s["name"]: s["status"] for s in summary["steps"]}
-    assert list(status) == STEPS
-    assert {k for k, v in status.items() if v == "skipped"} == GPU_ONLY and set(status.values()) == {"ok", "skipped"}
+    assert list(status) == SELECTED  # in the script's order (most important first), nothing else
+    assert {k for k, v in status.items() if v != "ok"} == {"gpu_tests"} and status["gpu_tests"] == "skipped"
     assert summary["env"]["transformers"].startswith("5.18") and summary["dry_run"] is True
     train = summary["bench_train"]["variants"]
     assert set(train) == {"ar", "bard_dense", "bard_dense_ac"} and train["bard_dense_ac"]["checkpointed_modules"] > 0
     assert train["bard_dense_ac"]["loss"] == train["bard_dense"]["loss"]  # same batch, weights, noise
-    assert len(summary["e2e_losses"]["dense_pbm"]) == 2 and len(summary["e2e_losses"]["dense_swd"]) == 2
+    assert summary["e2e_losses"] == {"flex_pbm": None, "flex_swd": None, "dense_pbm": None, "dense_swd": None}
     assert summary["bench_decode"]["results"] and set(summary["agreement"]) >= {"eager", "static"}
     md = (out / "summary.md").read_text()
-    for section in ("| e2e_dense_swd | ok |", "## Training step", "## Decoding", "## bf16 vs fp32 tokens"):
+    for section in ("| bench_train | ok |", "## Training step", "## Decoding", "## bf16 vs fp32 tokens"):
         assert section in md, section
