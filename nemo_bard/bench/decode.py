@@ -175,16 +175,16 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append(_row("bard", e, batch, best[e], best["eager"], point=point.label,
                                  block_size=point.block_size, denoising_steps=point.denoising_steps,
                                  threshold=point.threshold, strategy=point.remasking_strategy))
-        fastest = max(r["tokens_per_second"] for r in ar_rows)
-        fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in ar_rows)
-        for r in rows:
-            if r["batch_size"] == batch:
-                r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
-                r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
-                                    if r["decode_tokens_per_second"] and fastest_decode else None)
-        if args.json:  # what is measured so far survives a run cut short by a time limit
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report(), indent=2) + "\n")
+            fastest = max(r["tokens_per_second"] for r in ar_rows)
+            fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in ar_rows)
+            for r in rows:
+                if r["batch_size"] == batch:
+                    r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
+                    r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
+                                        if r["decode_tokens_per_second"] and fastest_decode else None)
+            if args.json:  # what is measured so far survives a run cut short by a time limit
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report(), indent=2) + "\n")
     tmp.cleanup()
     return report()
 
