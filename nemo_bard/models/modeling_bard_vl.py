@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor
 from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLCausalLMOutputWithPast,
@@ -36,6 +37,11 @@ from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from nemo_bard.attention.masks import additive_mask, prefill_mask
 from nemo_bard.integrations.hf import FlexAttentionSupport, attn_implementation
 from nemo_bard.models.configuration_bard_vl import BardVLConfig, BardVLTextConfig
+
+# FlexAttention on a GPU: always the full Triton kernel. For short sequences torch otherwise picks its
+# flex-decoding kernel, which has no backward and no valid configuration for some shapes (torch 2.11 on an H100:
+# NoValidChoicesError for a 92-token, head_dim-16 training batch).
+FLEX_KERNEL_OPTIONS = {"BACKEND": "TRITON"}
 
 
 def text_attn_implementation(model: torch.nn.Module) -> str:
@@ -153,6 +159,8 @@ class BardVLForConditionalGeneration(FlexAttentionSupport, Qwen3VLForConditional
         elif position_ids is None:
             raise ValueError("bard_vl: an explicit 4-D attention mask needs explicit 3-D position_ids")
         attention_mask = self.mask_for_backend(attention_mask)
+        if isinstance(attention_mask, BlockMask) and attention_mask.kv_num_blocks.is_cuda:
+            kwargs.setdefault("kernel_options", dict(FLEX_KERNEL_OPTIONS))
 
         outputs = self.model(
             input_ids=input_ids,
