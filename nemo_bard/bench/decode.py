@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
 
 PROMPTS = [
     ("Read the digits.", 1),
@@ -76,6 +79,8 @@ def tiny_models(root: Path, block_size: int) -> tuple[Path, Path]:
 
 
 def _row(model: str, engine: str, batch_size: int, out, ref, **extra) -> dict:
+    if isinstance(out, str):  # the engine failed on this cell: say so, keep the other rows
+        return {"model": model, "engine": engine, "batch_size": batch_size, **extra, "error": out}
     decode_tps = out.response_tokens / out.decode_time if out.decode_time else None
     return {
         "model": model, "engine": engine, "batch_size": batch_size, **extra,
@@ -92,14 +97,20 @@ def _row(model: str, engine: str, batch_size: int, out, ref, **extra) -> dict:
 
 
 def _median_runs(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, Any]:
-    """Warm each engine up once, then run them interleaved ``repeats`` times; the median-wall run of each."""
-    for fn in fns.values():
-        fn()
-    runs: dict[str, list] = {name: [] for name in fns}
+    """Warm each engine up once, then run them interleaved ``repeats`` times; the median-wall run of each (an
+    engine that fails gets its one-line error instead)."""
+    failed: dict[str, str] = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001  reported in the table; the other engines still run
+            failed[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+            logger.warning("bench.decode: engine %s failed: %s", name, failed[name])
+    runs: dict[str, list] = {name: [] for name in fns if name not in failed}
     for _ in range(repeats):
-        for name, fn in fns.items():
-            runs[name].append(fn())
-    return {name: sorted(r, key=lambda o: o.wall_time)[len(r) // 2] for name, r in runs.items()}
+        for name in runs:
+            runs[name].append(fns[name]())
+    return {**{name: sorted(r, key=lambda o: o.wall_time)[len(r) // 2] for name, r in runs.items()}, **failed}
 
 
 def load_models(args: argparse.Namespace, device, dtype, block_size: int, tmp: Path):
@@ -175,10 +186,11 @@ def run(args: argparse.Namespace) -> dict:
                 rows.append(_row("bard", e, batch, best[e], best["eager"], point=point.label,
                                  block_size=point.block_size, denoising_steps=point.denoising_steps,
                                  threshold=point.threshold, strategy=point.remasking_strategy))
-            fastest = max(r["tokens_per_second"] for r in ar_rows)
-            fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in ar_rows)
+            measured = [r for r in ar_rows if "error" not in r]
+            fastest = max(r["tokens_per_second"] for r in measured)
+            fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in measured)
             for r in rows:
-                if r["batch_size"] == batch:
+                if r["batch_size"] == batch and "error" not in r:
                     r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
                     r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
                                         if r["decode_tokens_per_second"] and fastest_decode else None)
@@ -195,6 +207,10 @@ def markdown(report: dict) -> str:
             "| same tokens as eager |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r['batch_size']} | {r['model']} | {r['engine']} | {r.get('point', 'AR')} | "
+                         f"failed: {r['error'].replace('|', '/')} | | | | | | |")
+            continue
         dec = "–" if r["decode_tokens_per_second"] is None else f"{r['decode_tokens_per_second']:.1f}"
         dx = "–" if r.get("decode_x_ar") is None else f"{r['decode_x_ar']:.2f}"
         lines.append(f"| {r['batch_size']} | {r['model']} | {r['engine']} | {r.get('point', 'AR')} | "

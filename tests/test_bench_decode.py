@@ -1,0 +1,40 @@
+"""bench.decode's bookkeeping without a model: median of interleaved runs, a failing engine as a row."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from nemo_bard.bench.decode import _median_runs, _row, markdown
+
+
+def _out(wall: float, tokens: list[int]) -> SimpleNamespace:
+    return SimpleNamespace(response_tokens=4, num_forwards=2, decode_forwards=2, tokens_per_forward=2.0,
+                           tokens_per_batch_forward=2.0, wall_time=wall, prefill_time=0.1, decode_time=wall - 0.1,
+                           ms_per_forward=1000 * (wall - 0.1) / 2, tokens_per_second=4 / wall,
+                           sequences=torch.tensor([tokens]))
+
+
+def test_median_runs_and_a_failing_engine_is_a_row_not_a_crash():
+    walls = iter([9.0, 0.5, 0.3, 0.4])  # warm-up, then three timed runs
+
+    def broken():
+        raise RuntimeError("CUDA graph capture failed\ndetails on the next line")
+
+    best = _median_runs({"static": lambda: _out(next(walls), [1, 2, 3, 4]), "compiled": broken}, repeats=3)
+    assert best["static"].wall_time == 0.4  # the median of 0.5, 0.3, 0.4; the warm-up is not timed
+    assert best["compiled"] == "RuntimeError: CUDA graph capture failed"
+    ref = _out(1.0, [1, 2, 3, 4])
+    rows = [_row("bard", "static", 1, best["static"], ref, point="B4 S2 t0.9"),
+            _row("bard", "compiled", 1, best["compiled"], ref, point="B4 S2 t0.9"),
+            _row("bard", "eager", 1, _out(1.0, [1, 2, 3, 5]), ref, point="B4 S2 t0.9")]
+    assert rows[0]["tokens_match_eager"] and not rows[2]["tokens_match_eager"]
+    assert rows[0]["decode_tokens_per_second"] == round(4 / 0.3, 2) and rows[1] == {
+        "model": "bard", "engine": "compiled", "batch_size": 1, "point": "B4 S2 t0.9",
+        "error": "RuntimeError: CUDA graph capture failed"}
+    for r in rows:
+        r.setdefault("x_ar", 1.0)
+    table = markdown({"results": rows}).splitlines()
+    assert table[3] == "| 1 | bard | compiled | B4 S2 t0.9 | failed: RuntimeError: CUDA graph capture failed | | | | | | |"
+    assert table[2].endswith("| yes |") and table[4].endswith("| NO |")
