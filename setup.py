@@ -21,7 +21,7 @@ setup(
         "pydantic>=2.5,<3",  # the bard/block_merge/kd config schema
     ],
     extras_require={
-        "test": ["pytest>=8", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12"],
         # Video files (mp4, webm, mkv, ...) in training rows, generation and evaluation: PyAV (bundles FFmpeg).
         "video": ["av>=12"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],

@@ -9,9 +9,10 @@ import sys
 
 from tests.e2e_utils import REPO
 
-# CI runs the script's plumbing and every step that has a CPU form except the tiny PBM -> SWD runs through the CLI
-# (tests/test_e2e_*.py run those) and the profile; gpu_tests is selected to show that it is skipped without a GPU.
-SELECTED = ["env", "bench_decode", "prepare", "agreement", "gpu_tests", "bench_train"]
+# CI runs the script's plumbing (budget, step records, summary) with the CPU steps no other test covers: the
+# environment record, the bf16-vs-fp32 agreement tool and the training benchmark; gpu_tests is selected to show
+# that it is recorded as skipped without a GPU. (bench.decode and the CLI runs have their own tests.)
+SELECTED = ["env", "prepare", "agreement", "gpu_tests", "bench_train"]
 
 
 def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
@@ -35,7 +36,7 @@ def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
     assert set(train) == {"ar", "bard_dense", "bard_dense_ac"} and train["bard_dense_ac"]["checkpointed_modules"] > 0
     assert train["bard_dense_ac"]["loss"] == train["bard_dense"]["loss"]  # same batch, weights, noise
     assert summary["e2e_losses"] == {"flex_pbm": None, "flex_swd": None, "dense_pbm": None, "dense_swd": None}
-    assert summary["bench_decode"]["results"] and set(summary["agreement"]) >= {"eager", "static"}
+    assert summary["bench_decode"] is None and set(summary["agreement"]) >= {"eager", "static"}
     md = (out / "summary.md").read_text()
-    for section in ("| bench_train | ok |", "## Training step", "## Decoding", "## bf16 vs fp32 tokens"):
+    for section in ("| bench_train | ok |", "## Training step", "## bf16 vs fp32 tokens"):
         assert section in md, section
