@@ -1,6 +1,6 @@
 """Offline end-to-end demo: AR VLM -> PBM -> SWD -> accuracy-at-speed report, on 2 CPU cores.
 
-    python -m nemo_bard.demo [--out outputs/demo] [--quick]
+    python -m nemo_bard.demo [--out outputs/demo] [--quick] [--engine static|compiled|eager] [--eval-only]
 
 1. builds a ~1M-parameter random-init Qwen3-VL (``nemo_bard.tiny --preset demo``) and the digits-OCR
    task from scikit-learn's bundled scans (``nemo_bard.data.digits``, split by source scan);
@@ -94,6 +94,54 @@ def _last_losses(jsonl: Path, n: int = 20) -> float:
     return sum(r["loss"] for r in tail) / max(len(tail), 1)
 
 
+def _models(out: Path) -> tuple[Path, Path, Path]:
+    """The AR model, the PBM stage exports directory and the SWD student of a demo output directory."""
+    return ((out / "ar_sft" / "LATEST" / "model" / "consolidated").resolve(), out / "bard_pbm_demo" / "stages",
+            out / "bard_swd_demo" / "student_b16")
+
+
+def _evaluate(out: Path, tau: float, engine: str, every: float) -> tuple[list[dict], dict]:
+    """Step 6: AR (engine and HF generate) and every stage on the held-out scans; writes ``<out>/report``."""
+    from nemo_bard.eval import evaluate, load_samples, write_report
+
+    ar_dir, stages, swd_dir = _models(out)
+    # batch size 1: per-request decoding latency, the setting of the paper's speed claim
+    samples = load_samples(out / "digits" / "test", out / "digits")
+    common = dict(max_new_tokens=32, progress=EvalProgress(every), batch_size=1)
+    runs = [  # (name, model, points, engine); the AR baseline also through Hugging Face generate
+        ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
+        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "eager"),
+        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
+        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
+        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),
+        ("SWD B16 (B4 anchor)", swd_dir, ["16:16:1.0", f"16:16:{tau}", "16:16:0.7"], engine),
+    ]
+    rows = []
+    for name, model_dir, points, run_engine in runs:
+        rows += evaluate(model_dir, samples, points, name=name, engine=run_engine, **common)
+    paths = write_report(rows, out / "report", title="nemo-bard offline demo: digits OCR, 2 CPU cores")
+    return rows, paths
+
+
+def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRESS_EVERY_S) -> dict:
+    """``--eval-only``: step 6 again on a finished demo directory; the report and ``run.json`` are rewritten."""
+    missing = [p for p in (*_models(out), out / "digits" / "test") if not p.exists()]
+    if missing:
+        raise SystemExit(f"nemo_bard.demo: --eval-only needs a finished demo in {out} ({missing[0]} is missing); "
+                         "run it without --eval-only first")
+    print(f"[6/6] evaluate {out} again (engine {engine}, threshold {tau})", flush=True)
+    t = time.perf_counter()
+    rows, paths = _evaluate(out, tau, engine, every)
+    run_json = out / "report" / "run.json"
+    meta = json.loads(run_json.read_text()) if run_json.is_file() else {"times_s": {}}
+    meta["times_s"]["eval"] = round(time.perf_counter() - t, 1)
+    meta.update(engine=engine, threshold=tau, eval_only=True)
+    run_json.write_text(json.dumps(meta, indent=2) + "\n")
+    print(paths["markdown"].read_text())
+    print(f"report: {paths['markdown']}  plot: {paths['plot']}")
+    return {"rows": rows, "paths": paths, "meta": meta}
+
+
 def main(argv: list[str] | None = None) -> dict:
     from nemo_bard.generation.points import ENGINES
 
@@ -111,7 +159,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="decoding engine of the evaluation (default static)")
     ap.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S,
                     help="seconds between console progress lines of a stage (default 10)")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="only re-run step 6 on the models of an existing --out (e.g. with another --engine)")
     args = ap.parse_args(argv)
+    if args.eval_only:
+        return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every)
     if not (CONF / "bard_demo.yaml").is_file():
         raise SystemExit(f"nemo_bard.demo: config directory {CONF} not found; run from a source checkout "
                          "(pip install -e .)")
@@ -143,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
                                       f"step_scheduler.max_steps={ar_steps}",
                                       f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"),
                            out / "logs" / "ar_sft.log", "ar_sft", ar_steps, args.progress_every)
-    ar_dir = (out / "ar_sft" / "LATEST" / "model" / "consolidated").resolve()
+    ar_dir = _models(out)[0]
     ar_loss = _last_losses(out / "ar_sft" / "training.jsonl")
     if not q and ar_loss > 1.0:
         print(f"  warning: AR training loss is still {ar_loss:.2f} (~ln 10 means guessing); the AR model has "
@@ -161,41 +213,22 @@ def main(argv: list[str] | None = None) -> dict:
                                    f"block_merge.schedule={schedule}",
                                    f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"),
                         out / "logs" / "pbm.log", "pbm", total, args.progress_every)
-    stages = out / "bard_pbm_demo" / "stages"
 
     print(f"[5/6] SWD B16 <- B4 ({swd_steps} steps)", flush=True)
     times["swd"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), "stage=swd", root,
                                    f"step_scheduler.max_steps={swd_steps}",
                                    f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}"),
                         out / "logs" / "swd.log", "swd", swd_steps, args.progress_every)
-    swd_dir = out / "bard_swd_demo" / "student_b16"
 
     print(f"[6/6] evaluate on {test_rows} held-out samples", flush=True)
     t = time.perf_counter()
-    from nemo_bard.eval import evaluate, load_samples, write_report
-
-    # batch size 1: per-request decoding latency, the setting of the paper's speed claim
-    samples = load_samples(out / "digits" / "test", out / "digits")
-    common = dict(max_new_tokens=32, progress=EvalProgress(args.progress_every), batch_size=1)
-    tau = args.threshold
-    engine = args.engine
-    runs = [  # (name, model, points, engine); the AR baseline also through Hugging Face generate
-        ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
-        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "eager"),
-        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
-        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
-        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),
-        ("SWD B16 (B4 anchor)", swd_dir, ["16:16:1.0", f"16:16:{tau}", "16:16:0.7"], engine),
-    ]
-    rows = []
-    for name, model_dir, points, run_engine in runs:
-        rows += evaluate(model_dir, samples, points, name=name, engine=run_engine, **common)
-    paths = write_report(rows, out / "report", title="nemo-bard offline demo: digits OCR, 2 CPU cores")
+    rows, paths = _evaluate(out, args.threshold, args.engine, args.progress_every)
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     meta = {"times_s": {k: round(v, 1) for k, v in times.items()}, "ar_final_loss": ar_loss,
             "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps, "train_rows": train_rows,
-            "test_rows": test_rows, "seed": args.seed, "quick": q, "engine": engine}
+            "test_rows": test_rows, "seed": args.seed, "quick": q, "engine": args.engine,
+            "threshold": args.threshold}
     (out / "report" / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}  plot: {paths['plot']}")

@@ -43,3 +43,9 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
     assert set(meta["times_s"]) == {"setup", "ar_sft", "pbm", "swd", "eval", "total"}
     for label in ("[ar_sft] ", "[pbm] ", "[swd] ", "[eval] "):  # every stage reports progress on the console
         assert label in stdout, label
+    again = main(["--out", str(out), "--eval-only", "--engine", "eager", "--threshold", "0.8"])
+    assert again["meta"]["engine"] == "eager" and again["meta"]["eval_only"] is True
+    assert again["meta"]["times_s"]["pbm"] == meta["times_s"]["pbm"]  # training times kept
+    assert {r["threshold"] for r in again["rows"] if r["model"].startswith("SWD")} == {1.0, 0.8, 0.7}
+    with pytest.raises(SystemExit, match="--eval-only needs a finished demo in .*missing"):
+        main(["--out", str(tmp_path / "nothing"), "--eval-only"])
