@@ -16,17 +16,6 @@ from PIL import Image
 import nemo_bard  # noqa: F401  (registers bard_vl)
 
 
-# Files whose tests start interpreters (end-to-end CLI runs, the demo): run first, so the two xdist workers
-# (pytest.ini) finish together instead of one waiting on a long file picked up last.
-SLOW_FILES = ("test_e2e_pbm.py", "test_demo.py", "test_e2e_swd.py", "test_integrations.py", "test_gpu_check.py",
-              "test_cli.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: file order kept otherwise
-
-
 @pytest.fixture(scope="session")
 def tiny_ar_dir(tmp_path_factory):
     from nemo_bard.tiny import write_tiny_model
