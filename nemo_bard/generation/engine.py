@@ -14,7 +14,7 @@ a growing cache. The engine removes that work from the hot loop:
   window lets each query see its own (and, for the fused step, the finished) block. Positions and
   write slots come from device tensors, so nothing in a step depends on Python values.
 * **Fewer kernels per layer.** With the ``sdpa`` backend the text layers run as
-  :func:`~nemo_bard.generation.layers.decoder_layer_step` (the same computation in ~30 instead of ~78 kernels).
+  :func:`~nemo_bard.generation.layers.decoder_layer_step` (the same computation in fewer GPU kernels).
 * **CUDA graphs.** On a GPU each (bucket, capacity, query shape) step is captured once and replayed;
   the prompt prefill stays eager. On CPU the same step function runs eagerly (no graph).
 * **Finished rows are masked out**, not removed; the batch moves to a smaller bucket only when the

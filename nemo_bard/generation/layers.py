@@ -1,12 +1,12 @@
 """The Qwen3-VL text decoder layer of a decoding step, computed with fewer GPU kernels.
 
 A decoding forward is short (``B``, ``2B`` or 1 queries), so its cost on a GPU is set by how many kernels it
-launches rather than by arithmetic: the transformers layer issues ~78 kernels per layer (RMSNorms upcast and
-reduce in six element-wise steps each, the rotary embedding runs separately on queries and keys, the
-attention converts its boolean mask in every layer), most of them a few microseconds long even when
-replayed from a CUDA graph. :func:`decoder_layer_step` computes the same layer from the same weights with
-about 30: ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA), one rotary pass over queries and keys
-together, and an additive mask converted once per step (:func:`sdpa_mask`).
+launches rather than by arithmetic: profiled on an H100 (2B shape, CUDA graphs), the engine with transformers'
+layer replayed ~2,190 kernels per forward, most a few microseconds long. :func:`decoder_layer_step` computes the
+same layer from the same weights with fewer: ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA instead
+of the upcast / square / mean / add / rsqrt / multiply / downcast sequence, four times per layer), one rotary pass
+over queries and keys together, and an additive mask converted once per step (:func:`sdpa_mask`) instead of in
+every layer. Measured on the H100: 6.3-6.5 -> 4.65-4.70 ms per BARD forward (README, Decoding engines).
 
 Every operation and its order are those of transformers' ``Qwen3VLTextDecoderLayer`` with the ``sdpa``
 backend (same casts, same rounding points): on CPU the results are bit-identical (tested in fp32 and bf16);
