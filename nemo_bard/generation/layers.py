@@ -6,7 +6,8 @@ layer replayed ~2,190 kernels per forward, most a few microseconds long. :func:`
 same layer from the same weights with fewer: ``torch.nn.functional.rms_norm`` (one fused kernel on CUDA instead
 of the upcast / square / mean / add / rsqrt / multiply / downcast sequence, four times per layer), one rotary pass
 over queries and keys together, and an additive mask converted once per step (:func:`sdpa_mask`) instead of in
-every layer. Measured on the H100: 6.3-6.5 -> 4.65-4.70 ms per BARD forward (README, Decoding engines).
+every layer. On H100s (two runs, not side by side): 6.3-6.5 ms per BARD forward before, 4.65-4.70 after
+(README, Decoding engines).
 
 Every operation and its order are those of transformers' ``Qwen3VLTextDecoderLayer`` with the ``sdpa``
 backend (same casts, same rounding points): on CPU the results are bit-identical (tested in fp32 and bf16);
