@@ -2,6 +2,7 @@
 # One prepared check of nemo-bard on one CUDA machine (an H100 or H200), done in under 8 minutes:
 #
 #   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--budget SECONDS] [--only STEP,...] [--agreement-model DIR]
+#                             [--pack]
 #
 # Steps, most important first, each under its own timeout and all under one time budget (default 450 s, so
 # the run ends before 8 minutes even when steps hit their limits; a step that no longer fits is skipped and
@@ -21,7 +22,8 @@
 # --only runs the named steps (the others are left out of the summary), e.g. two short calls on one warm machine:
 # --only env,bench_decode,prepare,agreement then --only env,gpu_tests,prepare,e2e_flex_pbm,... .
 # and writes one summary, summary.md + summary.json (plus logs/ and every step's JSON), under the output
-# directory: --out, else $OUT (set by the device tool), else gpu_check_out/. Scratch (tiny models, runs) goes to
+# directory: --out, else $OUT (set by the device tool), else gpu_check_out/; --pack leaves only the summary
+# and details.tgz (everything else) there, for tools that bring back a few files. Scratch (tiny models, runs) goes to
 # $GPU_CHECK_WORK or a temporary directory.
 #
 # --dry-run runs the same sequence on this machine's CPU at tiny sizes (CI runs it: tests/test_gpu_check.py);
@@ -38,6 +40,7 @@ DRY=0
 OUT_DIR=""
 ONLY=""
 AGREEMENT_MODEL=""
+PACK=0
 BUDGET=450
 while (($#)); do
   case "$1" in
@@ -46,6 +49,7 @@ while (($#)); do
     --budget) BUDGET="$2"; shift ;;
     --only) ONLY=",$2,"; shift ;;
     --agreement-model) AGREEMENT_MODEL="$2"; shift ;;
+    --pack) PACK=1 ;;
     -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
@@ -318,5 +322,10 @@ print(f"\nsummary: {out / 'summary.md'} and summary.json; {'failed: ' + ', '.joi
 sys.exit(1 if failed else 0)
 EOF
 rc=$?
+if ((PACK)); then  # one archive beside the summary: the device tool brings back only a few files
+  (cd "$OUT_DIR" && find . -mindepth 1 -maxdepth 1 ! -name summary.md ! -name summary.json ! -name details.tgz \
+     -printf '%P\n' | tar czf details.tgz -T - && find . -mindepth 1 -maxdepth 1 ! -name summary.md \
+     ! -name summary.json ! -name details.tgz -exec rm -rf {} +)
+fi
 [[ $KEEP == 1 ]] || rm -rf "$WORK"
 exit $rc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 import os
 import subprocess
 import sys
@@ -23,7 +24,7 @@ def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     env.pop("OUT", None)
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out), "--only", ",".join(SELECTED)],
+    proc = subprocess.run(["bash", "scripts/gpu_check.sh", "--dry-run", "--out", str(out), "--only", ",".join(SELECTED), "--pack"],
                           cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -40,3 +41,6 @@ def test_gpu_check_dry_run(tiny_bard_dir, tmp_path):
     md = (out / "summary.md").read_text()
     for section in ("| bench_train | ok |", "## Training step", "## bf16 vs fp32 tokens"):
         assert section in md, section
+    assert sorted(p.name for p in out.iterdir()) == ["details.tgz", "summary.json", "summary.md"]  # --pack
+    with tarfile.open(out / "details.tgz") as tar:
+        assert {"agreement.json", "bench_train.json", "logs/bench_train.log", "steps.jsonl"} <= set(tar.getnames())
