@@ -127,10 +127,10 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from nemo_bard.bench.presets import build_preset, num_parameters
+        from nemo_bard.models.loading import resolve_device_dtype
 
         self.args = args
-        self.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        self.device, self.dtype = resolve_device_dtype(args.device, "auto")  # bf16 on CUDA, fp32 on CPU
         if self.device.type == "cpu":
             torch.set_flush_denormal(True)  # as in training on CPU (nemo_bard.integrations.cpu)
         t0 = time.perf_counter()
