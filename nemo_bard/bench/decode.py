@@ -172,7 +172,19 @@ def run(args: argparse.Namespace) -> dict:
                   for e in ["hf", *fast]}
         best = _median_runs(ar_fns, args.repeats)
         ar_rows = [_row("ar", e, batch, out, best["hf"]) for e, out in best.items()]
-        rows += ar_rows
+        measured = [r for r in ar_rows if "error" not in r]
+        fastest = max(r["tokens_per_second"] for r in measured)
+        fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in measured)
+
+        def add(row: dict) -> None:  # with its ratios to the fastest AR row of this batch size
+            if "error" not in row:
+                row["x_ar"] = round(row["tokens_per_second"] / fastest, 3)
+                row["decode_x_ar"] = (round(row["decode_tokens_per_second"] / fastest_decode, 3)
+                                      if row["decode_tokens_per_second"] and fastest_decode else None)
+            rows.append(row)
+
+        for row in ar_rows:
+            add(row)
         for point in points:
             kw = dict(max_new_tokens=args.max_new_tokens, block_size=point.block_size,
                       denoising_steps=point.denoising_steps, remasking_strategy=point.remasking_strategy,
@@ -183,17 +195,9 @@ def run(args: argparse.Namespace) -> dict:
             else:  # the eager decoder runs once, for the reference tokens only
                 best = {"eager": fns["eager"](), **_median_runs({e: fns[e] for e in fast}, args.repeats)}
             for e in engines:
-                rows.append(_row("bard", e, batch, best[e], best["eager"], point=point.label,
-                                 block_size=point.block_size, denoising_steps=point.denoising_steps,
-                                 threshold=point.threshold, strategy=point.remasking_strategy))
-            measured = [r for r in ar_rows if "error" not in r]
-            fastest = max(r["tokens_per_second"] for r in measured)
-            fastest_decode = max((r["decode_tokens_per_second"] or 0.0) for r in measured)
-            for r in rows:
-                if r["batch_size"] == batch and "error" not in r:
-                    r["x_ar"] = round(r["tokens_per_second"] / fastest, 3)
-                    r["decode_x_ar"] = (round(r["decode_tokens_per_second"] / fastest_decode, 3)
-                                        if r["decode_tokens_per_second"] and fastest_decode else None)
+                add(_row("bard", e, batch, best[e], best["eager"], point=point.label, block_size=point.block_size,
+                         denoising_steps=point.denoising_steps, threshold=point.threshold,
+                         strategy=point.remasking_strategy))
             if args.json:  # what is measured so far survives a run cut short by a time limit
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(report(), indent=2) + "\n")

@@ -97,16 +97,8 @@ class BardVLForConditionalGeneration(FlexAttentionSupport, Qwen3VLForConditional
             return additive_mask(mask, self.lm_head.weight.dtype)
         return mask
 
-    def rope_positions(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask_2d: torch.Tensor | None = None,
-        mm_token_type_ids: torch.Tensor | None = None,
-        image_grid_thw: torch.Tensor | None = None,
-        video_grid_thw: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """3-D mRoPE positions ``[3, B, L]`` and deltas ``[B, 1]`` of (padded) prompts (see :func:`mrope_positions`)."""
-        return mrope_positions(self, input_ids, attention_mask_2d, mm_token_type_ids, image_grid_thw, video_grid_thw)
+    # ``model.rope_positions(input_ids, attention_mask_2d, ...)``: :func:`mrope_positions` with this model
+    rope_positions = mrope_positions
 
     def forward(
         self,
