@@ -117,10 +117,11 @@ def test_static_cache_writes_at_device_positions():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_model, dtype):
     """generation.layers.decoder_layer_step (the engine's sdpa layer) vs Qwen3VLTextDecoderLayer: the same output
-    and the same cache writes, exactly, with a mask that hides some slots of each row."""
+    and the same cache writes, exactly, with a mask that hides some slots of each row; also with the q/k/v
+    projections as one matrix product (the engine's fused weights)."""
     import copy
 
-    from nemo_bard.generation.layers import decoder_layer_step, sdpa_mask
+    from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask
 
     text = tiny_bard_model.model.language_model
     cfg = text.config
@@ -134,7 +135,7 @@ def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_
     pos = torch.tensor([[4, 5, 6, 7, 8], [6, 7, 8, 9, 10]])
     cos, sin = text.rotary_emb(h, pos[None].expand(3, -1, -1))
     caches = [StaticKVCache(1, rows, cfg.num_key_value_heads, cfg.head_dim, cap, dtype, torch.device("cpu"))
-              for _ in range(2)]
+              for _ in range(3)]
     prefix = torch.randn(rows, cfg.num_key_value_heads, cap, cfg.head_dim, generator=g).to(dtype)
     for cache in caches:
         cache.layers[0].keys.copy_(prefix)
@@ -143,9 +144,12 @@ def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_
     with torch.no_grad():
         ref = layer(h, attention_mask=keep, position_embeddings=(cos, sin), past_key_values=caches[0])
         lean = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[1].layers[0])
-    assert text.config._attn_implementation == "sdpa" and torch.equal(lean, ref)
-    assert torch.equal(caches[1].layers[0].keys, caches[0].layers[0].keys)
-    assert torch.equal(caches[1].layers[0].values, caches[0].layers[0].values)
+        fused = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[2].layers[0],
+                                   fuse_qkv(layer.self_attn))
+    assert text.config._attn_implementation == "sdpa" and torch.equal(lean, ref) and torch.equal(fused, ref)
+    for cache in caches[1:]:
+        assert torch.equal(cache.layers[0].keys, caches[0].layers[0].keys)
+        assert torch.equal(cache.layers[0].values, caches[0].layers[0].values)
 
 
 def test_engine_errors_name_the_flag_and_limit(tiny_bard_model, tiny_processor):
@@ -209,3 +213,23 @@ def test_engine_cache_does_not_keep_models_alive(tiny_bard_dir, tiny_processor):
     del model
     gc.collect()
     assert ref() is None  # engines (buffers, graphs) go with their model
+
+
+def test_engine_decodes_with_the_current_weights_after_they_change(tiny_bard_dir, tiny_processor):
+    """The engine's stacked q/k/v weights are refreshed per call: after an in-place update of the projections
+    (an optimizer step, a checkpoint load through ``.data``) the engine still equals the eager decoder."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
+    enc = encode(tiny_processor, [PROMPTS[0]])
+    kw = dict(max_new_tokens=12, block_size=4, eos_token_id=[])
+    before = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.weight.data.copy_(torch.randn(proj.weight.shape, generator=g) * 0.5)
+    eager = block_diffusion_generate(model, **enc, engine="eager", **kw).sequences
+    static = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
+    assert not torch.equal(eager, before)  # the change matters to the output
+    assert torch.equal(static, eager)

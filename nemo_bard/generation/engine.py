@@ -41,7 +41,7 @@ import torch
 
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
-from nemo_bard.generation.layers import decoder_layer_step, sdpa_mask
+from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError, check_engine
 from nemo_bard.integrations.hf import attn_implementation
@@ -147,6 +147,7 @@ class DecodeEngine:
             raise EngineError("engine='compiled' compiles the sdpa text layer; load the model with "
                               "attn_implementation='sdpa' (or pass --engine static)")
         self._pools: dict[tuple[int, int], _Pool] = {}
+        self._qkv: list[torch.Tensor] | None = None  # per layer: q/k/v weights stacked (sdpa layers without bias)
         self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
 
@@ -213,6 +214,24 @@ class DecodeEngine:
         cos, sin = self.text.rotary_emb(probe, positions[None, None].expand(3, 1, -1))
         return cos[0], sin[0]
 
+    def refresh_weights(self) -> None:
+        """Stack each layer's q/k/v weights into one matrix (:func:`fuse_qkv`), in place once allocated.
+
+        Called when a session starts, so decoding always uses the model's current weights (also after training
+        steps or a checkpoint load between calls); the copy is one pass over the projections, and the buffers
+        stay where captured graphs read them. Costs q+k+v weights of extra memory (~0.5 GB for a 2B model).
+        """
+        if self.additive:
+            return
+        attns = [layer.self_attn for layer in self.text.layers]
+        if any(p.bias is not None for a in attns for p in (a.q_proj, a.k_proj, a.v_proj)):
+            return  # projections with a bias: the unfused path
+        if self._qkv is None:
+            self._qkv = [fuse_qkv(a) for a in attns]
+        else:
+            for a, out in zip(attns, self._qkv):
+                fuse_qkv(a, out=out)
+
     def _hi_tensor(self, hi: tuple[int, ...]) -> torch.Tensor:
         if hi not in self._hi:
             self._hi[hi] = torch.tensor(hi, dtype=torch.long, device=self.device)
@@ -247,8 +266,9 @@ class DecodeEngine:
         else:  # sdpa: the same layer computed with fewer kernels (compiled: one graph serves every layer)
             mask = sdpa_mask(mask, self.dtype)
             step = self._layer_step()
-            for layer, cache in zip(self.text.layers, pool.cache.layers):
-                h = step(layer, h, mask, cos, sin, cache)
+            qkv = self._qkv or [None] * len(pool.cache.layers)
+            for layer, cache, w in zip(self.text.layers, pool.cache.layers, qkv):
+                h = step(layer, h, mask, cos, sin, cache, w)
         if logits_from is None:
             return None
         return self.lm_head(self.text.norm(h[:, logits_from:]))
@@ -349,6 +369,7 @@ class DecodeSession:
         needed = max(lp, int(start.max())) + self.num_blocks * block_size
         self.pool = engine.pool(bucket, engine.capacity_for(needed))
         try:
+            engine.refresh_weights()
             self.hidden = engine.prefill(self.pool, ids, mask, pos, media)
         except BaseException:
             self.close()
