@@ -7,6 +7,10 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One compute thread per xdist worker and per process it starts: the workers (one per core) already fill the
+    # machine, and two-thread pools on top of them oversubscribe it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -80,3 +84,21 @@ def coded_clip(tmp_path_factory):
     from nemo_bard.data.synthetic import write_video
 
     return write_video(tmp_path_factory.mktemp("clips") / "coded.mp4", coded_frames(30), fps=10)
+
+
+# The long files first (seconds per file on the 2-core machine, `--durations=0`, one compute thread per worker):
+# xdist hands whole files to its two workers in this order (pytest.ini: --no-loadscope-reorder, instead of xdist's
+# most-tests-first), so no long file runs alone at the end. Other files follow in their collection order.
+SLOW_FILES = ["test_e2e_swd.py",  # 70 (the first CLI run of a worker also starts its warm server: e2e_utils.py)
+              "test_e2e_pbm.py",  # 82
+              "test_demo.py",  # 41
+              "test_integrations.py",  # 20
+              "test_engine.py",  # 7
+              "test_cli.py",  # 27
+              "test_generation.py",  # 8
+              "test_gpu_check.py"]  # 15
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: order within a file is kept

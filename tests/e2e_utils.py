@@ -1,11 +1,21 @@
-"""Helpers for the end-to-end CLI tests (subprocess runs of the real `automodel` front door)."""
+"""Helpers for the end-to-end CLI tests: runs of the real `automodel` front door in their own processes.
+
+Each run is a separate process (own pid, exit code, signals, locks; torchrun's workers are fresh interpreters),
+but it is forked from a warm server process that imported nemo_bard's NeMo integration once per test worker
+(``multiprocessing``'s forkserver with a preload): importing NeMo AutoModel costs ~17 s on the 2-core CI
+machine, and the suite starts over a dozen runs. (Tests of the import itself start new interpreters:
+:func:`run_python`, tests/test_faults.py.)
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,9 +31,124 @@ def _cli_env() -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
+# What the warm server imports once (the heavy part of every run), NeMo AutoModel's Auto-model chain first: every
+# forked run is then also a process where NeMo was imported before nemo_bard (the order that must not break
+# registration; the pytest process itself has the other order, conftest imports nemo_bard first).
+PRELOAD = ["nemo_automodel._transformers.auto_model", "nemo_bard.cli", "nemo_bard.integrations.nemo",
+           "nemo_bard.recipes.pbm", "nemo_bard.recipes.swd"]
+_context: multiprocessing.context.ForkServerContext | None = None
+
+
+def _server() -> multiprocessing.context.ForkServerContext:
+    global _context
+    if _context is None:
+        _context = multiprocessing.get_context("forkserver")
+        _context.set_forkserver_preload(PRELOAD)
+    return _context
+
+
+def _call_child(func, args: tuple, conn) -> None:
+    try:
+        conn.send(("ok", func(*args)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the caller
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    conn.close()
+
+
+def run_forked(func, *args, timeout: float = 300):
+    """``func(*args)`` (a module-level function) in a process forked from the warm server; its return value."""
+    ctx = _server()
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_call_child, args=(func, args, send))
+    proc.start()
+    send.close()
+    try:
+        if not recv.poll(timeout):
+            raise AssertionError(f"run_forked: {func.__name__} gave no answer in {timeout} s")
+        status, value = recv.recv()
+    finally:
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+    assert status == "ok", value
+    return value
+
+
+def _cli_child(args: list[str], cwd: str, env: dict[str, str], out: str, err: str) -> None:
+    """Body of a forked run: the console script's ``sys.exit(main())`` with its output in files."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, out), (2, err)):
+        os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND), fd)
+    for stream in (sys.stdout, sys.stderr):
+        stream.reconfigure(write_through=True)  # as PYTHONUNBUFFERED: nothing lost when the run is killed
+    sys.argv = [AUTOMODEL, *args]
+    code = 1
+    try:
+        from nemo_bard.cli import main
+
+        code = main(args)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        atexit._run_exitfuncs()  # what an interpreter does at exit (a forked child skips it)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class ForkedCLI:
+    """``subprocess.Popen``-like handle of one ``automodel ARGS`` run forked from the warm server.
+
+    ``stdout`` may be an open file (its path is appended to) and ``stderr`` ``subprocess.STDOUT``; else both are
+    collected in temporary files (:meth:`communicate`).
+    """
+
+    def __init__(self, cmd: list[str], stdout=None, stderr=None, env: dict[str, str] | None = None,
+                 cwd: Path | str | None = None) -> None:
+        args = cmd[3:] if cmd[1:3] == ["-m", "nemo_bard.cli"] else cmd[1:]  # `python -m nemo_bard.cli` or a script
+        self._tmp = tempfile.TemporaryDirectory(prefix="forked_cli_")
+        self.out = stdout.name if stdout is not None else os.path.join(self._tmp.name, "out")
+        self.err = self.out if stderr == subprocess.STDOUT else os.path.join(self._tmp.name, "err")
+        full_env = {**_cli_env(), **(env or {})}
+        self._proc = _server().Process(target=_cli_child, args=(args, str(cwd or os.getcwd()), full_env, self.out, self.err))
+        self._proc.start()
+        self.pid = self._proc.pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None and not self._proc.is_alive():
+            self._proc.join()
+            self.returncode = self._proc.exitcode
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self._proc.join(timeout)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(AUTOMODEL, timeout)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self._proc.is_alive():
+            self._proc.kill()
+        self._proc.join()
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        try:
+            self.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise
+        read = lambda path: Path(path).read_text(errors="replace") if os.path.exists(path) else ""  # noqa: E731
+        return read(self.out), "" if self.err == self.out else read(self.err)
+
+
 def run_cli(args: list[str], cwd: Path = REPO, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    env = _cli_env()
-    proc = subprocess.run([AUTOMODEL, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    """``automodel ARGS`` in its own process, forked from the warm server."""
+    run = ForkedCLI([AUTOMODEL, *args], cwd=cwd)
+    out, err = run.communicate(timeout)
+    proc = subprocess.CompletedProcess([AUTOMODEL, *args], run.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"automodel {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -38,9 +163,10 @@ def run_python(code: str, timeout: int = 300) -> str:
     return proc.stdout
 
 
-def start_cli(args: list[str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([AUTOMODEL, *args], cwd=REPO, env=_cli_env(), stdout=open(log, "w"),
-                            stderr=subprocess.STDOUT)
+def start_cli(args: list[str], log: Path) -> ForkedCLI:
+    """``automodel ARGS`` started in its own process (forked from the warm server), output to ``log``."""
+    with open(log, "w") as f:
+        return ForkedCLI([AUTOMODEL, *args], stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
 
 
 def wait_for(predicate, timeout: float = 300, proc: subprocess.Popen | None = None) -> None:

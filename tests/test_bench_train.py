@@ -42,3 +42,21 @@ def test_batch_has_the_requested_token_lengths():
     pre = processor_batch(build_processor(build_tokenizer()), 2, 150, 40)
     assert pre["prefix_lens"].tolist() == [150, 150] and pre["response_lens"].tolist() == [40, 40]
     assert pre["image_grid_thw"].tolist() == [[1, 14, 14]] * 2  # one 224x224 image per row
+
+
+def test_tiny_run_on_cpu(tmp_path, capsys):
+    """The benchmark end to end at the tiny preset (the GPU check runs it at 2B): NeMo's AR SFT step and the BARD
+    step with and without NeMo's activation checkpointing, on one batch; checkpointing changes no loss."""
+    import json
+
+    from nemo_bard.bench.train import main
+
+    report = main(["--preset", "tiny", "--batch-size", "2", "--prompt-tokens", "64", "--response-tokens", "32",
+                   "--block-size", "8", "--iters", "1", "--variants", "ar,bard_dense,bard_dense_ac",
+                   "--json", str(tmp_path / "train.json"), "--markdown", str(tmp_path / "train.md")])
+    rows = report["variants"]
+    assert set(rows) == {"ar", "bard_dense", "bard_dense_ac"} and rows["bard_dense_ac"]["checkpointed_modules"] > 0
+    assert rows["bard_dense_ac"]["loss"] == rows["bard_dense"]["loss"]  # same batch, weights, noise
+    assert json.loads((tmp_path / "train.json").read_text())["variants"].keys() == rows.keys()
+    assert "| bard_dense_ac |" in (tmp_path / "train.md").read_text() and "| bard_dense_ac |" in capsys.readouterr().out
+    assert report["tokens"] == 2 * (64 + 32)  # exact-length rows

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import json
+import subprocess
+from types import SimpleNamespace
+
 import pytest
 
-from tests.e2e_utils import REPO
+from tests.e2e_utils import REPO, ForkedCLI
 
 pytestmark = pytest.mark.e2e
 
 
 def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
-    """The demo script in this process (its stages are CLI subprocesses, as for a user)."""
+    """The demo script in this process; its stages are CLI runs in their own processes, as for a user (forked from
+    the tests' warm server instead of new interpreters: see tests/e2e_utils.py)."""
+    from nemo_bard import demo
     from nemo_bard.demo import main
 
     out = tmp_path / "demo"
     monkeypatch.chdir(REPO)
-    main(["--quick", "--out", str(out), "--progress-every", "2"])
+    monkeypatch.setattr(demo, "subprocess", SimpleNamespace(Popen=ForkedCLI, STDOUT=subprocess.STDOUT,
+                                                            TimeoutExpired=subprocess.TimeoutExpired))
+    main(["--quick", "--test-rows", "8", "--out", str(out), "--progress-every", "2"])
     stdout = capsys.readouterr().out
     for stage in ("ar_sft/training.jsonl", "bard_init/config.json", "bard_pbm_demo/stages/b4/config.json",
                   "bard_pbm_demo/stages/b8/config.json", "bard_pbm_demo/stages/b16/config.json",
@@ -34,7 +41,7 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
             "decode_tokens_per_second", "decode_speedup_vs_reference", "engine"}
     for r in rows:
         assert keys <= set(r), keys - set(r)
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 16
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["n"] == 8
     assert {r["block_size"] for r in rows if r["kind"] == "bard"} == {4, 8, 16}
     table = (out / "report" / "results.md").read_text()
     assert table.count("\n| ") >= len(rows) and "×AR" in table

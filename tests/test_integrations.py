@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_bard.callbacks.base import BardCallback
-from tests.e2e_utils import run_python
+from tests.e2e_utils import run_forked, run_python
 
 
 # ------------------------------------------------------------------------------ registration
@@ -50,16 +50,24 @@ print(sorted(m for m in sys.modules if m.startswith("nemo_automodel") and sys.mo
     assert lines[-1] == "[]"
 
 
+def _registration_after_nemo_first(model_dir: str) -> tuple[bool, str]:
+    import sys
+
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    modules = list(sys.modules)  # in import order
+    nemo_first = modules.index("nemo_automodel._transformers.auto_model") < modules.index("nemo_bard")
+    config = AutoConfig.from_pretrained(model_dir)
+    return nemo_first, (f"{type(config).__name__} {config.block_size} "
+                        f"{AutoModelForImageTextToText._model_mapping[type(config)].__name__}")
+
+
 def test_registration_survives_nemo_imported_first(tiny_bard_dir):
-    """NeMo's model module imports transformers' Auto modules in a chain; registration must not break it. (The
-    other order, nemo_bard first, is this test process's own: conftest imports nemo_bard before any NeMo module.)"""
-    imports = ["import nemo_automodel._transformers.auto_model", "import nemo_bard"]
-    out = run_python("\n".join(imports) + f"""
-from transformers import AutoConfig, AutoModelForImageTextToText
-config = AutoConfig.from_pretrained({str(tiny_bard_dir)!r})
-print(type(config).__name__, config.block_size, AutoModelForImageTextToText._model_mapping[type(config)].__name__)
-""")
-    assert out.strip().splitlines()[-1] == "BardVLConfig 4 BardVLForConditionalGeneration"
+    """NeMo's model module imports transformers' Auto modules in a chain; registration must not break it. Checked
+    in a process that imported NeMo's Auto-model module before nemo_bard (the tests' warm server, which every
+    forked CLI run also comes from; this test process has the other order: conftest imports nemo_bard first)."""
+    nemo_first, found = run_forked(_registration_after_nemo_first, str(tiny_bard_dir))
+    assert nemo_first and found == "BardVLConfig 4 BardVLForConditionalGeneration"
 
 
 # ------------------------------------------------------------------------------ version pins
