@@ -75,6 +75,9 @@ def reference_decode(model, enc, block_size, steps, strategy, threshold, max_new
         x = torch.full((block_size,), mask_id)
         for n in step_schedule(block_size, steps):
             masked = x == mask_id
+            first_stop = next((i for i, t in enumerate(x.tolist()) if t in stops), None)
+            if first_stop is not None and not masked[:first_stop].any():
+                masked[first_stop:] = False  # everything after a decided stop is cut from the output: no forward
             if not masked.any():
                 break
             r = len(resp)
@@ -442,3 +445,34 @@ def test_ar_baseline_greedy(engine, tiny_ar_dir, tiny_processor):
         assert out.sequences[0].tolist() == ref.tolist()
     batch = ar_generate(ar, **encode(tiny_processor, PROMPTS[:2]), max_new_tokens=8, eos_token_id=[], engine=engine)
     assert batch.sequences.shape == (2, 8) and batch.sequences[1].tolist() == out.sequences[0].tolist()
+
+
+def test_undecided_leaves_positions_after_a_decided_stop():
+    from nemo_bard.generation.sampling import undecided
+
+    m, e = 9, 2  # mask id, stop id
+    x = torch.tensor([[5, e, m, m],   # stop decided, nothing masked before it: done
+                      [m, e, m, m],   # a masked position before the stop: all masked positions still count
+                      [5, 6, 7, m],   # no stop yet
+                      [e, m, e, m]])  # the first stop counts
+    want = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
+    assert torch.equal(undecided(x, m, torch.tensor([e])), want)
+    assert torch.equal(undecided(x, m, torch.tensor([], dtype=torch.long)), x == m)  # no stop ids: every mask
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_no_forward_after_a_decided_stop(engine, sharp_model, tiny_processor):
+    """With every token a stop id, a row ends as soon as its first position is decided: the same tokens and the
+    same forwards as the uncached reference (which applies the rule on its own), fewer than the block's 8."""
+    mask_id = sharp_model.config.mask_token_id
+    stops = [t for t in range(sharp_model.config.get_text_config().vocab_size) if t != mask_id]
+    forwards = []
+    for items in ([PROMPTS[0]], [PROMPTS[2]]):
+        enc = encode(tiny_processor, items)
+        out = block_diffusion_generate(sharp_model, **enc, max_new_tokens=8, block_size=8, denoising_steps=8,
+                                       remasking_strategy=STATIC, eos_token_id=stops, engine=engine)
+        ref, ref_logits, _ = reference_decode(sharp_model, enc, 8, 8, STATIC, 1.0, 8, stops)
+        assert out.lengths.tolist() == [1] and out.sequences[0, :1].tolist() == ref[:1]
+        assert out.num_forwards == len(ref_logits)
+        forwards.append(out.num_forwards)
+    assert min(forwards) < 8, forwards  # the full denoising of the block takes 8

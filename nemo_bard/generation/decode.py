@@ -25,7 +25,7 @@ from nemo_bard.attention.masks import CLEAN, NOISY, dense_mask, num_prompt_block
 from nemo_bard.generation.cache import BlockKVCache
 from nemo_bard.generation.engine import DecodeEngine, check_engine, device_sync, prompt_positions
 from nemo_bard.generation.output import GenerationOutput
-from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule
+from nemo_bard.generation.sampling import REMASKING_STRATEGIES, sample_tokens, select_commits, step_schedule, undecided
 
 
 def _ids(value: int | list[int] | None) -> list[int]:
@@ -259,7 +259,7 @@ def _eager_block_diffusion(model, inputs, stream, *, block_size: int, schedule: 
         x = torch.full((rows.numel(), block_len), mask_id, dtype=torch.long, device=device)
         x_pos = start[:, None] + k * block_len + offsets
         for n_commit in schedule:
-            masked = x == mask_id
+            masked = undecided(x, mask_id, stops)
             if not bool(masked.any()):
                 break
             if pending is None:

@@ -45,7 +45,7 @@ from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError, check_engine
 from nemo_bard.integrations.hf import attn_implementation
-from nemo_bard.generation.sampling import sample_tokens, select_commits
+from nemo_bard.generation.sampling import sample_tokens, select_commits, undecided
 
 logger = logging.getLogger(__name__)
 
@@ -521,7 +521,7 @@ class BlockDiffusionSession(DecodeSession):
     def step(self) -> None:
         """One denoising forward of the current block (the first one also commits the previous block)."""
         block_len, x = self.block_size, self.x
-        masked = x == self.mask_id
+        masked = undecided(x, self.mask_id, self.stops)
         if self.step_in_block >= len(self.schedule) or not bool(masked.any()):  # block finished: sync per step
             self._end_block()
             return

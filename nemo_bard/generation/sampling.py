@@ -13,6 +13,23 @@ def step_schedule(block_size: int, steps: int) -> list[int]:
     return [base + 1] * rem + [base] * (steps - rem)
 
 
+def undecided(x: torch.Tensor, mask_id: int, stops: torch.Tensor) -> torch.Tensor:
+    """The masked positions of the blocks ``x [rows, B]`` that can still change a row's output.
+
+    Everything after a row's first stop token is cut from its output, so once a block holds a stop token and every
+    position before it is decided, the row's remaining masked positions (all after the stop) are left masked: no
+    further forward is run for them. The tokens a row outputs are those of the full denoising; only the forwards
+    that would fill positions after the stop are skipped (docs/method.md, "Decoding").
+    """
+    masked = x == mask_id
+    if stops.numel() == 0:
+        return masked
+    is_stop = torch.isin(x, stops)
+    before_stop = is_stop.long().cumsum(-1) == 0  # positions before the first stop of the row
+    settled = is_stop.any(-1) & ~(masked & before_stop).any(-1)
+    return masked & ~settled[:, None]
+
+
 def sample_tokens(
     logits: torch.Tensor,
     temperature: float = 0.0,
