@@ -457,6 +457,7 @@ def test_undecided_leaves_positions_after_a_decided_stop():
                       [e, m, e, m]])  # the first stop counts
     want = torch.tensor([[0, 0, 0, 0], [1, 0, 1, 1], [0, 0, 0, 1], [0, 0, 0, 0]], dtype=torch.bool)
     assert torch.equal(undecided(x, m, torch.tensor([e])), want)
+    assert torch.equal(undecided(x, m, torch.tensor([e, m])), want)  # a masked position is never a stop
     assert torch.equal(undecided(x, m, torch.tensor([], dtype=torch.long)), x == m)  # no stop ids: every mask
 
 
@@ -475,4 +476,7 @@ def test_no_forward_after_a_decided_stop(engine, sharp_model, tiny_processor):
         assert out.lengths.tolist() == [1] and out.sequences[0, :1].tolist() == ref[:1]
         assert out.num_forwards == len(ref_logits)
         forwards.append(out.num_forwards)
+        also_mask = block_diffusion_generate(sharp_model, **enc, max_new_tokens=8, block_size=8, denoising_steps=8,
+                                             remasking_strategy=STATIC, eos_token_id=stops + [mask_id], engine=engine)
+        assert torch.equal(also_mask.sequences, out.sequences)  # the mask id as a stop id changes nothing
     assert min(forwards) < 8, forwards  # the full denoising of the block takes 8

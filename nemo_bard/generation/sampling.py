@@ -24,7 +24,7 @@ def undecided(x: torch.Tensor, mask_id: int, stops: torch.Tensor) -> torch.Tenso
     masked = x == mask_id
     if stops.numel() == 0:
         return masked
-    is_stop = torch.isin(x, stops)
+    is_stop = torch.isin(x, stops) & ~masked  # an undecided position is no stop (even if mask_id is a stop id)
     before_stop = is_stop.long().cumsum(-1) == 0  # positions before the first stop of the row
     settled = is_stop.any(-1) & ~(masked & before_stop).any(-1)
     return masked & ~settled[:, None]
