@@ -29,8 +29,9 @@
 # --dry-run runs the same sequence on this machine's CPU at tiny sizes (CI runs it: tests/test_gpu_check.py);
 # steps that need a GPU (the gpu tests, FlexAttention, the 8192 x 8 memory check) are recorded as skipped.
 #
-# Bare CUDA box (Python 3.12, torch 2.11 + transformers 5.17, no package index; see shared/gpu/README.md): the
-# wheels from `bash ../shared/gpu/fetch-wheels.sh` travel in .gpu-wheels and are installed with pip --target into
+# Bare CUDA box (Python 3.12, torch 2.11 + transformers 5.17, no package index): the wheels it lacks (transformers
+# 5.18, nemo_automodel 0.7.0 and their pure-Python dependencies, fetched with `pip download` on a machine with an
+# index, e.g. by the workspace's fetch-wheels.sh) travel in .gpu-wheels and are installed with pip --target into
 # .gpu-site, which goes FIRST on PYTHONPATH so its transformers 5.18 shadows the system's 5.17 (nemo_bard's
 # integration layer refuses any transformers but 5.18; the env step checks which one imports and stops otherwise).
 # There is no console script on such a box, so the recipes run as `python3 -m nemo_bard.cli finetune --config ...`.
