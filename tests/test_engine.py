@@ -233,3 +233,24 @@ def test_engine_decodes_with_the_current_weights_after_they_change(tiny_bard_dir
     static = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
     assert not torch.equal(eager, before)  # the change matters to the output
     assert torch.equal(static, eager)
+
+
+def test_projections_that_are_not_plain_linears_are_not_stacked(tiny_bard_dir, tiny_processor):
+    """A wrapped projection (an adapter, a quantized layer) must run its own forward: the engine keeps the
+    unfused path there and still equals the eager decoder."""
+    from transformers import AutoModelForImageTextToText
+
+    class Scaled(torch.nn.Linear):  # stands in for an adapter: its forward is not x @ weight.T
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
+    attn = model.model.language_model.layers[0].self_attn
+    scaled = Scaled(attn.q_proj.in_features, attn.q_proj.out_features, bias=False)
+    scaled.weight = attn.q_proj.weight
+    attn.q_proj = scaled
+    enc = encode(tiny_processor, [PROMPTS[0]])
+    kw = dict(max_new_tokens=12, block_size=4, eos_token_id=[])
+    static = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
+    assert DecodeEngine.for_model(model)._qkv is None
+    assert torch.equal(static, block_diffusion_generate(model, **enc, engine="eager", **kw).sequences)

@@ -147,7 +147,7 @@ class DecodeEngine:
             raise EngineError("engine='compiled' compiles the sdpa text layer; load the model with "
                               "attn_implementation='sdpa' (or pass --engine static)")
         self._pools: dict[tuple[int, int], _Pool] = {}
-        self._qkv: list[torch.Tensor] | None = None  # per layer: q/k/v weights stacked (sdpa layers without bias)
+        self._qkv: list[torch.Tensor] | None = None  # per layer: q/k/v weights stacked (plain nn.Linear, no bias)
         self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
 
@@ -224,8 +224,9 @@ class DecodeEngine:
         if self.additive:
             return
         attns = [layer.self_attn for layer in self.text.layers]
-        if any(p.bias is not None for a in attns for p in (a.q_proj, a.k_proj, a.v_proj)):
-            return  # projections with a bias: the unfused path
+        projs = [p for a in attns for p in (a.q_proj, a.k_proj, a.v_proj)]
+        if any(type(p) is not torch.nn.Linear or p.bias is not None for p in projs):
+            return  # adapters (LoRA), quantized or biased projections: the unfused path calls each module
         if self._qkv is None:
             self._qkv = [fuse_qkv(a) for a in attns]
         else:
