@@ -41,7 +41,7 @@ import torch
 
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
-from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask
+from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask, stackable_qkv
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError, check_engine
 from nemo_bard.integrations.hf import attn_implementation
@@ -224,8 +224,7 @@ class DecodeEngine:
         if self.additive:
             return
         attns = [layer.self_attn for layer in self.text.layers]
-        projs = [p for a in attns for p in (a.q_proj, a.k_proj, a.v_proj)]
-        if any(type(p) is not torch.nn.Linear or p.bias is not None for p in projs):
+        if not all(stackable_qkv(a) for a in attns):
             return  # adapters (LoRA), quantized or biased projections: the unfused path calls each module
         if self._qkv is None:
             self._qkv = [fuse_qkv(a) for a in attns]

@@ -34,11 +34,17 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
     return F.rms_norm(x, (x.shape[-1],), eps=norm.variance_epsilon) * norm.weight
 
 
+def stackable_qkv(attn: torch.nn.Module) -> bool:
+    """Whether ``attn``'s q/k/v projections are plain ``nn.Linear`` layers without bias, so that one product with
+    their stacked weights equals calling them (an adapter, a quantized or an FSDP-wrapped layer has its own forward)."""
+    return all(type(p) is torch.nn.Linear and p.bias is None for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
 def fuse_qkv(attn: torch.nn.Module, out: torch.Tensor | None = None) -> torch.Tensor:
     """The q, k and v projection weights of ``attn`` stacked into one ``[q + k + v, hidden]`` matrix (written into
     ``out`` when given, so that a captured CUDA graph keeps reading the same buffer)."""
-    if any(proj.bias is not None for proj in (attn.q_proj, attn.k_proj, attn.v_proj)):
-        raise ValueError("fuse_qkv: projections with a bias are not supported")
+    if not stackable_qkv(attn):
+        raise ValueError("fuse_qkv: the q/k/v projections must be plain nn.Linear layers without bias")
     parts = (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight)
     with torch.inference_mode(False), torch.no_grad():  # a normal tensor: refreshable in and out of inference mode
         return torch.cat(parts, dim=0) if out is None else torch.cat(parts, dim=0, out=out)
@@ -83,4 +89,4 @@ def decoder_layer_step(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tens
     return h + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
 
 
-__all__ = ["decoder_layer_step", "fuse_qkv", "rms_norm", "sdpa_mask"]
+__all__ = ["decoder_layer_step", "fuse_qkv", "rms_norm", "sdpa_mask", "stackable_qkv"]
