@@ -254,3 +254,43 @@ def test_projections_that_are_not_plain_linears_are_not_stacked(tiny_bard_dir, t
     static = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
     assert DecodeEngine.for_model(model)._qkv is None
     assert torch.equal(static, block_diffusion_generate(model, **enc, engine="eager", **kw).sequences)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_prefill_equals_the_transformers_forward_exactly(tiny_bard_model, dtype):
+    """The engine's prefill (transformers' embedding + vision merge, then the lean layers) vs transformers' own
+    forward on the same static cache: the same final hidden states and the same cached keys/values, exactly, for a
+    left-padded batch of a text prompt, an image prompt and an image + video prompt (deepstack features of both)."""
+    import copy
+
+    from PIL import Image
+
+    from nemo_bard.attention.masks import dense_mask, prompt_token_meta
+    from nemo_bard.generation.engine import prompt_positions
+    from nemo_bard.generation.inputs import build_inputs, user_conversation
+
+    model = copy.deepcopy(tiny_bard_model).to(dtype)
+    processor = pytest.importorskip("transformers").AutoProcessor.from_pretrained(model.name_or_path)
+    frames = [Image.new("RGB", (64, 48), (40 * i, 200 - 30 * i, 90)) for i in range(4)]
+    chats = [user_conversation("hello there"), user_conversation("Read the digits.", [Image.new("RGB", (64, 64), 7)]),
+             user_conversation("What happens?", [Image.new("RGB", (64, 96), (9, 80, 200))], videos=[frames])]
+    enc = build_inputs(processor, chats)
+    assert enc["pixel_values_videos"] is not None and enc["pixel_values"] is not None
+    enc["pixel_values"], enc["pixel_values_videos"] = enc["pixel_values"].to(dtype), enc["pixel_values_videos"].to(dtype)
+    ids, am = enc["input_ids"], enc["attention_mask"]
+    media = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    mask = dense_mask(*prompt_token_meta(am, 4), "block_causal")
+    pos, _ = prompt_positions(model, ids, am, media["mm_token_type_ids"], media["image_grid_thw"], media["video_grid_thw"])
+    engine = DecodeEngine(model)
+    lean, ref = engine.pool(4, 256), engine.pool(4, 320)
+    with torch.inference_mode():
+        engine.refresh_weights()
+        got = engine.prefill(lean, ids, mask, pos, media)
+        ref.cache.prefill = True
+        want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref.cache,
+                           use_cache=True, **media).last_hidden_state
+    lp = ids.shape[1]
+    assert engine._qkv is not None and torch.equal(got, want)
+    for mine, theirs in zip(lean.cache.layers, ref.cache.layers):
+        assert torch.equal(mine.keys[:, :, :lp], theirs.keys[:, :, :lp])
+        assert torch.equal(mine.values[:, :, :lp], theirs.values[:, :, :lp])

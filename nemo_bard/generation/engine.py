@@ -16,7 +16,8 @@ a growing cache. The engine removes that work from the hot loop:
 * **Fewer kernels per layer.** With the ``sdpa`` backend the text layers run as
   :func:`~nemo_bard.generation.layers.decoder_layer_step` (the same computation in fewer GPU kernels).
 * **CUDA graphs.** On a GPU each (bucket, capacity, query shape) step is captured once and replayed;
-  the prompt prefill stays eager. On CPU the same step function runs eagerly (no graph).
+  the prompt prefill stays eager (its text layers are the same lean layers). On CPU the same step function runs
+  eagerly (no graph).
 * **Finished rows are masked out**, not removed; the batch moves to a smaller bucket only when the
   running rows fit in one.
 * **At most one host synchronisation per step** (is anything still to do?).
@@ -44,8 +45,8 @@ from nemo_bard.generation.cache import StaticKVCache
 from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask, stackable_qkv
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError, check_engine
-from nemo_bard.integrations.hf import attn_implementation
 from nemo_bard.generation.sampling import sample_tokens, select_commits, undecided
+from nemo_bard.integrations.hf import TEXT_DECODER_INPUTS, add_deepstack, attn_implementation, text_decoder_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -240,16 +241,32 @@ class DecodeEngine:
     # ---------------------------------------------------------------- forwards
     def prefill(self, pool: _Pool, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                 media: dict[str, Any]) -> torch.Tensor:
-        """Eager prompt forward (vision tower included) into the first rows of ``pool``; returns final hidden states."""
+        """Eager prompt forward (vision tower included) into the first rows of ``pool``; returns final hidden states.
+
+        With sdpa the text layers run as :func:`decoder_layer_step` (the decoding steps' layer, the stacked q/k/v
+        weights included) after transformers' own embedding and vision-language merge
+        (:func:`~nemo_bard.integrations.hf.text_decoder_inputs`); the result equals transformers' forward exactly
+        on CPU (tested), with fewer kernels and none of its per-call mask and cache bookkeeping.
+        """
         cache = pool.cache
         cache.prefill = True
         try:
-            mask = additive_mask(mask, self.dtype) if self.additive else mask
-            out = self.vlm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                   use_cache=True, **media)
+            if self.additive:  # eager attention: transformers' own forward
+                out = self.vlm(input_ids=ids, attention_mask=additive_mask(mask, self.dtype), position_ids=pos,
+                               past_key_values=cache, use_cache=True, **media)
+                return out.last_hidden_state
+            got = text_decoder_inputs(self.vlm, input_ids=ids, position_ids=pos, **media)
+            h, visual, deepstack = (got[k] for k in TEXT_DECODER_INPUTS)
+            cos, sin = self.text.rotary_emb(h, pos)
+            mask = sdpa_mask(mask, self.dtype)
+            qkv = self._qkv or [None] * len(cache.layers)
+            for i, (layer, layer_cache, w) in enumerate(zip(self.text.layers, cache.layers, qkv)):
+                h = decoder_layer_step(layer, h, mask, cos, sin, layer_cache, w)
+                if deepstack is not None and i < len(deepstack):  # visual features added to the first layers
+                    h = add_deepstack(self.text, h, visual, deepstack[i])
+            return self.text.norm(h)
         finally:
             cache.prefill = False
-        return out.last_hidden_state
 
     def _step_fn(self, pool: _Pool, q: int, hi: torch.Tensor, logits_from: int | None) -> torch.Tensor | None:
         """One decoding forward of ``q`` tokens at ``pool.write_pos`` (static shapes, no host sync)."""
