@@ -2,7 +2,7 @@
 # One prepared check of nemo-bard on one CUDA machine (an H100 or H200), done in under 8 minutes:
 #
 #   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--budget SECONDS] [--only STEP,...] [--agreement-model DIR]
-#                             [--pack]
+#                             [--agreement-data DATASET] [--pack]
 #
 # Steps, most important first, each under its own timeout and all under one time budget (default 450 s, so
 # the run ends before 8 minutes even when steps hit their limits; a step that no longer fits is skipped and
@@ -13,7 +13,9 @@
 #   profile       python -m nemo_bard.bench.profile --preset qwen3vl_2b: kernels and GPU time per decoding forward
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
 #   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
-#                 (e.g. the demo's SWD student), else of the tiny model
+#                 (e.g. the demo's SWD student), else of the tiny model; with --agreement-data (the model's task,
+#                 e.g. the demo's digits/test with its images/ beside it) the first 1,000 prompts, eos honoured
+#                 (a checkout carries neither: copy them under outputs/ and name that folder in the device call's carry)
 #   gpu_tests     pytest -m gpu: Flex PBM step == dense step (bf16), Flex SWD step, activation checkpointing + Flex
 #   e2e_flex_*    tiny PBM -> SWD through the front door, nccl + bf16, FlexAttention masks + activation checkpointing
 #   bench_train   python -m nemo_bard.bench.train --preset qwen3vl_2b (AR SFT vs BARD dense/flex, +/- checkpointing)
@@ -41,6 +43,7 @@ DRY=0
 OUT_DIR=""
 ONLY=""
 AGREEMENT_MODEL=""
+AGREEMENT_DATA=""
 PACK=0
 BUDGET=450
 while (($#)); do
@@ -50,8 +53,9 @@ while (($#)); do
     --budget) BUDGET="$2"; shift ;;
     --only) ONLY=",$2,"; shift ;;
     --agreement-model) AGREEMENT_MODEL="$2"; shift ;;
+    --agreement-data) AGREEMENT_DATA="$2"; shift ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
@@ -200,7 +204,8 @@ MODEL="" DATA=""
 STUDENT=${AGREEMENT_MODEL:-$MODEL}
 if [[ -n $STUDENT ]]; then
   if ((DRY)); then SIZE=(--rows 2 --max-new-tokens 8); else SIZE=(--rows 8 --max-new-tokens 64); fi
-  step agreement 120 "$PY" -m nemo_bard.bench.agreement --model "$STUDENT" "${SIZE[@]}" --json "$OUT_DIR/agreement.json"
+  if [[ -n $AGREEMENT_DATA ]]; then SIZE=(--data "$AGREEMENT_DATA" --rows 1000 --max-new-tokens 32); fi
+  step agreement 240 "$PY" -m nemo_bard.bench.agreement --model "$STUDENT" "${SIZE[@]}" --json "$OUT_DIR/agreement.json"
 else
   skip agreement "no model (prepare failed)"
 fi
@@ -310,8 +315,9 @@ if prof:
            f"ms without; {prof['kernels_per_forward']} kernels and {prof['kernel_ms_per_forward']:.2f} ms of kernel "
            "time per forward", "", "```", prof["top_kernels"], "```"]
 if agree:
-    md += ["", "## bf16 vs fp32 tokens", "", f"{agree['model']} on {agree['device']}, {agree['rows']} prompts x "
-           f"{agree['max_new_tokens']} tokens: " + "; ".join(
+    what = (f"{agree['rows']} prompts of {agree['data']} (eos honoured)" if agree.get("data")
+            else f"{agree['rows']} synthetic prompts x {agree['max_new_tokens']} tokens")
+    md += ["", "## bf16 vs fp32 tokens", "", f"{agree['model']} on {agree['device']}, {what}: " + "; ".join(
                f"{e}: {agree[e]['same_sequences']}/{agree['rows']} identical sequences, "
                f"{100 * agree[e]['token_agreement']:.1f} % of tokens" for e in ("eager", "static"))]
 md += ["", "## Tiny end-to-end runs (loss per step)", ""]

@@ -38,3 +38,16 @@ def test_median_runs_and_a_failing_engine_is_a_row_not_a_crash():
     table = markdown({"results": rows}).splitlines()
     assert table[3] == "| 1 | bard | compiled | B4 S2 t0.9 | failed: RuntimeError: CUDA graph capture failed | | | | | | |"
     assert table[2].endswith("| yes |") and table[4].endswith("| NO |")
+
+
+def test_answer_agreement_counts_tokens_up_to_the_longer_answer():
+    """bench.agreement: positions past both answers are not counted; an answer that stops earlier disagrees on
+    the other's remaining tokens (hand-computed)."""
+    from nemo_bard.bench.agreement import answer_agreement
+
+    pad = 0
+    a = torch.tensor([[5, 6, 7, 2], [5, 6, 2, pad], [8, 2, pad, pad]])
+    b = torch.tensor([[5, 6, 7, 2, pad], [5, 9, 2, pad, pad], [8, 8, 8, 2, pad]])
+    same, agree = answer_agreement(a, torch.tensor([4, 3, 2]), b, torch.tensor([4, 3, 4]))
+    # row 0: 4/4 equal; row 1: 2/3 (position 1 differs); row 2: 1/4 (eos vs 8, then pad vs 8, pad vs 2)
+    assert same == 1 and agree == (4 + 2 + 1) / (4 + 3 + 4)
