@@ -55,7 +55,7 @@ while (($#)); do
     --agreement-model) AGREEMENT_MODEL="$2"; shift ;;
     --agreement-data) AGREEMENT_DATA="$2"; shift ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,34p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
