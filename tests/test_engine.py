@@ -117,11 +117,11 @@ def test_static_cache_writes_at_device_positions():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_model, dtype):
     """generation.layers.decoder_layer_step (the engine's sdpa layer) vs Qwen3VLTextDecoderLayer: the same output
-    and the same cache writes, exactly, with a mask that hides some slots of each row; also with the q/k/v
-    projections as one matrix product (the engine's fused weights)."""
+    and the same cache writes, exactly, with a mask that hides some slots of each row; also with the engine's
+    stacked weights (q/k/v as one matrix product, the q and k norms as one, gate/up as one product)."""
     import copy
 
-    from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask
+    from nemo_bard.generation.layers import decoder_layer_step, sdpa_mask, stack_weights
 
     text = tiny_bard_model.model.language_model
     cfg = text.config
@@ -145,7 +145,7 @@ def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_
         ref = layer(h, attention_mask=keep, position_embeddings=(cos, sin), past_key_values=caches[0])
         lean = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[1].layers[0])
         fused = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[2].layers[0],
-                                   fuse_qkv(layer.self_attn))
+                                   stack_weights(layer))
     assert text.config._attn_implementation == "sdpa" and torch.equal(lean, ref) and torch.equal(fused, ref)
     for cache in caches[1:]:
         assert torch.equal(cache.layers[0].keys, caches[0].layers[0].keys)
@@ -216,7 +216,7 @@ def test_engine_cache_does_not_keep_models_alive(tiny_bard_dir, tiny_processor):
 
 
 def test_engine_decodes_with_the_current_weights_after_they_change(tiny_bard_dir, tiny_processor):
-    """The engine's stacked q/k/v weights are refreshed per call: after an in-place update of the projections
+    """The engine's stacked weights are refreshed per call: after an in-place update of the projections and norms
     (an optimizer step, a checkpoint load through ``.data``) the engine still equals the eager decoder."""
     from transformers import AutoModelForImageTextToText
 
@@ -227,8 +227,11 @@ def test_engine_decodes_with_the_current_weights_after_they_change(tiny_bard_dir
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.model.language_model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            attn, mlp = layer.self_attn, layer.mlp
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
                 proj.weight.data.copy_(torch.randn(proj.weight.shape, generator=g) * 0.5)
+            for norm in (attn.q_norm, attn.k_norm):
+                norm.weight.data.copy_(1 + torch.randn(norm.weight.shape, generator=g))
     eager = block_diffusion_generate(model, **enc, engine="eager", **kw).sequences
     static = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
     assert not torch.equal(eager, before)  # the change matters to the output
@@ -252,7 +255,7 @@ def test_projections_that_are_not_plain_linears_are_not_stacked(tiny_bard_dir, t
     enc = encode(tiny_processor, [PROMPTS[0]])
     kw = dict(max_new_tokens=12, block_size=4, eos_token_id=[])
     static = block_diffusion_generate(model, **enc, engine="static", **kw).sequences
-    assert DecodeEngine.for_model(model)._qkv is None
+    assert DecodeEngine.for_model(model)._stacked is None
     assert torch.equal(static, block_diffusion_generate(model, **enc, engine="eager", **kw).sequences)
 
 
@@ -290,7 +293,7 @@ def test_lean_prefill_equals_the_transformers_forward_exactly(tiny_bard_model, d
         want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref.cache,
                            use_cache=True, **media).last_hidden_state
     lp = ids.shape[1]
-    assert engine._qkv is not None and torch.equal(got, want)
+    assert engine._stacked is not None and torch.equal(got, want)
     for mine, theirs in zip(lean.cache.layers, ref.cache.layers):
         assert torch.equal(mine.keys[:, :, :lp], theirs.keys[:, :, :lp])
         assert torch.equal(mine.values[:, :, :lp], theirs.values[:, :, :lp])

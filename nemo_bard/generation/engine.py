@@ -42,7 +42,7 @@ import torch
 
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
-from nemo_bard.generation.layers import decoder_layer_step, fuse_qkv, sdpa_mask, stackable_qkv
+from nemo_bard.generation.layers import StackedWeights, decoder_layer_step, sdpa_mask, stack_weights, stackable
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError, check_engine
 from nemo_bard.generation.sampling import sample_tokens, select_commits, undecided
@@ -148,7 +148,7 @@ class DecodeEngine:
             raise EngineError("engine='compiled' compiles the sdpa text layer; load the model with "
                               "attn_implementation='sdpa' (or pass --engine static)")
         self._pools: dict[tuple[int, int], _Pool] = {}
-        self._qkv: list[torch.Tensor] | None = None  # per layer: q/k/v weights stacked (plain nn.Linear, no bias)
+        self._stacked: list[StackedWeights] | None = None  # per layer (plain nn.Linear projections, no bias)
         self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
 
@@ -216,22 +216,22 @@ class DecodeEngine:
         return cos[0], sin[0]
 
     def refresh_weights(self) -> None:
-        """Stack each layer's q/k/v weights into one matrix (:func:`fuse_qkv`), in place once allocated.
+        """Stack each layer's q/k/v, q/k norm and gate/up weights (:func:`stack_weights`), in place once allocated.
 
         Called when a session starts, so decoding always uses the model's current weights (also after training
-        steps or a checkpoint load between calls); the copy is one pass over the projections, and the buffers
-        stay where captured graphs read them. Costs q+k+v weights of extra memory (~0.5 GB for a 2B model).
+        steps or a checkpoint load between calls); the copy is one pass over those weights, and the buffers stay
+        where captured graphs read them. Costs their size in extra memory (~1.5 GB for a 2B model in bf16).
         """
         if self.additive:
             return
-        attns = [layer.self_attn for layer in self.text.layers]
-        if not all(stackable_qkv(a) for a in attns):
-            return  # adapters (LoRA), quantized or biased projections: the unfused path calls each module
-        if self._qkv is None:
-            self._qkv = [fuse_qkv(a) for a in attns]
+        layers = list(self.text.layers)
+        if not all(stackable(layer) for layer in layers):
+            return  # adapters (LoRA), quantized or biased projections: the unstacked path calls each module
+        if self._stacked is None:
+            self._stacked = [stack_weights(layer) for layer in layers]
         else:
-            for a, out in zip(attns, self._qkv):
-                fuse_qkv(a, out=out)
+            for layer, out in zip(layers, self._stacked):
+                stack_weights(layer, out=out)
 
     def _hi_tensor(self, hi: tuple[int, ...]) -> torch.Tensor:
         if hi not in self._hi:
@@ -243,7 +243,7 @@ class DecodeEngine:
                 media: dict[str, Any]) -> torch.Tensor:
         """Eager prompt forward (vision tower included) into the first rows of ``pool``; returns final hidden states.
 
-        With sdpa the text layers run as :func:`decoder_layer_step` (the decoding steps' layer, the stacked q/k/v
+        With sdpa the text layers run as :func:`decoder_layer_step` (the decoding steps' layer, the stacked
         weights included) after transformers' own embedding and vision-language merge
         (:func:`~nemo_bard.integrations.hf.text_decoder_inputs`); the result equals transformers' forward exactly
         on CPU (tested), with fewer kernels and none of its per-call mask and cache bookkeeping.
@@ -259,8 +259,8 @@ class DecodeEngine:
             h, visual, deepstack = (got[k] for k in TEXT_DECODER_INPUTS)
             cos, sin = self.text.rotary_emb(h, pos)
             mask = sdpa_mask(mask, self.dtype)
-            qkv = self._qkv or [None] * len(cache.layers)
-            for i, (layer, layer_cache, w) in enumerate(zip(self.text.layers, cache.layers, qkv)):
+            stacked = self._stacked or [None] * len(cache.layers)
+            for i, (layer, layer_cache, w) in enumerate(zip(self.text.layers, cache.layers, stacked)):
                 h = decoder_layer_step(layer, h, mask, cos, sin, layer_cache, w)
                 if deepstack is not None and i < len(deepstack):  # visual features added to the first layers
                     h = add_deepstack(self.text, h, visual, deepstack[i])
@@ -283,8 +283,8 @@ class DecodeEngine:
         else:  # sdpa: the same layer computed with fewer kernels (compiled: one graph serves every layer)
             mask = sdpa_mask(mask, self.dtype)
             step = self._layer_step()
-            qkv = self._qkv or [None] * len(pool.cache.layers)
-            for layer, cache, w in zip(self.text.layers, pool.cache.layers, qkv):
+            stacked = self._stacked or [None] * len(pool.cache.layers)
+            for layer, cache, w in zip(self.text.layers, pool.cache.layers, stacked):
                 h = step(layer, h, mask, cos, sin, cache, w)
         if logits_from is None:
             return None
