@@ -216,11 +216,11 @@ class DecodeEngine:
         return cos[0], sin[0]
 
     def refresh_weights(self) -> None:
-        """Stack each layer's q/k/v, q/k norm and gate/up weights (:func:`stack_weights`), in place once allocated.
+        """Stack each layer's q/k/v and q/k norm weights (:func:`stack_weights`), in place once allocated.
 
         Called when a session starts, so decoding always uses the model's current weights (also after training
         steps or a checkpoint load between calls); the copy is one pass over those weights, and the buffers stay
-        where captured graphs read them. Costs their size in extra memory (~1.5 GB for a 2B model in bf16).
+        where captured graphs read them. Costs their size in extra memory (~0.5 GB for a 2B model in bf16).
         """
         if self.additive:
             return
