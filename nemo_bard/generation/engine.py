@@ -42,7 +42,14 @@ import torch
 
 from nemo_bard.attention.masks import additive_mask, dense_mask, prompt_token_meta
 from nemo_bard.generation.cache import StaticKVCache
-from nemo_bard.generation.layers import StackedWeights, decoder_layer_step, sdpa_mask, stack_weights, stackable
+from nemo_bard.generation.layers import (
+    StackedWeights,
+    decoder_layer_step,
+    rms_norm,
+    sdpa_mask,
+    stack_weights,
+    stackable,
+)
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError, check_engine
 from nemo_bard.generation.sampling import sample_tokens, select_commits, undecided
@@ -264,7 +271,7 @@ class DecodeEngine:
                 h = decoder_layer_step(layer, h, mask, cos, sin, layer_cache, w)
                 if deepstack is not None and i < len(deepstack):  # visual features added to the first layers
                     h = add_deepstack(self.text, h, visual, deepstack[i])
-            return self.text.norm(h)
+            return rms_norm(h, self.text.norm)
         finally:
             cache.prefill = False
 
@@ -288,7 +295,7 @@ class DecodeEngine:
                 h = step(layer, h, mask, cos, sin, cache, w)
         if logits_from is None:
             return None
-        return self.lm_head(self.text.norm(h[:, logits_from:]))
+        return self.lm_head(rms_norm(h[:, logits_from:], self.text.norm))
 
     def _layer_step(self) -> Any:
         """:func:`decoder_layer_step`, through ``torch.compile`` for engine="compiled" (the layers share one
