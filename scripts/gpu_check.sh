@@ -15,7 +15,11 @@
 #   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
 #                 (e.g. the demo's SWD student), else of the tiny model; with --agreement-data (the model's task,
 #                 e.g. the demo's digits/test with its images/ beside it) the first 1,000 prompts, eos honoured
-#                 (a checkout carries neither: copy them under outputs/ and name that folder in the device call's carry)
+#                 (a checkout carries neither: stage them under outputs/, ~8 MB, and name that folder in the device
+#                 call's carry, e.g. with the demo in D: mkdir -p outputs/agreement/digits/images &&
+#                 cp -r $D/bard_swd_demo/student_b16 outputs/agreement/model && cp -r $D/digits/test
+#                 outputs/agreement/digits/ && cp $D/digits/images/test_* outputs/agreement/digits/images/, then
+#                 --agreement-model outputs/agreement/model --agreement-data outputs/agreement/digits/test)
 #   gpu_tests     pytest -m gpu: Flex PBM step == dense step (bf16), Flex SWD step, activation checkpointing + Flex
 #   e2e_flex_*    tiny PBM -> SWD through the front door, nccl + bf16, FlexAttention masks + activation checkpointing
 #   bench_train   python -m nemo_bard.bench.train --preset qwen3vl_2b (AR SFT vs BARD dense/flex, +/- checkpointing)
@@ -55,7 +59,7 @@ while (($#)); do
     --agreement-model) AGREEMENT_MODEL="$2"; shift ;;
     --agreement-data) AGREEMENT_DATA="$2"; shift ;;
     --pack) PACK=1 ;;
-    -h|--help) sed -n '2,39p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,43p' "$0"; exit 0 ;;
     *) echo "gpu_check: unknown argument $1 (try --help)" >&2; exit 2 ;;
   esac
   shift
