@@ -208,7 +208,7 @@ MODEL="" DATA=""
 STUDENT=${AGREEMENT_MODEL:-$MODEL}
 if [[ -n $STUDENT ]]; then
   if ((DRY)); then SIZE=(--rows 2 --max-new-tokens 8); else SIZE=(--rows 8 --max-new-tokens 64); fi
-  if [[ -n $AGREEMENT_DATA ]]; then SIZE=(--data "$AGREEMENT_DATA" --rows 1000 --max-new-tokens 32); fi
+  if [[ -n $AGREEMENT_DATA ]]; then SIZE=(--data "$AGREEMENT_DATA" --rows $((DRY ? 8 : 1000)) --max-new-tokens 32); fi
   step agreement 240 "$PY" -m nemo_bard.bench.agreement --model "$STUDENT" "${SIZE[@]}" --json "$OUT_DIR/agreement.json"
 else
   skip agreement "no model (prepare failed)"
