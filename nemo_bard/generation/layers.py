@@ -7,8 +7,8 @@ same layer from the same weights with fewer: ``torch.nn.functional.rms_norm`` (o
 of the upcast / square / mean / add / rsqrt / multiply / downcast sequence), one rotary pass over queries and keys
 together, an additive mask converted once per step (:func:`sdpa_mask`) instead of in every layer and, with the
 weights the engine keeps stacked (:func:`stack_weights`), one matrix product for the query, key and value
-projections and one norm over the query and key heads together. On H100s (two runs, not side by side): 6.3-6.5 ms per BARD forward before, 4.65-4.70 after
-(README, Decoding engines).
+projections and one norm over the query and key heads together. On H100s (two runs, not side by side): 6.3-6.5 ms
+per BARD forward before the first of these, 4.65-4.70 after (README, Decoding engines).
 
 Every operation and its order are those of transformers' ``Qwen3VLTextDecoderLayer`` with the ``sdpa``
 backend (same casts, same rounding points): on CPU the results are bit-identical (tested in fp32 and bf16);
