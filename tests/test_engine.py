@@ -279,11 +279,12 @@ def test_lean_prefill_equals_the_transformers_forward_exactly(tiny_bard_model, d
              user_conversation("What happens?", [Image.new("RGB", (64, 96), (9, 80, 200))], videos=[frames])]
     enc = build_inputs(processor, chats)
     assert enc["pixel_values_videos"] is not None and enc["pixel_values"] is not None
-    enc["pixel_values"], enc["pixel_values_videos"] = enc["pixel_values"].to(dtype), enc["pixel_values_videos"].to(dtype)
     ids, am = enc["input_ids"], enc["attention_mask"]
-    media = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    media = {k: v.to(dtype) if v.is_floating_point() else v for k, v in enc.items()
+             if k not in ("input_ids", "attention_mask")}
     mask = dense_mask(*prompt_token_meta(am, 4), "block_causal")
-    pos, _ = prompt_positions(model, ids, am, media["mm_token_type_ids"], media["image_grid_thw"], media["video_grid_thw"])
+    pos, _ = prompt_positions(model, ids, am, media["mm_token_type_ids"], media["image_grid_thw"],
+                              media["video_grid_thw"])
     engine = DecodeEngine(model)
     lean, ref = engine.pool(4, 256), engine.pool(4, 320)
     with torch.inference_mode():
