@@ -207,18 +207,19 @@ def run(args: argparse.Namespace) -> dict:
 
 def markdown(report: dict) -> str:
     """The report's rows as a markdown table."""
-    head = ("| batch | model | engine | point | TPF | ms/forward | tokens/s | decode tokens/s | x AR | decode x AR "
-            "| same tokens as eager |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|\n")
+    head = ("| batch | model | engine | point | TPF | ms/forward | prefill ms | tokens/s | decode tokens/s | x AR "
+            "| decode x AR | same tokens as eager |\n|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|\n")
     lines = []
     for r in report["results"]:
         if "error" in r:
             lines.append(f"| {r['batch_size']} | {r['model']} | {r['engine']} | {r.get('point', 'AR')} | "
-                         f"failed: {r['error'].replace('|', '/')} | | | | | | |")
+                         f"failed: {r['error'].replace('|', '/')} | | | | | | | |")
             continue
         dec = "–" if r["decode_tokens_per_second"] is None else f"{r['decode_tokens_per_second']:.1f}"
         dx = "–" if r.get("decode_x_ar") is None else f"{r['decode_x_ar']:.2f}"
+        pre = "–" if r["prefill_time"] is None else f"{1000 * r['prefill_time']:.1f}"
         lines.append(f"| {r['batch_size']} | {r['model']} | {r['engine']} | {r.get('point', 'AR')} | "
-                     f"{r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {r['tokens_per_second']:.1f} | "
+                     f"{r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {pre} | {r['tokens_per_second']:.1f} | "
                      f"{dec} | {r['x_ar']:.2f} | {dx} | {'yes' if r['tokens_match_eager'] else 'NO'} |")
     return head + "\n".join(lines) + "\n"
 
