@@ -36,7 +36,8 @@ def test_median_runs_and_a_failing_engine_is_a_row_not_a_crash():
     for r in rows:
         r.setdefault("x_ar", 1.0)
     table = markdown({"results": rows}).splitlines()
-    assert table[3] == "| 1 | bard | compiled | B4 S2 t0.9 | failed: RuntimeError: CUDA graph capture failed | | | | | | | |"
+    failed = "| 1 | bard | compiled | B4 S2 t0.9 | failed: RuntimeError: CUDA graph capture failed | | | | | | | |"
+    assert table[3] == failed
     assert table[2] == "| 1 | bard | static | B4 S2 t0.9 | 2.00 | 150.00 | 100.0 | 10.0 | 13.3 | 1.00 | – | yes |"
     assert table[2].endswith("| yes |") and table[4].endswith("| NO |")
 

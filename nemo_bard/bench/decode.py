@@ -219,8 +219,9 @@ def markdown(report: dict) -> str:
         dx = "–" if r.get("decode_x_ar") is None else f"{r['decode_x_ar']:.2f}"
         pre = "–" if r["prefill_time"] is None else f"{1000 * r['prefill_time']:.1f}"
         lines.append(f"| {r['batch_size']} | {r['model']} | {r['engine']} | {r.get('point', 'AR')} | "
-                     f"{r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {pre} | {r['tokens_per_second']:.1f} | "
-                     f"{dec} | {r['x_ar']:.2f} | {dx} | {'yes' if r['tokens_match_eager'] else 'NO'} |")
+                     f"{r['tokens_per_forward']:.2f} | {r['ms_per_forward']:.2f} | {pre} | "
+                     f"{r['tokens_per_second']:.1f} | {dec} | {r['x_ar']:.2f} | {dx} | "
+                     f"{'yes' if r['tokens_match_eager'] else 'NO'} |")
     return head + "\n".join(lines) + "\n"
 
 
