@@ -64,19 +64,18 @@ def agreement(model_dir: str, rows: int = 8, max_new_tokens: int = 32, engines: 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import nemo_bard  # noqa: F401  (registers bard_vl)
+    from nemo_bard.eval.evaluate import stop_ids
     from nemo_bard.eval.metrics import exact_match
     from nemo_bard.generation import block_diffusion_generate
-    from nemo_bard.generation.decode import special_token_ids
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(model_dir)
     batches, references = _batches(processor, data, rows, batch_size)
-    tok_eos = getattr(processor.tokenizer, "eos_token_id", None)
     outputs: dict[tuple, tuple] = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         b = int(model.config.block_size)
-        stops = [] if data is None else special_token_ids(model, None, None if tok_eos is None else [tok_eos])[0]
+        stops = [] if data is None else stop_ids(model, processor.tokenizer)
         for engine in engines:
             seqs, lens = [], []
             for enc in batches:
@@ -90,6 +89,10 @@ def agreement(model_dir: str, rows: int = 8, max_new_tokens: int = 32, engines: 
             padded = torch.stack([torch.nn.functional.pad(s, (0, width - s.shape[0]), value=-1) for s in seqs])
             outputs[dtype, engine] = padded, torch.tensor(lens)
         del model
+    def exact(seqs: Any, lengths: Any) -> float:  # exact match of the decoded answers with the references
+        texts = processor.batch_decode([s[:n].tolist() for s, n in zip(seqs, lengths)], skip_special_tokens=True)
+        return round(sum(exact_match(t.strip(), r) for t, r in zip(texts, references)) / len(texts), 5)
+
     report: dict[str, Any] = {"model": str(model_dir), "device": device, "data": data, "rows": len(lens),
                               "max_new_tokens": max_new_tokens, "threshold": threshold, "eos": data is not None}
     for engine in engines:
@@ -97,11 +100,6 @@ def agreement(model_dir: str, rows: int = 8, max_new_tokens: int = 32, engines: 
         same, agree = answer_agreement(a, la, b, lb)
         report[engine] = {"same_sequences": same, "token_agreement": round(agree, 5)}
         if references is not None:
-            def exact(seqs: Any, lengths: Any) -> float:
-                texts = processor.batch_decode([s[:n].tolist() for s, n in zip(seqs, lengths)],
-                                               skip_special_tokens=True)
-                return round(sum(exact_match(t.strip(), r) for t, r in zip(texts, references)) / len(texts), 5)
-
             report[engine].update(exact_match_fp32=exact(a, la), exact_match_bf16=exact(b, lb))
     return report
 

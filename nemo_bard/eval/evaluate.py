@@ -175,12 +175,12 @@ def load_samples(
 # ----------------------------------------------------------------------------------- generation
 
 
-def stop_ids(loaded: LoadedModel) -> list[int]:
+def stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """Stop ids: the model's eos (generation config, else config) plus the tokenizer's eos."""
     from nemo_bard.generation.decode import special_token_ids
 
-    tok_eos = getattr(loaded.tokenizer, "eos_token_id", None)
-    return special_token_ids(loaded.model, None, None if tok_eos is None else [tok_eos])[0]
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    return special_token_ids(model, None, None if tok_eos is None else [tok_eos])[0]
 
 
 def generate_batch(
@@ -197,10 +197,11 @@ def generate_batch(
     from nemo_bard.generation import ar_generate, block_diffusion_generate
 
     pad = getattr(loaded.tokenizer, "pad_token_id", None)
+    stops = stop_ids(loaded.model, loaded.tokenizer)
     if point.is_ar:
         if loaded.kind != "ar":
             raise ValueError(f"{loaded.path} is a bard_vl model; load it with force_ar=True for AR decoding")
-        return ar_generate(loaded.model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=stop_ids(loaded),
+        return ar_generate(loaded.model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=stops,
                            pad_token_id=pad, engine="hf" if loaded.engine == "eager" else loaded.engine)
     if loaded.kind != "bard":
         raise ValueError(f"{loaded.path} is an AR model; block-diffusion point {point.label} needs a bard_vl model")
@@ -208,7 +209,7 @@ def generate_batch(
         loaded.model, **inputs, max_new_tokens=max_new_tokens, block_size=point.block_size,
         denoising_steps=point.denoising_steps or point.block_size, remasking_strategy=point.remasking_strategy,
         confidence_threshold=1.0 if point.threshold is None else point.threshold, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=stop_ids(loaded), pad_token_id=pad, engine=loaded.engine,
+        top_k=top_k, top_p=top_p, seed=seed, eos_token_id=stops, pad_token_id=pad, engine=loaded.engine,
     )
 
 

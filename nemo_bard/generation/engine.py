@@ -240,6 +240,10 @@ class DecodeEngine:
             for layer, out in zip(layers, self._stacked):
                 stack_weights(layer, out=out)
 
+    def _layer_weights(self) -> list[StackedWeights | None]:
+        """Per text layer: its stacked weights, or None where the layer's own projections run."""
+        return self._stacked or [None] * len(self.text.layers)
+
     def _hi_tensor(self, hi: tuple[int, ...]) -> torch.Tensor:
         if hi not in self._hi:
             self._hi[hi] = torch.tensor(hi, dtype=torch.long, device=self.device)
@@ -266,8 +270,7 @@ class DecodeEngine:
             h, visual, deepstack = (got[k] for k in TEXT_DECODER_INPUTS)
             cos, sin = self.text.rotary_emb(h, pos)
             mask = sdpa_mask(mask, self.dtype)
-            stacked = self._stacked or [None] * len(cache.layers)
-            for i, (layer, layer_cache, w) in enumerate(zip(self.text.layers, cache.layers, stacked)):
+            for i, (layer, layer_cache, w) in enumerate(zip(self.text.layers, cache.layers, self._layer_weights())):
                 h = decoder_layer_step(layer, h, mask, cos, sin, layer_cache, w)
                 if deepstack is not None and i < len(deepstack):  # visual features added to the first layers
                     h = add_deepstack(self.text, h, visual, deepstack[i])
@@ -290,8 +293,7 @@ class DecodeEngine:
         else:  # sdpa: the same layer computed with fewer kernels (compiled: one graph serves every layer)
             mask = sdpa_mask(mask, self.dtype)
             step = self._layer_step()
-            stacked = self._stacked or [None] * len(pool.cache.layers)
-            for layer, cache, w in zip(self.text.layers, pool.cache.layers, stacked):
+            for layer, cache, w in zip(self.text.layers, pool.cache.layers, self._layer_weights()):
                 h = step(layer, h, mask, cos, sin, cache, w)
         if logits_from is None:
             return None
