@@ -53,3 +53,17 @@ def test_answer_agreement_counts_tokens_up_to_the_longer_answer():
     same, agree = answer_agreement(a, torch.tensor([4, 3, 2]), b, torch.tensor([4, 3, 4]))
     # row 0: 4/4 equal; row 1: 2/3 (position 1 differs); row 2: 1/4 (eos vs 8, then pad vs 8, pad vs 2)
     assert same == 1 and agree == (4 + 2 + 1) / (4 + 3 + 4)
+
+
+def test_agreement_bad_data_is_one_line(tiny_bard_dir, tmp_path, capsys):
+    """bench.agreement --data: a missing path and a malformed JSONL row each give one line (naming the file and row)
+    and exit code 2, before any model is loaded."""
+    from nemo_bard.bench.agreement import main
+
+    assert main(["--model", str(tiny_bard_dir), "--data", str(tmp_path / "missing")]) == 2
+    assert f"--data {tmp_path / 'missing'}: no such file or directory" in capsys.readouterr().err
+    bad = tmp_path / "rows.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n{oops\n')
+    assert main(["--model", str(tiny_bard_dir), "--data", str(bad)]) == 2
+    ours = [line for line in capsys.readouterr().err.splitlines() if "nemo_bard.bench.agreement" in line]
+    assert len(ours) == 1 and "rows.jsonl:2: invalid JSON" in ours[0] and "Traceback" not in ours[0]

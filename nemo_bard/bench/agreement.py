@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nemo_bard.errors import run_reported
+
 
 def answer_agreement(a: Any, la: Any, b: Any, lb: Any) -> tuple[int, float]:
     """``(identical rows, token agreement)`` of two batches of answers ``[rows, T]`` with lengths ``[rows]``
@@ -123,14 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nemo_bard.bench.agreement: error: --data {args.data}: no such file or directory", file=sys.stderr)
         return 2
     engines = tuple(e.strip() for e in args.engine.split(",") if e.strip())
-    report = agreement(args.model, args.rows, args.max_new_tokens, engines, args.threshold, args.device, args.data,
-                       args.batch_size)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
-    return 0
+
+    def run() -> int:  # a bad dataset row is one line naming it (nemo_bard.errors), not a traceback
+        report = agreement(args.model, args.rows, args.max_new_tokens, engines, args.threshold, args.device,
+                           args.data, args.batch_size)
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(text + "\n")
+        return 0
+
+    return run_reported("nemo_bard.bench.agreement", run)
 
 
 if __name__ == "__main__":
