@@ -110,7 +110,7 @@ def _evaluate(out: Path, tau: float, engine: str, every: float) -> tuple[list[di
     common = dict(max_new_tokens=32, progress=EvalProgress(every), batch_size=1)
     runs = [  # (name, model, points, engine); the AR baseline also through Hugging Face generate
         ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
-        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "eager"),
+        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "hf"),
         ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
         ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
         ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),

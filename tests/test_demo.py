@@ -33,7 +33,7 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
     report = json.loads((out / "report" / "results.json").read_text())
     rows = report["results"]
     ar_rows = [r for r in rows if r["kind"] == "ar"]
-    assert [r["engine"] for r in ar_rows] == ["static", "eager"]  # AR through the engine and HF generate
+    assert [r["engine"] for r in ar_rows] == ["static", "hf"]  # AR through the engine and HF generate
     assert report["reference"] == max(ar_rows, key=lambda r: r["tokens_per_second"])["name"]  # the fastest AR row
     assert [r["model"] for r in rows].count("SWD B16 (B4 anchor)") == 3
     keys = {"accuracy", "char_accuracy", "tokens_per_forward", "tokens_per_second", "num_forwards", "wall_time",

@@ -1,4 +1,5 @@
-"""The static-shape decoding engine: token-for-token parity with the eager decoder, buckets, sessions, errors."""
+"""The decoding engine: the lean layers token for token against transformers' own (engine="eager"), buckets,
+sessions, errors."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import pytest
 import torch
 
 from nemo_bard.generation import (
+    BlockDiffusionSession,
     DecodeEngine,
     EngineError,
+    RowRequest,
     StaticKVCache,
     ar_generate,
     block_diffusion_generate,
@@ -50,33 +53,32 @@ def test_engine_tokens_equal_eager_decoder(bs, steps, strategy, tau, sharp_model
 
 
 def test_session_api_steps_and_collects_blocks(tiny_bard_model, tiny_processor):
-    """start -> step -> collect (what a server drives) gives the blocks and output of block_diffusion_generate."""
+    """add -> step -> collect (what the server's scheduler drives) gives the blocks and output of
+    block_diffusion_generate."""
     enc = encode(tiny_processor, PROMPTS[:2])
     kw = dict(max_new_tokens=10, block_size=4, eos_token_id=[])
     ref = block_diffusion_generate(tiny_bard_model, **enc, **kw)
     engine = DecodeEngine.for_model(tiny_bard_model)
     inputs = model_inputs(engine.device, **enc)
-    session = engine.start_block_diffusion(
-        inputs, block_size=4, schedule=[1, 1, 1, 1], max_new_tokens=10, mask_token_id=tiny_bard_model.config.mask_token_id,
-        stops=torch.tensor([], dtype=torch.long), pad=0, strategy=DYNAMIC, threshold=0.9)
-    blocks: dict[int, list[list[int]]] = {0: [], 1: []}
-    steps = 0
-    while not session.done:
+    session = BlockDiffusionSession(engine, rows=2, capacity=128, block_size=4, schedule=[1, 1, 1, 1],
+                                    mask_token_id=tiny_bard_model.config.mask_token_id, stops=[], pad=0,
+                                    strategy=DYNAMIC, threshold=0.9)
+    requests = [RowRequest("a", 10), RowRequest("b", 10)]
+    session.add(requests, inputs)
+    blocks: dict[str, list[list[int]]] = {"a": [], "b": []}
+    while session.running:
         session.step()
-        steps += 1
-        for row, tokens in session.collect():
-            blocks[row].append(tokens)
-    out = session.result()
-    assert torch.equal(out.sequences, ref.sequences) and out.num_forwards == ref.num_forwards == 12
-    for row in (0, 1):
-        assert [len(b) for b in blocks[row]] == [4, 4, 2]  # three blocks, the last cut at max_new_tokens
-        assert sum(blocks[row], []) == ref.sequences[row].tolist()
-    with pytest.raises(EngineError, match="one session at a time"):  # a second batch on held buffers is refused
-        s1 = engine.start_block_diffusion(inputs, block_size=4, schedule=[4], max_new_tokens=4, mask_token_id=1,
-                                          stops=torch.tensor([0]), pad=0, strategy=STATIC, threshold=1.0)
-        engine.start_block_diffusion(inputs, block_size=4, schedule=[4], max_new_tokens=4, mask_token_id=1,
-                                     stops=torch.tensor([0]), pad=0, strategy=STATIC, threshold=1.0)
-    s1.close()
+        for key, tokens in session.collect():
+            blocks[key].append(tokens)
+    assert [r.finish_reason for r in session.take_finished()] == ["length", "length"]
+    assert session.num_forwards == ref.num_forwards == 12
+    for i, key in enumerate("ab"):
+        assert [len(b) for b in blocks[key]] == [4, 4, 2]  # three blocks, the last cut at max_new_tokens
+        assert sum(blocks[key], []) == ref.sequences[i].tolist() == requests[i].tokens
+    with pytest.raises(EngineError, match="one session at a time"):  # a second session on held buffers is refused
+        BlockDiffusionSession(engine, rows=2, capacity=128, block_size=4, schedule=[4], mask_token_id=1, stops=[0],
+                              pad=0, strategy=STATIC, threshold=1.0)
+    session.close()
 
 
 def test_ar_engine_batch_equals_each_alone_and_hf(tiny_ar_dir, tiny_processor):
@@ -95,23 +97,27 @@ def test_ar_engine_batch_equals_each_alone_and_hf(tiny_ar_dir, tiny_processor):
     assert hf.sequences.tolist() == alone[3].sequences.tolist()
 
 
-def test_static_cache_writes_at_device_positions():
-    cache = StaticKVCache(num_layers=1, rows=2, kv_heads=1, head_dim=3, capacity=8, dtype=torch.float32,
+def test_static_cache_writes_at_per_row_slots():
+    """Prefill writes the prompt into the given rows from slot 0; a step writes each row at its own slots; moving
+    rows copies them."""
+    cache = StaticKVCache(num_layers=1, rows=3, kv_heads=1, head_dim=3, capacity=8, dtype=torch.float32,
                           device=torch.device("cpu"))
     prompt = torch.randn(1, 1, 3, 3)
-    cache.prefill = True
+    cache.prefill_rows = torch.tensor([2])
     keys, _ = cache.update(prompt, prompt, 0)
-    assert keys.shape == (1, 1, 3, 3) and torch.equal(cache.layers[0].keys[0, :, :3], prompt[0])
-    cache.prefill = False
-    cache.write_index = torch.tensor([3, 4])
-    step = torch.randn(2, 1, 2, 3)
+    assert torch.equal(keys, prompt) and torch.equal(cache.layers[0].keys[2, :, :3], prompt[0])
+    assert not cache.layers[0].keys[:2].any()  # other rows untouched
+    cache.prefill_rows = None
+    cache.write_index = torch.tensor([[3, 4], [0, 1], [5, 6]])
+    step = torch.randn(3, 1, 2, 3)
     keys, _ = cache.update(step, step, 0)
-    assert keys.shape == (2, 1, 8, 3)  # static: the whole buffer, same storage every step
+    assert keys.shape == (3, 1, 8, 3)  # static: the whole buffer, same storage every step
     assert keys.data_ptr() == cache.layers[0].keys.data_ptr()
-    assert torch.equal(keys[:, :, 3:5], step) and torch.equal(keys[0, :, :3], prompt[0])
-    small = StaticKVCache(1, 1, 1, 3, 8, torch.float32, torch.device("cpu"))
-    small.copy_rows_from(cache, torch.tensor([1]))
-    assert torch.equal(small.layers[0].keys[0], cache.layers[0].keys[1])
+    assert torch.equal(keys[0, :, 3:5], step[0]) and torch.equal(keys[1, :, 0:2], step[1])
+    assert torch.equal(keys[2, :, 5:7], step[2]) and torch.equal(keys[2, :, :3], prompt[0])
+    before = cache.layers[0].keys[2].clone()
+    cache.move_rows(torch.tensor([2]), torch.tensor([0]))
+    assert torch.equal(cache.layers[0].keys[0], before)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -140,7 +146,7 @@ def test_lean_decoder_layer_equals_the_transformers_layer_bit_for_bit(tiny_bard_
     for cache in caches:
         cache.layers[0].keys.copy_(prefix)
         cache.layers[0].values.copy_(-prefix)
-        cache.write_index = torch.arange(4, 9)
+        cache.write_index = torch.arange(4, 9).expand(rows, -1)
     with torch.no_grad():
         ref = layer(h, attention_mask=keep, position_embeddings=(cos, sin), past_key_values=caches[0])
         lean = decoder_layer_step(layer, h, sdpa_mask(keep, dtype), cos, sin, caches[1].layers[0])
@@ -174,7 +180,7 @@ def test_eager_attention_model_uses_additive_masks(tiny_bard_dir, tiny_bard_mode
                                                              attn_implementation="eager").eval()
     enc = encode(tiny_processor, [PROMPTS[1]])
     kw = dict(max_new_tokens=8, block_size=4, eos_token_id=[])
-    assert DecodeEngine.for_model(eager_attn).additive
+    assert DecodeEngine.for_model(eager_attn).hf_layers
     a = block_diffusion_generate(eager_attn, **enc, **kw)
     b = block_diffusion_generate(tiny_bard_model, **enc, **kw)
     assert torch.equal(a.sequences, b.sequences)
@@ -269,7 +275,7 @@ def test_lean_prefill_equals_the_transformers_forward_exactly(tiny_bard_model, d
     from PIL import Image
 
     from nemo_bard.attention.masks import dense_mask, prompt_token_meta
-    from nemo_bard.generation.engine import prompt_positions
+    from nemo_bard.generation.session import prompt_positions
     from nemo_bard.generation.inputs import build_inputs, user_conversation
 
     model = copy.deepcopy(tiny_bard_model).to(dtype)
@@ -289,12 +295,12 @@ def test_lean_prefill_equals_the_transformers_forward_exactly(tiny_bard_model, d
     lean, ref = engine.pool(4, 256), engine.pool(4, 320)
     with torch.inference_mode():
         engine.refresh_weights()
-        got = engine.prefill(lean, ids, mask, pos, media)
-        ref.cache.prefill = True
+        got = engine.prefill(lean, torch.arange(3), ids, mask, pos, media)
+        ref.cache.prefill_rows = torch.arange(3)
         want = model.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=ref.cache,
                            use_cache=True, **media).last_hidden_state
     lp = ids.shape[1]
     assert engine._stacked is not None and torch.equal(got, want)
-    for mine, theirs in zip(lean.cache.layers, ref.cache.layers):
+    for mine, theirs in zip(lean.cache.layers, ref.cache.layers):  # (rows, K/V of the prompt slots)
         assert torch.equal(mine.keys[:, :, :lp], theirs.keys[:, :, :lp])
         assert torch.equal(mine.values[:, :, :lp], theirs.values[:, :, :lp])

@@ -7,7 +7,6 @@ import torch
 
 from nemo_bard.attention.masks import CLEAN, NOISY, PREFIX, dense_mask
 from nemo_bard.generation import (
-    BlockKVCache,
     GenerationOutput,
     ar_generate,
     block_diffusion_generate,
@@ -132,12 +131,8 @@ def reference_runs() -> dict[tuple, tuple]:
 
 
 def masked_logits(recorded: list[torch.Tensor], engine: str, block_size: int, ref_masks: list[torch.Tensor]):
-    """The recorded lm_head outputs at the still-masked positions of each step (batch 1).
-
-    The eager decoder computes logits only there; the engine computes the whole block ``[bucket, B, V]``.
-    """
-    if engine == "eager":
-        return recorded
+    """The recorded lm_head outputs at the still-masked positions of each step (batch 1); the decoding loop
+    computes the whole block ``[bucket, B, V]``."""
     return [got.reshape(-1, block_size, got.shape[-1])[0][m] for got, m in zip(recorded, ref_masks)]
 
 
@@ -258,10 +253,8 @@ def test_batch_of_uneven_prompts_equals_each_alone(engine, side, tiny_bard_model
         assert int(batch.row_forwards[i]) == o.num_forwards
     assert batch.num_forwards == max(o.num_forwards for o in alone)
     running = [sum(fb > k for fb in finish_blocks) for k in range(max(finish_blocks)) for _ in range(4)]
-    if engine == "eager":  # finished rows leave the running batch: forwards shrink as rows stop
-        expected = running
-    else:  # finished rows are masked out; the batch moves to the smallest bucket (4, 2, 1) that holds the rest
-        expected = [1 if n == 1 else 2 if n == 2 else 4 for n in running]
+    # finished rows are masked out; the batch moves to the smallest bucket (4, 2, 1) that holds the rest
+    expected = [1 if n == 1 else 2 if n == 2 else 4 for n in running]
     assert sizes == [4] + expected
 
 
@@ -410,25 +403,6 @@ def test_schedule_and_commit_rules():
     assert dyn.tolist() == [[True, False, True, False], [True, False, False, False], [True, False, False, False]]
     assert select_commits(conf, masked, 3, DYNAMIC, 0.9)[0].tolist() == [True, False, True, True]  # 2 < n: top-3
     assert select_commits(conf, masked, 4, STATIC, 0.9)[1].tolist() == [True, True, True, False]  # clamp to masked
-
-
-def test_cache_writes_after_committed_length_without_copies():
-    cache = BlockKVCache(num_layers=1, capacity=10)
-    k = torch.randn(2, 1, 4, 3)
-    keys, _ = cache.update(k, k, 0)
-    ptr = keys.data_ptr()
-    assert keys.shape[2] == 4 and torch.equal(keys, k)
-    cache.commit(4)
-    scratch = torch.randn(2, 1, 3, 3)
-    keys, _ = cache.update(scratch, scratch, 0)
-    assert keys.shape[2] == 7 and keys.data_ptr() == ptr  # a view of the same buffer
-    again = torch.randn(2, 1, 3, 3)
-    keys, _ = cache.update(again, again, 0)  # uncommitted slots are overwritten, not appended
-    assert keys.shape[2] == 7 and torch.equal(keys[:, :, 4:], again) and torch.equal(keys[:, :, :4], k)
-    cache.select_rows(torch.tensor([1]))
-    assert cache.layers[0].keys.shape[0] == 1 and cache.get_seq_length() == 4
-    with pytest.raises(RuntimeError, match="capacity"):
-        cache.commit(7)
 
 
 @pytest.mark.parametrize("engine", ["static", "hf"])

@@ -47,8 +47,7 @@ def profile(preset: str | None = "qwen3vl_2b", batch: int = 1, point: str = "32:
 
     decode()  # warm-up: compilation, graph capture
     graphed = decode()
-    plain = DecodeEngine(model, compile=engine == "compiled", cuda_graphs=False)
-    DecodeEngine._engines[model] = {engine == "compiled": plain}  # the same engine, graphs off
+    kw["engine"] = DecodeEngine(model, engine, cuda_graphs=False)  # the same engine, graphs off
     unprofiled = decode()  # warm-up without graphs, and the wall time of a forward without them
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:

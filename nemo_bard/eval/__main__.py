@@ -19,7 +19,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_bard.generation.points import ENGINES
+    from nemo_bard.generation.points import AR_ENGINES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.eval", description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", required=True, help="checkpoint directory (repeatable)")
@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="auto", help="float32 / bfloat16 / auto (bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (1 gives stable timings on a small, shared CPU)")
-    ap.add_argument("--engine", default="static", choices=ENGINES,
-                    help="decoding engine (default static; eager = the reference decoder / HF generate for AR)")
+    ap.add_argument("--engine", default="static", choices=AR_ENGINES,
+                    help="decoding engine: static (default), compiled, eager (transformers' layers), "
+                         "hf (Hugging Face generate; AR models only)")
     ap.add_argument("--video-fps", type=float, default=None,
                     help="video frames sampled per second (default: the processor's, 2); video files need PyAV")
     ap.add_argument("--video-max-frames", type=int, default=None,

@@ -50,7 +50,7 @@ class LoadedModel:
     kind: str  # "bard" or "ar"
     path: str
     name: str
-    engine: str = "static"  # decoding engine (AR with "eager" = Hugging Face generate)
+    engine: str = "static"  # decoding engine (static, compiled, eager; hf = Hugging Face generate, AR only)
 
     @property
     def tokenizer(self):
@@ -202,9 +202,11 @@ def generate_batch(
         if loaded.kind != "ar":
             raise ValueError(f"{loaded.path} is a bard_vl model; load it with force_ar=True for AR decoding")
         return ar_generate(loaded.model, **inputs, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                           pad_token_id=pad, engine="hf" if loaded.engine == "eager" else loaded.engine)
+                           pad_token_id=pad, engine=loaded.engine)
     if loaded.kind != "bard":
         raise ValueError(f"{loaded.path} is an AR model; block-diffusion point {point.label} needs a bard_vl model")
+    if loaded.engine == "hf":
+        raise ValueError("--engine hf (Hugging Face generate) decodes AR models only; use static, compiled or eager")
     return block_diffusion_generate(
         loaded.model, **inputs, max_new_tokens=max_new_tokens, block_size=point.block_size,
         denoising_steps=point.denoising_steps or point.block_size, remasking_strategy=point.remasking_strategy,
@@ -315,7 +317,7 @@ def evaluate(
         batch_size, max_new_tokens: generation batch and response budget.
         name: model label in the rows (default: the directory name).
         force_ar: decode with the AR baseline whatever the model type.
-        engine: ``static`` (default), ``compiled`` or ``eager`` (for AR: Hugging Face ``generate``).
+        engine: ``static`` (default), ``compiled``, ``eager`` or ``hf`` (Hugging Face ``generate``, AR only).
         warmup: run one untimed call (first batch, one block) before timing, so one-off costs
             (allocator, kernel selection) do not land on the first point.
         video_fps, video_max_frames: video frame sampling (default: the processor's; decoded per batch).

@@ -6,11 +6,11 @@ import copy
 
 import torch
 
-from nemo_bard.generation.decode import finalize, model_inputs, run_session, special_token_ids
-from nemo_bard.generation.engine import DecodeEngine, device_sync
+from nemo_bard.generation.decode import model_inputs, special_token_ids
+from nemo_bard.generation.engine import DecodeEngine, batch_bucket, device_sync
 from nemo_bard.generation.output import GenerationOutput
-
-AR_ENGINES = ("static", "compiled", "hf")
+from nemo_bard.generation.points import AR_ENGINES
+from nemo_bard.generation.session import ARSession, RowRequest, cut_after_stop, run_to_end
 
 
 @torch.no_grad()
@@ -31,9 +31,9 @@ def ar_generate(
 ) -> GenerationOutput:
     """Greedy AR decoding of left-padded prompts; one forward per generated token (TPF 1).
 
-    ``engine="static"`` runs it on :class:`~nemo_bard.generation.engine.DecodeEngine` (causal prompt prefill,
-    then one-token steps on the same static cache and graphs as block diffusion): the like-for-like baseline.
-    ``engine="compiled"`` adds ``torch.compile``; ``engine="hf"`` calls Hugging Face ``generate`` (dynamic cache).
+    ``engine="static"`` (or ``compiled`` / ``eager``) runs it on the decoding loop of block diffusion
+    (:class:`~nemo_bard.generation.session.ARSession`: causal prompt prefill, then one-token steps on the same
+    static cache and graphs): the like-for-like baseline. ``engine="hf"`` calls Hugging Face ``generate``.
     """
     if engine not in AR_ENGINES:
         raise ValueError(f"AR engine {engine!r} is not one of {AR_ENGINES}")
@@ -41,12 +41,14 @@ def ar_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stops, pad = special_token_ids(model, eos_token_id, None, pad_token_id)
     device = model.device
-    stop_t = torch.tensor(stops, dtype=torch.long, device=device)
     inputs = model_inputs(device, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
                           video_grid_thw, mm_token_type_ids)
+    batch = input_ids.shape[0]
     if engine != "hf":
-        session = DecodeEngine.for_model(model, engine).start_ar(inputs, max_new_tokens=max_new_tokens, stops=stop_t, pad=pad)
-        return run_session(session)
+        dec = DecodeEngine.for_model(model, engine)
+        session = ARSession(dec, rows=batch_bucket(batch), capacity=dec.capacity_for(input_ids.shape[1] + max_new_tokens),
+                            stops=stops, pad=pad)
+        return run_to_end(session, [RowRequest(i, max_new_tokens) for i in range(batch)], inputs)
     inputs = {k: v for k, v in inputs.items() if v is not None}
     t0 = device_sync(device)
     # Greedy; eos = our stop ids. With none, an id outside the vocabulary (HF would fall back to the config eos).
@@ -58,9 +60,14 @@ def ar_generate(
     )
     out = model.generate(**inputs, generation_config=config)
     wall = device_sync(device) - t0
-    new = out[:, input_ids.shape[1]:]
-    sequences, lengths = finalize(new, stop_t.to(new.device), pad)
+    new = out[:, input_ids.shape[1]:].tolist()
+    rows = [cut_after_stop(row, set(stops))[0] for row in new]
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    sequences = torch.full((batch, int(lengths.max()) if batch else 0), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sequences[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    width = len(new[0]) if new else 0
     return GenerationOutput(
-        sequences=sequences, lengths=lengths, num_forwards=new.shape[1], row_forwards=lengths.clone(),
-        wall_time=wall, prefill_time=None, decode_forwards=max(new.shape[1] - 1, 0), engine="hf",
+        sequences=sequences, lengths=lengths, num_forwards=width, row_forwards=lengths.clone(),
+        wall_time=wall, prefill_time=None, decode_forwards=max(width - 1, 0), engine="hf",
     )

@@ -2,8 +2,9 @@
 
 * Decoding points: one grammar, ``BLOCK:STEPS:THRESHOLD[:static|dynamic]`` or ``AR``, used by
   ``python -m nemo_bard.eval --points``, ``python -m nemo_bard.bench.decode --points`` and the demo.
-* Engines: ``static`` (the static-shape engine, CUDA graphs on GPU), ``compiled`` (the same with
-  ``torch.compile``) and ``eager`` (the reference decoder).
+* Engines (one decoding loop, three ways to run its forwards): ``static`` (lean layers, static shapes, CUDA
+  graphs on GPU), ``compiled`` (the same with ``torch.compile``), ``eager`` (transformers' own layers, no
+  graphs); ``hf`` is Hugging Face ``generate`` (AR baselines only).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 ENGINES = ("static", "compiled", "eager")
+AR_ENGINES = (*ENGINES, "hf")
 
 
 class EngineError(ValueError):
