@@ -19,9 +19,14 @@ setup(
         "hydra-core>=1.3.8,<1.4",
         "omegaconf>=2.3,<2.4",
         "pydantic>=2.5,<3",  # the bard/block_merge/kd config schema
+        # the OpenAI-compatible server (python -m nemo_bard.serve)
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "prometheus-client>=0.20",
+        "httpx>=0.27",  # the serving benchmark's load generator
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12", "openai>=1.40"],
         # Video files (mp4, webm, mkv, ...) in training rows, generation and evaluation: PyAV (bundles FFmpeg).
         "video": ["av>=12"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],

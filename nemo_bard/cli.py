@@ -6,6 +6,7 @@ Accepted forms::
     automodel conf/bard_pbm.yaml [--nproc-per-node N] [--a.b=c ...]      # NeMo AutoModel 0.7's own form
     nemo-bard finetune --config conf/bard_swd.yaml stage=swd model=qwen3vl_4b step_scheduler.max_steps=10
     nemo-bard finetune --config conf/bard_pbm.yaml --print-resolved [k=v ...]   # compose only (SLURM)
+    nemo-bard serve --model DIR [...]                       # the OpenAI-compatible server (nemo_bard.serve)
 
 A config with a Hydra ``defaults:`` list (the files under ``conf/``), or any
 Hydra-style ``key=value`` override, is composed with Hydra; NeMo-style
@@ -297,6 +298,10 @@ def _main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``automodel`` and ``nemo-bard`` console scripts."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "serve":  # nemo-bard serve --model DIR ...: the OpenAI-compatible server
+        from nemo_bard.serve import main as serve_main
+
+        return serve_main(argv[1:])
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2

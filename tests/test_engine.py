@@ -304,3 +304,54 @@ def test_lean_prefill_equals_the_transformers_forward_exactly(tiny_bard_model, d
     for mine, theirs in zip(lean.cache.layers, ref.cache.layers):  # (rows, K/V of the prompt slots)
         assert torch.equal(mine.keys[:, :, :lp], theirs.keys[:, :, :lp])
         assert torch.equal(mine.values[:, :, :lp], theirs.values[:, :, :lp])
+
+
+def _row_logits(session, model, key) -> list[torch.Tensor]:
+    """Drive ``session`` to the end; the block logits of request ``key`` at every step in which it had work."""
+    got: list[torch.Tensor] = []
+    handle = model.lm_head.register_forward_hook(lambda mod, args, out: got.append(out.detach().clone()))
+    mask_id = model.config.mask_token_id
+    steps = []
+    try:
+        while session.running:
+            row = next((i for i, r in enumerate(session.slot) if r is not None and r.key == key), None)
+            busy = row is not None and bool((session.x[row] == mask_id).any())
+            got.clear()
+            session.step()
+            if busy and got:
+                steps.append(got[0][row])
+    finally:
+        handle.remove()
+    return steps
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_a_request_joining_a_running_batch_computes_what_it_computes_alone(fuse, sharp_model, tiny_processor):
+    """Request A joins at a block boundary of a batch already decoding B (inside B's fused commit forward, whose
+    first half A must not see): every step's logits of A equal those of A decoded alone, and so do its tokens."""
+    mask_id = sharp_model.config.mask_token_id
+    engine = DecodeEngine.for_model(sharp_model)
+    kw = dict(rows=2, capacity=192, block_size=4, schedule=[1, 1, 1, 1], mask_token_id=mask_id, stops=[], pad=0,
+              strategy=DYNAMIC, threshold=0.5, fuse_commit=fuse)
+    a_in = model_inputs(engine.device, **encode(tiny_processor, [PROMPTS[1]]))
+    b_in = model_inputs(engine.device, **encode(tiny_processor, [PROMPTS[2]]))
+    with torch.inference_mode():
+        alone = BlockDiffusionSession(engine, **kw)
+        a_alone = RowRequest("A", 14)
+        alone.add([a_alone], a_in)
+        want = _row_logits(alone, sharp_model, "A")
+        alone.close()
+        mixed = BlockDiffusionSession(engine, **kw)
+        mixed.add([RowRequest("B", 30)], b_in)
+        mixed.step()
+        while not mixed.at_boundary:  # B's first block ends; with fuse, B's commit waits for the next forward
+            mixed.step()
+        assert mixed.any_pending == fuse
+        a = RowRequest("A", 14)
+        mixed.add([a], a_in)
+        got = _row_logits(mixed, sharp_model, "A")
+        mixed.close()
+    assert len(got) == len(want) > 4
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    assert a.tokens == a_alone.tokens and len(a.tokens) == 14

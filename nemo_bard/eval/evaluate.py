@@ -177,10 +177,9 @@ def load_samples(
 
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """Stop ids: the model's eos (generation config, else config) plus the tokenizer's eos."""
-    from nemo_bard.generation.decode import special_token_ids
+    from nemo_bard.generation.decode import stop_ids as model_stop_ids
 
-    tok_eos = getattr(tokenizer, "eos_token_id", None)
-    return special_token_ids(model, None, None if tok_eos is None else [tok_eos])[0]
+    return model_stop_ids(model, tokenizer)
 
 
 def generate_batch(

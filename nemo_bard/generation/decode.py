@@ -45,6 +45,12 @@ def special_token_ids(
     return stops, int(pad_token_id)
 
 
+def stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """Stop ids: the model's eos (generation config, else config) plus the tokenizer's eos."""
+    tok_eos = getattr(tokenizer, "eos_token_id", None)
+    return special_token_ids(model, None, None if tok_eos is None else [tok_eos])[0]
+
+
 class _Streamer:
     """Sends committed blocks to an HF ``BaseStreamer`` (batch 1) or a ``callable(row, tokens)``."""
 

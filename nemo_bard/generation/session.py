@@ -197,14 +197,14 @@ class DecodeSession:
     def _joined(self, rows: torch.Tensor, requests: list[RowRequest], hidden: torch.Tensor, am: torch.Tensor) -> None:
         """Kind-specific state of rows that just joined."""
 
-    def cancel(self, key: Hashable) -> bool:
-        """Stop decoding request ``key`` (at a boundary); its row is free at once. False if it is not running."""
+    def cancel(self, key: Hashable) -> RowRequest | None:
+        """Stop decoding request ``key`` (at a boundary); its row is free at once. Returns it (None: not running)."""
         for i, req in enumerate(self.slot):
             if req is not None and req.key == key:
                 self._finish(i, "cancelled")
                 self._pack()
-                return True
-        return False
+                return req
+        return None
 
     def _finish(self, row: int, reason: str) -> None:
         req = self.slot[row]
