@@ -5,6 +5,7 @@
         [--denoising-steps S] [--confidence-threshold TAU] [--remasking-strategy NAME]
         [--engine static|compiled|eager] [--device cuda|cpu] [--dtype auto]
         [--allowed-local-media-path DIR] [--max-media-bytes N] [--request-timeout 600] [--shutdown-grace 30]
+        [--ignore-eos]
     nemo-bard serve --model DIR ...          (the same)
 
 One process serves one model on one device with continuous batching (requests join the running batch at the
@@ -60,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--request-timeout", type=float, default=600.0, help="seconds from arrival (0: none)")
     ap.add_argument("--shutdown-grace", type=float, default=30.0,
                     help="seconds running requests may finish after SIGTERM before they are cancelled")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="benchmarking: no stop tokens, every request decodes to its max_tokens")
     ap.add_argument("--log-level", default="info")
     return ap
 
@@ -134,7 +137,9 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     capacity = engine.capacity_for(args.max_model_len)
     stops = stop_ids(model, processor.tokenizer)
     pad = processor.tokenizer.pad_token_id
-    pad = stops[0] if pad is None else int(pad)
+    pad = (stops[0] if stops else 0) if pad is None else int(pad)
+    if args.ignore_eos:
+        stops = []
     rows = batch_bucket(args.max_batch)
     if args.decoder == "bard":
         block, steps, strategy, tau = decoding_defaults(model, args)

@@ -382,3 +382,37 @@ def test_sigterm_drains_running_requests_and_exits_0(tiny_bard_dir, tmp_path):
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_bench_summary_is_hand_computable():
+    from nemo_bard.bench.serve import summarize, table
+
+    recs = [dict(start=0.0, first=0.1, end=0.5, tokens=8, first_tokens=4, text="12", forwards=4, error=None, prompt=0),
+            dict(start=0.0, first=0.3, end=1.0, tokens=4, first_tokens=4, text="x", forwards=2, error=None, prompt=1),
+            dict(start=0.2, first=None, end=0.3, tokens=0, first_tokens=0, text="", forwards=None, error="HTTP 429",
+                 prompt=0)]
+    s = summarize(recs, 2.0, [([], "12"), ([], "34")])
+    assert (s["requests"], s["failed"], s["errors"]) == (3, 1, ["HTTP 429"])
+    assert s["requests_per_s"] == 1.0 and s["output_tokens_per_s"] == 6.0  # 12 tokens of 2 good requests in 2 s
+    assert s["decode_tokens_per_s_per_request"] == pytest.approx(4 / 1.1)  # (8-4)+(4-4) tokens in 0.4+0.7 s
+    assert s["tokens_per_forward"] == 2.0 and s["exact_match"] == 0.5  # "12" right, "x" wrong
+    assert s["ttft_p50_ms"] == pytest.approx(200.0) and s["latency_p50_ms"] == pytest.approx(750.0)
+    row = {"server": "bard", "concurrency": 1, **s}
+    assert "| bard | 1 | 1.00 | 6.0 | 3.6 | 200 / 298 | 750 / 995 | 2.00 | 50.0 % | 1 |" in table({"levels": [row]})
+
+
+def test_closed_loop_load_generator_against_a_real_server(sharp_dir):
+    import asyncio
+
+    from nemo_bard.bench.serve import closed_loop
+
+    prompts = [(user_message("hello"), None), (user_message("Read the digits.", random_image(1)), None)]
+    with running_server(sharp_dir, "--max-batch", "4") as srv:
+        records, wall = asyncio.run(closed_loop(srv.url, srv.name, prompts, 3, 7, None, 12, {}, 60))
+    assert len(records) == 7 and all(r["error"] is None for r in records) and wall > 0
+    assert all(r["start"] <= r["first"] <= r["end"] and 1 <= r["tokens"] <= 12 and r["forwards"] >= 1
+               for r in records)
+    answers: dict[int, set] = {}
+    for r in records:
+        answers.setdefault(r["prompt"], set()).add((r["text"], r["tokens"]))
+    assert sorted(answers) == [0, 1] and all(len(v) == 1 for v in answers.values())  # greedy: the same answer
