@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ap, "dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
     _flag(ap, "seed", type=int, default=None)
     _flag(ap, "engine", default="static", choices=ENGINES,
-          help="decoding engine: static (default; CUDA graphs on GPU), compiled (+ torch.compile), eager (reference)")
+          help="decoding engine: static (default; CUDA graphs on GPU), compiled (+ torch.compile), eager "
+               "(transformers' own layers, no graphs)")
     _flag(ap, "debug", action="store_true", help="show tracebacks of errors")
     return ap
 

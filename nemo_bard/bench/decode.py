@@ -9,7 +9,7 @@ Both models decode the same prompts (synthetic images + text, built offline). Fo
 * AR rows: Hugging Face ``generate`` (``engine=hf``, also the reference tokens) and the AR baseline on each
   selected engine (one-token causal steps on the same static cache and graphs as block diffusion);
 * BARD rows: every decoding point ``BLOCK:STEPS:THRESHOLD[:static|dynamic]`` on every selected engine; the
-  eager decoder always runs once to give the reference tokens.
+  eager engine (transformers' own layers) always runs once to give the reference tokens.
 
 Each cell gets one untimed warm-up (compilation, graph capture), then ``--repeats`` runs interleaved across
 engines; the median is reported. Every row carries ``engine``, ``ms_per_forward`` (after the prefill),

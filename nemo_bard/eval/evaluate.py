@@ -99,7 +99,11 @@ def load_model(
         model = Qwen3VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
     model = model.to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return LoadedModel(model, processor, kind, str(path), name or path.name, check_engine(engine))
+    if engine == "hf" and kind == "bard":
+        raise ValueError(f"--engine hf (Hugging Face generate) decodes AR models only; {path} is a bard_vl model: use "
+                         "static, compiled or eager")
+    return LoadedModel(model, processor, kind, str(path), name or path.name,
+                       engine if engine == "hf" else check_engine(engine))
 
 
 # ------------------------------------------------------------------------------------------ data

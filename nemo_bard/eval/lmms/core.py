@@ -43,7 +43,7 @@ class BardLmmsModel:
         device, dtype: default cuda (``cuda:$LOCAL_RANK``) when available else cpu; bf16 on CUDA, fp32 on CPU.
         system_prompt: optional system turn.
         ar: decode with the AR baseline (causal Qwen3-VL); automatic for ``qwen3_vl`` checkpoints.
-        engine: decoding engine, ``static`` (default), ``compiled`` or ``eager``.
+        engine: decoding engine, ``static`` (default), ``compiled`` or ``eager`` (transformers' own layers).
         video_fps, video_max_frames: video frame sampling (default: the processor's); video files need
             PyAV (``pip install 'nemo-bard[video]'``).
 
