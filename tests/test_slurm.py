@@ -63,6 +63,16 @@ def test_no_gpus_is_one_line_naming_the_fix(tmp_path, env):
     assert lines[0].startswith("nemo-bard: error: no GPUs in this allocation") and "NEMO_BARD_SLURM_CPU=1" in lines[0]
 
 
+def test_rendezvous_port_is_the_jobs_own(tmp_path):
+    """Two jobs on one node never share torchrun's rendezvous (a MASTER_PORT in the submitter's environment,
+    which sbatch exports to the job, is not used); NEMO_BARD_RDZV_PORT sets it."""
+    ports = {job: dry_run("pbm", tmp_path, SLURM_GPUS_ON_NODE="8", SLURM_JOB_ID=job, MASTER_PORT="29500").stdout
+             for job in ("4242", "4243")}
+    assert "rendezvous port: 24242" in ports["4242"] and "rendezvous port: 24243" in ports["4243"]
+    fixed = dry_run("pbm", tmp_path, SLURM_GPUS_ON_NODE="8", NEMO_BARD_RDZV_PORT="31000").stdout
+    assert "rendezvous port: 31000" in fixed
+
+
 def test_cpu_form_defaults_to_the_tiny_config(tmp_path):
     pbm = dry_run("pbm", tmp_path, NEMO_BARD_SLURM_CPU="1")
     swd = dry_run("swd", tmp_path, NEMO_BARD_SLURM_CPU="1")
@@ -258,6 +268,7 @@ def test_time_limit_stops_with_a_checkpoint_requeues_and_resumes(jobs):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     run = root / "limit" / "bard_pbm_tiny"
     assert "nemo-bard: time limit near: stopping at the next step with a checkpoint" in log
+    assert "nemo-bard: training processes exited with code 143" in log  # not SIGKILLed (137)
     assert "DUE TO TIME LIMIT" not in log  # stopped before SLURM's own SIGTERM / SIGKILL at the limit
     assert stop_checkpoint(log, run) < 7
     assert appended_runs(log) == ["0", "1"]  # one log, both runs (--open-mode=append)
@@ -275,6 +286,7 @@ def test_scontrol_requeue_checkpoints_and_resumes(jobs):
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     run = root / "requeue" / "bard_pbm_tiny"
     assert "DUE TO JOB REQUEUE" in log
+    assert "nemo-bard: training processes exited with code 143" in log
     assert stop_checkpoint(log, run) < 7
     assert appended_runs(log) == ["0", "1"]
     wait_job(env, ids["pbm"], 300)
