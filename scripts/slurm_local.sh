@@ -80,6 +80,7 @@ SlurmdTimeout=300
 InactiveLimit=0
 MinJobAge=600
 KillWait=30
+CommunicationParameters=NoCtldInAddrAny,NoInAddrAny
 $gres_types
 NodeName=localhost NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb $gres_node State=UNKNOWN
 PartitionName=local Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO

@@ -44,6 +44,7 @@ def dry_run(stage: str, tmp_path: Path, **env: str) -> subprocess.CompletedProce
     ({"SLURM_GPUS_PER_NODE": "8"}, 8),
     ({"SLURM_GPUS_PER_NODE": "h100:8"}, 8),  # typed GPUs
     ({"SLURM_GPUS_PER_NODE": "a100:2,v100:2"}, 4),
+    ({"SLURM_GPUS_PER_NODE": "h100"}, 1),  # a type without a count: one
     ({"SLURM_JOB_GPUS": "0,1,2"}, 3),  # --gres=gpu:3 on an older SLURM
     ({"CUDA_VISIBLE_DEVICES": "0,1"}, 2),
     ({"NEMO_BARD_SLURM_CPU": "1", "SLURM_GPUS_PER_NODE": "0"}, 1),  # CPU form: one worker ...
