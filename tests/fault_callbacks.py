@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal as signals
+import time
 from pathlib import Path
 
 from nemo_bard.callbacks.base import BardCallback
@@ -22,4 +23,17 @@ class SignalAt(BardCallback):
             os.kill(os.getpid(), self.signum)
 
 
-__all__ = ["SignalAt"]
+class SlowSteps(BardCallback):
+    """Sleep ``seconds`` before every step (a slow run, e.g. one that reaches its SLURM time limit) while this is
+    run number ``restart`` of a SLURM job (``SLURM_RESTART_COUNT``, 0 outside SLURM and on a job's first run), so
+    a requeued job resumes at full speed. The losses stay those of the same run without it."""
+
+    def __init__(self, seconds: float, restart: int = 0) -> None:
+        self.seconds, self.restart = float(seconds), int(restart)
+
+    def on_step_start(self, recipe, step: int) -> None:
+        if int(os.environ.get("SLURM_RESTART_COUNT", "0")) == self.restart:
+            time.sleep(self.seconds)
+
+
+__all__ = ["SignalAt", "SlowSteps"]
