@@ -87,3 +87,27 @@ def build_inputs(
         kwargs.update(video_processor_kwargs(videos))
     batch = processor(text=texts, padding=True, padding_side="left", return_tensors="pt", **kwargs)
     return {k: batch[k] for k in PROCESSOR_KEYS if k in batch}
+
+
+def stack_inputs(items: list[dict[str, torch.Tensor | None]], pad_id: int = 0) -> dict[str, torch.Tensor | None]:
+    """One left-padded batch from the processor outputs of single prompts (the order kept): token tensors are
+    left-padded to the longest prompt, vision tensors and grids concatenated (they are per image / per video)."""
+    if len(items) == 1:
+        return dict(items[0])
+    width = max(int(it["input_ids"].shape[1]) for it in items)
+
+    def left_pad(t: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+
+    out: dict[str, torch.Tensor | None] = {
+        "input_ids": torch.cat([left_pad(it["input_ids"], pad_id) for it in items]),
+        "attention_mask": torch.cat([left_pad(it["attention_mask"], 0) for it in items]),
+    }
+    if any(it.get("mm_token_type_ids") is not None for it in items):
+        out["mm_token_type_ids"] = torch.cat([
+            left_pad(it["mm_token_type_ids"] if it.get("mm_token_type_ids") is not None
+                     else torch.zeros_like(it["input_ids"]), 0) for it in items])
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        parts = [it[key] for it in items if it.get(key) is not None]
+        out[key] = torch.cat(parts) if parts else None
+    return out

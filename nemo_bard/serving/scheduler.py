@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from nemo_bard.generation.inputs import stack_inputs
 from nemo_bard.generation.points import EngineError
 from nemo_bard.generation.session import DecodeSession, RowRequest
 
@@ -202,31 +203,43 @@ class Scheduler:
                                          "(the server's --request-timeout)"))
 
     def _admit(self) -> None:
+        """Prefill waiting requests into the free rows: together in one forward, or one by one when that fails
+        (so a request that cannot be processed fails alone)."""
         session = self.session
-        while session.free_rows:
-            with self._cond:
-                if not self.waiting or self._draining:
-                    break
-                ticket = self.waiting.popleft()
-                self._gauge("queue_depth", len(self.waiting))
-            dev = session.engine.device
-            gen = torch.Generator(dev).manual_seed(ticket.seed) if ticket.seed is not None else None
-            row = RowRequest(ticket.id, ticket.max_tokens, ticket.threshold, ticket.temperature, ticket.top_k,
-                             ticket.top_p, gen)
-            inputs = {k: v.to(dev) if v is not None else None for k, v in ticket.inputs.items()}
+        with self._cond:
+            take = min(session.free_rows, len(self.waiting)) if not self._draining else 0
+            batch = [self.waiting.popleft() for _ in range(take)]
+            self._gauge("queue_depth", len(self.waiting))
+        batch = [t for t in batch if not t.cancelled]
+        if not batch:
+            return
+        if len(batch) > 1:
             try:
-                session.add([row], inputs)
+                self._add(batch)
+                return
+            except Exception:  # noqa: BLE001 - retried one by one below, which names the culprit
+                logger.info("a joint prefill of %d requests failed; admitting them one by one", len(batch))
+        for ticket in batch:
+            try:
+                self._add([ticket])
             except EngineError as exc:
                 ticket.deliver(("error", 400, str(exc)))
-                continue
             except Exception as exc:  # noqa: BLE001 - this request fails, the others go on
                 logger.exception("prefill failed")
                 ticket.deliver(("error", 500, f"the prompt could not be processed: {type(exc).__name__}: {exc}"))
-                continue
-            self.tickets[ticket.id] = ticket
-            ticket.deliver(("admitted", int(ticket.inputs["input_ids"].shape[1])))
-            self._dispatch()  # AR: the prefill already produced a token
-        self._gauge("running_rows", session.running)
+
+    def _add(self, tickets: list[Ticket]) -> None:
+        session = self.session
+        dev = session.engine.device
+        rows = [RowRequest(t.id, t.max_tokens, t.threshold, t.temperature, t.top_k, t.top_p,
+                           torch.Generator(dev).manual_seed(t.seed) if t.seed is not None else None)
+                for t in tickets]
+        inputs = stack_inputs([t.inputs for t in tickets], session.pad)
+        session.add(rows, {k: v.to(dev) if v is not None else None for k, v in inputs.items()})
+        for t in tickets:
+            self.tickets[t.id] = t
+            t.deliver(("admitted", int(t.inputs["input_ids"].shape[1])))
+        self._dispatch()  # AR: the prefill already produced a token
 
     def _dispatch(self) -> None:
         session = self.session
