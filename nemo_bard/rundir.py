@@ -226,12 +226,14 @@ def remove_stale_temporaries(dst: str | Path) -> None:
 
 
 @contextmanager
-def atomic_directory(dst: str | Path, *, replace: bool = False, marker: dict[str, Any] | None = None) -> Iterator[Path]:
+def atomic_directory(dst: str | Path, *, replace: bool = False, marker: dict[str, Any] | None = None,
+                     checksums: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dst`` to write into; on success add the completion marker and
     rename it to ``dst``. On error the temporary is removed and ``dst`` is untouched.
 
     ``dst`` must not exist or be an empty directory, unless ``replace`` (then an existing ``dst`` is
-    replaced once the new one is complete).
+    replaced once the new one is complete). ``checksums``: the marker records the size and sha256 of every
+    weight file written (``files``; :func:`nemo_bard.models.verify.verify_model_dir` checks them on load).
     """
     dst = Path(dst).absolute()
     if dst.exists() and not replace and (not dst.is_dir() or any(dst.iterdir())):
@@ -242,6 +244,10 @@ def atomic_directory(dst: str | Path, *, replace: bool = False, marker: dict[str
     try:
         yield tmp
         record = {"completed": time.strftime("%Y-%m-%d %H:%M:%S"), **(marker or {})}
+        if checksums:
+            from nemo_bard.models.verify import weight_checksums
+
+            record["files"] = weight_checksums(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(record) + "\n")
         if dst.exists() and (replace or not any(dst.iterdir())):
             old = dst.with_name(f"{dst.name}{TMP_INFIX}old-{uuid.uuid4().hex[:8]}")

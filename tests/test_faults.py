@@ -344,3 +344,87 @@ def test_usage_error_through_the_console_script_is_fast(tmp_path):
     elapsed = time.perf_counter() - t
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
     assert elapsed < 3.0, elapsed
+
+
+# ------------------------------------------------------------------------------ rows 5-7: verified checkpoints
+def _damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of model directory ``src`` whose ``model.safetensors`` is truncated, or has 1 KiB of zeros written
+    into its tensor data (``zeros``) or its JSON header (``header``)."""
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    size = weights.stat().st_size
+    if how == "truncated":
+        os.truncate(weights, size // 2)
+    else:
+        with open(weights, "r+b") as f:
+            f.seek(size // 2 if how == "zeros" else 16)
+            f.write(b"\0" * 1024)
+    return dst
+
+
+def test_verify_model_dir_names_the_damaged_file(tiny_bard_dir, tiny_ar_dir, tmp_path):
+    from nemo_bard.models.verify import CheckpointCorrupt, check_safetensors, verify_model_dir
+
+    marker = json.loads((tiny_bard_dir / COMPLETE_MARKER).read_text())
+    assert set(marker["files"]) == {"model.safetensors"} and len(marker["files"]["model.safetensors"]["sha256"]) == 64
+    assert verify_model_dir(tiny_bard_dir, checksums=True) == [tiny_bard_dir / "model.safetensors"]
+    for how, src, match in (
+        ("truncated", tiny_bard_dir, r"\d+ bytes, \d+ when it was written \(truncated\?\)"),  # size from the marker
+        ("truncated", tiny_ar_dir, r"tensor '.*' lies at bytes .* \(truncated\?\)"),  # no marker: from the header
+        ("header", tiny_ar_dir, r"its header is not valid JSON \(overwritten\?\)"),
+    ):
+        bad = _damaged_copy(src, tmp_path / f"{how}_{src.name}_{src.parent.name}", how)
+        with pytest.raises(CheckpointCorrupt, match=rf"^{bad}/model.safetensors is damaged: {match}; re-export"):
+            verify_model_dir(bad)
+    zeros = _damaged_copy(tiny_bard_dir, tmp_path / "zeros", "zeros")
+    assert verify_model_dir(zeros)  # the structure is intact: only the recorded checksum tells
+    with pytest.raises(CheckpointCorrupt, match=rf"^{zeros}/model.safetensors is damaged: its sha256 differs"):
+        verify_model_dir(zeros, checksums=True, what="SWD teacher")
+    with open(zeros / "model.safetensors", "ab") as f:  # bytes after the last tensor
+        f.write(b"x")
+    with pytest.raises(CheckpointCorrupt, match="1 bytes after the last tensor"):
+        check_safetensors(zeros / "model.safetensors")
+
+
+def test_convert_refuses_a_truncated_source(tiny_ar_dir, tmp_path, capsys):
+    from nemo_bard.convert import main
+
+    bad = _damaged_copy(tiny_ar_dir, tmp_path / "ar", "truncated")
+    assert main(["--src", str(bad), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nemo_bard.convert: error: {bad}/model.safetensors is damaged: ")
+    assert sorted(os.listdir(tmp_path)) == ["ar"]  # nothing written
+
+
+def swd_config(data, student: Path, teacher: Path) -> dict:
+    """A plain SWD recipe config (the pre-flight reads nothing else)."""
+    return {
+        "recipe": "nemo_bard.recipes.swd.BardSWDRecipe", "seed": 3,
+        "step_scheduler": {"global_batch_size": 2, "local_batch_size": 2, "max_steps": 2},
+        "model": {"pretrained_model_name_or_path": str(student)},
+        "teacher_model": {"pretrained_model_name_or_path": str(teacher)},
+        "dataset": {"_target_": "nemo_bard.data.datasets.BardChatDataset", "path": str(data)},
+        "dataloader": {"_target_": "torchdata.stateful_dataloader.StatefulDataLoader", "num_workers": 0,
+                       "collate_fn": {"_target_": "nemo_bard.data.collate.bard_collate_fn"}},
+        "bard": {"max_length": 512},
+    }
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeros"])
+def test_swd_preflight_refuses_a_damaged_teacher(how, tiny_bard_dir, tmp_path):
+    """Before any model loads: a truncated teacher (structure) and one with 1 KiB of zeros in its tensor data
+    (recorded sha256) are one error naming the file; ``bard.verify_checksums=false`` skips only the hash."""
+    from nemo_automodel.components.config.loader import ConfigNode
+
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+    from nemo_bard.models.verify import CheckpointCorrupt
+    from nemo_bard.recipes.swd import BardSWDRecipe
+
+    data = write_synthetic_dataset(tmp_path / "data", rows=4, seed=1)
+    teacher = _damaged_copy(tiny_bard_dir, tmp_path / "teacher", how)
+    cfg = swd_config(data, tiny_bard_dir, teacher)
+    with pytest.raises(CheckpointCorrupt, match=rf"^{teacher}/model.safetensors is damaged: .*the SWD teacher"):
+        BardSWDRecipe(ConfigNode(cfg)).preflight()
+    if how == "zeros":
+        cfg["bard"]["verify_checksums"] = False
+        BardSWDRecipe(ConfigNode(cfg)).preflight()

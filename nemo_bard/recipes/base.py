@@ -65,7 +65,7 @@ class BardRecipeBase(BardNeMoRecipe):
         plain = {k: to_plain(self.cfg.get(k, None)) for k in ("loss_fn", "distributed", "block_merge", "step_scheduler",
                                                                "dataset", "model", "teacher_model")}
         check_training_setup(plain)
-        check_paths(plain)
+        check_paths(plain, checksums=self.bard.verify_checksums)  # model and SWD teacher verified before loading
         self._check_mask_backend()
         check_peft_and_checkpointing(to_plain(self.cfg.get("peft", None)), to_plain(self.cfg.get("distributed", None)),
                                      self.cfg.get("quantization", None), cuda=torch.cuda.is_available())
