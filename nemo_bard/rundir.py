@@ -281,13 +281,18 @@ def free_bytes(path: str | Path) -> int | None:
 
 
 def disk_full_message(exc: BaseException, path: str | Path) -> str | None:
-    """``"no space left on <path> ..."`` when ``exc`` (or its cause chain) is a write that failed because the
-    file system is full, else None."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        chain.append(exc)
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    """``"no space left on <path> ..."`` when ``exc`` (or its cause chain, or the per-rank failures of torch's
+    ``CheckpointException``) is a write that failed because the file system is full, else None."""
+    chain, seen, todo = [], set(), [exc]
+    while todo:
+        exc = todo.pop()
+        while exc is not None and id(exc) not in seen:
+            chain.append(exc)
+            seen.add(id(exc))
+            failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint: {rank: (exception, trace)}
+            if isinstance(failures, dict):
+                todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+            exc = exc.__cause__ or exc.__context__
     full = any(isinstance(e, OSError) and e.errno in _FULL_ERRNOS for e in chain)
     full = full or any(t in str(e) for e in chain for t in _FULL_TEXT)
     free = free_bytes(path)

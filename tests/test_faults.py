@@ -262,6 +262,81 @@ def test_checkpoint_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
         recipe.save_checkpoint(0, 3, 1.0)  # checked before anything is written
 
 
+def _bare_recipe(tmp_path: Path, model: torch.nn.Module):
+    """A PBM recipe with just what ``save_checkpoint`` / ``export_model`` read (no NeMo setup)."""
+    from types import SimpleNamespace
+
+    from nemo_bard.callbacks.base import CallbackList
+    from nemo_bard.recipes.config import parse_bard_settings
+    from nemo_bard.recipes.pbm import BardPBMRecipe
+
+    recipe = BardPBMRecipe.__new__(BardPBMRecipe)
+    recipe.checkpointer = SimpleNamespace(config=SimpleNamespace(checkpoint_dir=str(tmp_path), enabled=True))
+    recipe.model_parts = [model]
+    recipe.device_mesh = None
+    recipe.step_scheduler = SimpleNamespace(step=3)
+    recipe.callbacks = CallbackList()
+    recipe.bard = parse_bard_settings({})
+    recipe.processor = None
+    return recipe
+
+
+def test_distributed_checkpoint_exception_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch's CheckpointException derives from BaseException: it is still reported as a full disk, and a
+    Ctrl-C during the save is not mistaken for one."""
+    from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    recipe = _bare_recipe(tmp_path, torch.nn.Linear(2, 2))
+    failure = CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    monkeypatch.setattr(FinetuneRecipeForVLM, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(failure))
+    with pytest.raises(DiskFullError, match=rf"^no space left on {tmp_path}/epoch_0_step_3 \(\d+ MiB free\): the "
+                                            "checkpoint of step 3 was not completed and is not published"):
+        recipe.save_checkpoint(0, 3, 1.0)
+    monkeypatch.setattr(FinetuneRecipeForVLM, "save_checkpoint",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        recipe.save_checkpoint(0, 3, 1.0)
+
+
+def test_stage_export_on_a_full_disk_says_so(tiny_bard_model, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError (not an OSError): one DiskFullError, nothing published."""
+    from safetensors import SafetensorError
+
+    from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(BardVLForConditionalGeneration, "save_pretrained", full)
+    recipe = _bare_recipe(tmp_path, tiny_bard_model)
+    out = tmp_path / "stages" / "b8"
+    with pytest.raises(DiskFullError, match=rf"^no space left on {out} \(\d+ MiB free\): the export {out} was not "
+                                            r"completed \(nothing was published there\)"):
+        recipe.export_model(out, block_size=8)
+    assert os.listdir(tmp_path / "stages") == []
+
+
+def test_convert_on_a_full_disk_says_so(tiny_ar_dir, tmp_path, monkeypatch, capsys):
+    from nemo_bard.convert import main
+
+    real_copy = shutil.copy2
+
+    def copy(src, dst):
+        if Path(src).name == "model.safetensors":
+            with open(dst, "wb") as f:
+                f.write(b"\0" * 100)  # part of the file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copy2", copy)
+    dst = tmp_path / "out"
+    assert main(["--src", str(tiny_ar_dir), "--dst", str(dst)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nemo_bard.convert: error: no space left on {dst} (")
+    assert "the conversion to" in err[0] and os.listdir(tmp_path) == []  # nothing half-written
+
+
 # ------------------------------------------------------------------------------ rows 9, 11: fast one-line errors
 def test_error_reporting_is_one_line_with_exit_codes(capsys, monkeypatch):
     monkeypatch.delenv("NEMO_BARD_DEBUG", raising=False)
