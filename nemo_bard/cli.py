@@ -27,6 +27,7 @@ exits 128 + the signal number (resume with the same command).
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -201,10 +202,16 @@ def write_resolved(cfg: dict, config: Path) -> Path:
         run_dir = os.path.join("outputs", f"{config.stem}_{time.strftime('%Y%m%d_%H%M%S')}")
         cfg.setdefault("checkpoint", {})["checkpoint_dir"] = run_dir
     out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / RESOLVED_NAME
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise CLIError(f"run directory {out} cannot be written ({exc.strerror}); point paths.run_root "
+                       "(checkpoint.checkpoint_dir) at a writable directory") from None
     return path.resolve()
 
 

@@ -46,6 +46,13 @@ class RunDirBusy(UserError):
     """Another live run holds the run directory."""
 
 
+class RunDirReadOnly(UserError):
+    """The run directory cannot be created or written (a read-only file system, no permission)."""
+
+
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 # ------------------------------------------------------------------------------------------ the lock
 def _proc_start(pid: int) -> str | None:
     """Start time of ``pid`` in clock ticks since boot (Linux), to tell a live holder from a reused pid."""
@@ -131,6 +138,23 @@ class RunLock:
         holder = self._read()
         return holder.get("pid") == int(pid) and holder.get("host") == socket.gethostname()
 
+    def _open(self) -> int:
+        """Create the run directory and open the lock file; a read-only or unwritable place is a :class:`UserError`."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            if exc.errno not in _READ_ONLY_ERRNOS:
+                raise
+            where = self.run_dir
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            kind = "read-only" if exc.errno == errno.EROFS else "not writable"
+            raise RunDirReadOnly(
+                f"run root {where} is {kind} ({exc.strerror}), so run directory {self.run_dir} cannot be written; "
+                "point paths.run_root (checkpoint.checkpoint_dir) at a writable directory"
+            ) from None
+
     # ------------------------------------------------------------------ api
     def acquire(self) -> "RunLock":
         """Take the lock or raise :class:`RunDirBusy` naming the holder."""
@@ -143,9 +167,8 @@ class RunLock:
             self.inherited, self._depth = True, 1
             RunLock._held[key] = self
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -308,6 +331,7 @@ __all__ = [
     "LOCK_ENV",
     "LOCK_FILE",
     "RunDirBusy",
+    "RunDirReadOnly",
     "RunLock",
     "atomic_directory",
     "check_run_dir_free",

@@ -412,6 +412,40 @@ print(json.dumps(out))
     assert not any((tmp_path / f"run_{name}").exists() for name in cases)  # nothing written
 
 
+def test_read_only_run_root_is_one_line(tmp_path, tiny_bard_dir, monkeypatch, capsys):
+    """A run root on a read-only file system (EROFS injected where the lock creates the run directory, and where it
+    opens the lock file in an existing directory): one line naming the run root, exit 2, nothing written."""
+    from nemo_bard.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    ro = tmp_path / "ro"
+    (ro / "existing").mkdir(parents=True)
+    real_mkdir, real_open = Path.mkdir, os.open
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def os_open(path, *args, **kwargs):
+        if str(path).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+    for run_dir, root in ((ro / "runs" / "pbm", ro), (ro / "existing", ro / "existing")):
+        argv = ["finetune", "--config", str(REPO / "conf/bard_tiny.yaml"), f"paths.data={data}",
+                f"paths.model={tiny_bard_dir}", f"checkpoint.checkpoint_dir={run_dir}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"automodel: error: run root {root} is read-only (Read-only file system), so run directory "
+                       f"{run_dir} cannot be written; point paths.run_root (checkpoint.checkpoint_dir) at a writable "
+                       "directory"]
+    assert os.listdir(ro) == ["existing"] and os.listdir(ro / "existing") == []
+
+
 def test_usage_error_through_the_console_script_is_fast(tmp_path):
     t = time.perf_counter()
     proc = subprocess.run([str(Path(sys.executable).parent / "automodel"), "finetune", "--config", "nope.yaml"],
