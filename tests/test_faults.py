@@ -373,6 +373,10 @@ FAST_CASES = {  # argv -> the one stderr line (substring)
                       "model directory {tmp}/m not found; convert an AR Qwen3-VL first"),
     "empty_config_json": (["finetune", "--config", "conf/bard_tiny.yaml", "paths.data={data}", "paths.model={empty}"],
                           "{empty}/config.json is empty"),
+    "nemo_style_key": (["finetune", "--config", "conf/bard_tiny.yaml", "--bard.mask_backnd=dense"],
+                       "unknown key bard.mask_backnd"),
+    "truncated_model": (["finetune", "--config", "conf/bard_tiny.yaml", "paths.data={data}", "paths.model={truncated}"],
+                        "{truncated}/model.safetensors is damaged: "),
     "swd_teacher": (["finetune", "--config", "conf/bard_tiny.yaml", "stage=swd", "paths.data={data}",
                      "paths.student={bard}", "paths.teacher=outputs/nope"],
                     "SWD teacher directory outputs/nope not found; run PBM first"),
@@ -386,7 +390,8 @@ def test_user_errors_answer_before_heavy_imports(tmp_path, tiny_bard_dir):
     empty = tmp_path / "empty_model"
     empty.mkdir()
     (empty / "config.json").write_text("")
-    fmt = {"tmp": tmp_path, "data": data, "empty": empty, "bard": tiny_bard_dir}
+    truncated = _damaged_copy(tiny_bard_dir, tmp_path / "truncated", "truncated")
+    fmt = {"tmp": tmp_path, "data": data, "empty": empty, "bard": tiny_bard_dir, "truncated": truncated}
     cases = {name: ([a.format(**fmt) for a in argv], line.format(**fmt)) for name, (argv, line) in FAST_CASES.items()}
     code = f"""
 import contextlib, io, json, sys, time
@@ -446,13 +451,28 @@ def test_read_only_run_root_is_one_line(tmp_path, tiny_bard_dir, monkeypatch, ca
     assert os.listdir(ro) == ["existing"] and os.listdir(ro / "existing") == []
 
 
-def test_usage_error_through_the_console_script_is_fast(tmp_path):
+@pytest.mark.parametrize("script", ["automodel", "nemo-bard"])
+def test_usage_error_through_the_console_script_is_fast(script, tmp_path):
+    """Each console script answers in well under 3 s and calls itself by the name that was typed."""
     t = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "automodel"), "finetune", "--config", "nope.yaml"],
+    proc = subprocess.run([str(Path(sys.executable).parent / script), "finetune", "--config", "nope.yaml"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - t
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    assert proc.stderr.startswith(f"{script}: error: config file 'nope.yaml'")
     assert elapsed < 3.0, elapsed
+
+
+def test_nemo_style_values_parse_as_nemo_parses_them():
+    """The front door reads ``--a.b=VALUE`` without importing NeMo (it imports torch): same values as NeMo's."""
+    from nemo_automodel.components.config.loader import translate_value
+
+    from nemo_bard.cli import parse_value
+
+    for text in ("1", "-2.5e-3", "true", "False", "none", "None", "NONE", "null", "[1, 'a']", "{'k': (1, 2)}",
+                 "'quoted'", "dense", "a.b", "1e", "nan", "inf", "0x10", "x" * 1001, "", " 3", "1_000"):
+        ours, theirs = parse_value(text), translate_value(text)
+        assert type(ours) is type(theirs) and ours == theirs, text
 
 
 # ------------------------------------------------------------------------------ rows 5-7: verified checkpoints
