@@ -75,7 +75,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         samples = load_samples(args.data, args.root_dir, args.limit, args.split)
-        print(f"{len(samples)} samples from {args.data}")
+        note = samples.skipped_note()
+        if not samples:
+            print(f"error: no rows to evaluate in {args.data}" + (f": {note}" if note else ""), file=sys.stderr)
+            return 2
+        print(f"{len(samples)} samples from {args.data}" + (f" ({note})" if note else ""))
         rows = []
         for i, model_dir in enumerate(args.model):
             rows += evaluate(
