@@ -120,6 +120,20 @@ def test_rows_with_an_empty_reference_are_skipped_and_counted(tmp_path, caplog, 
                    f"an assistant turn without text) skipped, not scored (first: {only_empty} row 0)"]
 
 
+def test_a_truncated_model_is_named_before_loading(tiny_bard_dir, digits_data, tmp_path, capsys):
+    import shutil
+
+    from nemo_bard.eval.__main__ import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bard_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["--model", str(broken), "--data", str(digits_data / "test"), "--out-dir", str(tmp_path / "r")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {weights} is damaged: ") and not (tmp_path / "r").exists()
+
+
 def test_zero_row_dataset_message_is_not_about_training(tmp_path, capsys):
     from datasets import Dataset
 

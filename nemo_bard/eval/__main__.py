@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from nemo_bard.data.datasets import DataError
     from nemo_bard.data.media import VideoDecoderMissing
+    from nemo_bard.models.verify import CheckpointCorrupt
 
     try:
         samples = load_samples(args.data, args.root_dir, args.limit, args.split)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=not args.no_warmup, progress=not args.no_progress, video_fps=args.video_fps,
                 video_max_frames=args.video_max_frames, engine=args.engine,
             )
-    except (DataError, VideoDecoderMissing) as exc:
+    except (DataError, VideoDecoderMissing, CheckpointCorrupt) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     paths = write_report(rows, args.out_dir, reference=args.reference, title=args.title)

@@ -89,8 +89,11 @@ def load_model(
 
     from nemo_bard.models.loading import resolve_device_dtype
 
+    from nemo_bard.models.verify import verify_model_dir
+
     path = Path(model_dir)
     mtype = model_type(path)
+    verify_model_dir(path, what="--model checkpoint")  # a truncated or damaged weight file, named before loading
     device, dtype = resolve_device_dtype(device, dtype)
     kind = "bard" if mtype == "bard_vl" and not force_ar else "ar"
     if kind == "bard":
