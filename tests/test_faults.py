@@ -515,6 +515,26 @@ def test_verify_model_dir_names_the_damaged_file(tiny_bard_dir, tiny_ar_dir, tmp
         check_safetensors(zeros / "model.safetensors")
 
 
+def test_sharded_export_records_and_verifies_every_shard(tiny_bard_model, tmp_path):
+    from nemo_bard.models.export import export_hf
+    from nemo_bard.models.verify import CheckpointCorrupt, verify_model_dir
+
+    out = export_hf(tiny_bard_model, tmp_path / "b8", block_size=8, max_shard_size="300KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    recorded = json.loads((out / COMPLETE_MARKER).read_text())["files"]
+    assert len(shards) > 1 and set(recorded) == {p.name for p in shards} | {"model.safetensors.index.json"}
+    assert verify_model_dir(out, checksums=True) == shards
+    with open(shards[-1], "r+b") as f:  # 1 KiB of zeros in the last shard's data
+        f.seek(f.seek(0, 2) - 2048)
+        f.write(bytes(1024))
+    with pytest.raises(CheckpointCorrupt, match=rf"^{shards[-1]} is damaged: its sha256 differs"):
+        verify_model_dir(out, checksums=True)
+    (out / COMPLETE_MARKER).unlink()  # no record (e.g. a copied HF model): a missing shard is still named
+    shards[0].unlink()
+    with pytest.raises(CheckpointCorrupt, match=rf"^{shards[0]} is missing \(listed in model.safetensors.index.json\)"):
+        verify_model_dir(out)
+
+
 def test_convert_refuses_a_truncated_source(tiny_ar_dir, tmp_path, capsys):
     from nemo_bard.convert import main
 
