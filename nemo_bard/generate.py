@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
-
-import math
 
 from nemo_bard.errors import DEBUG_ENV, UserError, report
 from nemo_bard.models.paths import ModelPathError, read_model_config

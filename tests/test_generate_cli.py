@@ -161,7 +161,8 @@ def test_bad_arguments_answer_before_torch_is_imported(tiny_bard_dir, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for extra, line in ((["--model", str(tmp_path / "nope")], f"--model directory {tmp_path / 'nope'} not found; pass "
                                                                 "a bard_vl checkpoint directory"),
-                        (["--model", str(tiny_bard_dir), "--top-p", "2"], "--top-p must be in (0, 1] (1 = off), got 2.0")):
+                        (["--model", str(tiny_bard_dir), "--top-p", "2"],
+                         "--top-p must be in (0, 1] (1 = off), got 2.0")):
         t = time.perf_counter()
         proc = subprocess.run([sys.executable, "-c", code, *extra, "--prompt", "x"], env=env, capture_output=True,
                               text=True, timeout=60)

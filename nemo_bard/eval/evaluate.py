@@ -3,8 +3,9 @@
 The reference of a row is its ``answer`` column when present, else the text of its last assistant
 turn; a row whose reference is empty (an ``answer`` of ``""``, an assistant turn without text) is skipped
 and counted, never scored against the empty string (:class:`EvalSamples`, ``skipped_empty_reference`` in
-the result rows, a warning and the CLI's sample line). The prompt is the conversation before that turn, rendered with the processor's chat
-template (``add_generation_prompt=True``) and batched with left padding. Predictions are decoded
+the result rows, a warning and the CLI's sample line). The prompt is the conversation before that
+turn, rendered with the processor's chat template (``add_generation_prompt=True``) and batched with
+left padding. Predictions are decoded
 with special tokens skipped and stripped, then scored with :mod:`nemo_bard.eval.metrics`.
 
 A ``bard_vl`` model is evaluated at a list of decoding points ``(block size, denoising steps,

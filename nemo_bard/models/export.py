@@ -5,10 +5,10 @@ All ranks take part in gathering the full state dict; rank 0 writes it with tran
 ``model.safetensors.index.json`` when there is more than one, ``config.json`` with ``model_type:
 bard_vl`` and the given block size, ``generation_config.json``) and the processor/tokenizer files,
 into a temporary sibling directory that is renamed into place with a completion marker once
-everything is written (:func:`nemo_bard.rundir.atomic_directory`; the marker records each weight file's size and
-sha256, :func:`nemo_bard.models.verify.verify_model_dir` checks them before the directory is used). The result loads with
-``from_pretrained`` and can serve as an SWD teacher; a killed export leaves no directory that looks
-finished.
+everything is written (:func:`nemo_bard.rundir.atomic_directory`; the marker records each weight
+file's size and sha256, which :func:`nemo_bard.models.verify.verify_model_dir` checks before the directory
+is used). The result loads with ``from_pretrained`` and can serve as an SWD teacher; a killed export
+leaves no directory that looks finished.
 """
 
 from __future__ import annotations

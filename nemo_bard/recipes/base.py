@@ -187,7 +187,7 @@ class BardRecipeBase(BardNeMoRecipe):
         try:
             return export_hf(model, out_dir, self.processor, block_size=block_size, dtype=dtype,
                              max_shard_size=self.bard.export_max_shard_size, state_dict=state)
-        except Exception as exc:  # noqa: BLE001  OSError, or safetensors' SafetensorError: only a full disk is translated
+        except Exception as exc:  # noqa: BLE001  OSError or safetensors' SafetensorError; only disk full is translated
             full = disk_full_message(exc, out_dir)
             if full is None:
                 raise
