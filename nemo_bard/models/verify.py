@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from nemo_bard.errors import UserError
+from nemo_bard.rundir import COMPLETE_MARKER
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-MARKER = ".nemo_bard_complete"  # nemo_bard.rundir.COMPLETE_MARKER (rundir imports this module)
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
 _CHUNK = 8 * 2**20
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
@@ -136,7 +136,7 @@ def weight_checksums(model_dir: str | Path) -> dict[str, dict[str, Any]]:
 
 def _recorded(d: Path) -> dict[str, dict[str, Any]]:
     try:
-        files = json.loads((d / MARKER).read_text(encoding="utf-8")).get("files")
+        files = json.loads((d / COMPLETE_MARKER).read_text(encoding="utf-8")).get("files")
     except (OSError, ValueError, AttributeError):
         return {}
     return files if isinstance(files, dict) else {}
