@@ -129,8 +129,9 @@ def weight_checksums(model_dir: str | Path) -> dict[str, dict[str, Any]]:
     """``{file name: {"size", "sha256"}}`` of the weight files (safetensors and their index) of a directory being
     written; recorded in its completion marker."""
     d = Path(model_dir)
-    names = sorted({p.name for p in d.glob("*.safetensors")} | ({SAFETENSORS_INDEX} if (d / SAFETENSORS_INDEX).is_file()
-                                                               else set()))
+    names = sorted(p.name for p in d.glob("*.safetensors"))
+    if (d / SAFETENSORS_INDEX).is_file():
+        names.append(SAFETENSORS_INDEX)
     return {name: {"size": (d / name).stat().st_size, "sha256": file_sha256(d / name)} for name in names}
 
 
@@ -161,7 +162,8 @@ def verify_model_dir(model_dir: str | Path, *, checksums: bool = False, what: st
             raise CheckpointCorrupt(f"{p} is missing (it was written with this {what}); {fix}")
         size = p.stat().st_size
         if isinstance(rec, dict) and rec.get("size") is not None and size != rec["size"]:
-            raise _damaged(p, f"{size} bytes, {rec['size']} when it was written (truncated?)", fix)
+            cause = "truncated?" if size < rec["size"] else "overwritten?"
+            raise _damaged(p, f"{size} bytes, {rec['size']} when it was written ({cause})", fix)
     files = weight_files(d)
     for p in files:
         check_safetensors(p, fix)
