@@ -36,8 +36,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemo_bard.errors import DEBUG_ENV, UserError, run_reported
-from nemo_bard.rundir import RunLock, check_run_dir_free
+from nemo_bard.errors import DEBUG_ENV, DiskFullError, UserError, run_reported
+from nemo_bard.rundir import RunLock, check_run_dir_free, disk_full_message
 
 COMMANDS = ("finetune", "train", "pretrain", "kd")
 RESOLVED_NAME = "resolved_config.yaml"
@@ -226,6 +226,10 @@ def write_resolved(cfg: dict, config: Path) -> Path:
         with open(path, "w") as f:
             yaml.safe_dump(cfg, f, sort_keys=False)
     except OSError as exc:
+        full = disk_full_message(exc, out)
+        if full is not None:
+            raise DiskFullError(f"{full}: the run cannot start; free space or point paths.run_root "
+                                "(checkpoint.checkpoint_dir) elsewhere") from None
         if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         raise CLIError(f"run directory {out} cannot be written ({exc.strerror}); point paths.run_root "

@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from nemo_bard.errors import UserError
+from nemo_bard.errors import DiskFullError, UserError
 
 LOCK_FILE = ".nemo_bard.lock"
 LOCK_ENV = "NEMO_BARD_RUN_LOCK"
@@ -139,11 +139,16 @@ class RunLock:
         return holder.get("pid") == int(pid) and holder.get("host") == socket.gethostname()
 
     def _open(self) -> int:
-        """Create the run directory and open the lock file; a read-only or unwritable place is a :class:`UserError`."""
+        """Create the run directory and open the lock file; a read-only or unwritable place is a :class:`UserError`,
+        a full disk a :class:`DiskFullError`."""
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            full = disk_full_message(exc, self.run_dir)
+            if full is not None:
+                raise DiskFullError(f"{full}: the run cannot start; free space or point paths.run_root "
+                                    "(checkpoint.checkpoint_dir) elsewhere") from None
             if exc.errno not in _READ_ONLY_ERRNOS:
                 raise
             where = self.run_dir

@@ -451,6 +451,42 @@ def test_read_only_run_root_is_one_line(tmp_path, tiny_bard_dir, monkeypatch, ca
     assert os.listdir(ro) == ["existing"] and os.listdir(ro / "existing") == []
 
 
+def test_full_disk_at_the_start_of_a_run_is_one_line(tmp_path, tiny_bard_dir, monkeypatch, capsys):
+    """The first writes of a run on a full disk (its resolved config, then its lock file): `no space left on
+    <run dir>`, exit 1, no traceback."""
+    import builtins
+
+    from nemo_bard.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    run_dir = tmp_path / "run"
+    real_open, real_os_open = builtins.open, os.open
+
+    def full(path) -> None:
+        if str(path).startswith(str(run_dir)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            full(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    def full_os_open(path, *args, **kwargs):
+        full(path)
+        return real_os_open(path, *args, **kwargs)
+
+    argv = ["finetune", "--config", str(REPO / "conf/bard_tiny.yaml"), f"paths.data={data}",
+            f"paths.model={tiny_bard_dir}", f"checkpoint.checkpoint_dir={run_dir}"]
+    for patched, fake in ((builtins, full_open), (os, full_os_open)):
+        monkeypatch.setattr(patched, "open", fake)
+        assert main(argv) == 1, fake
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"automodel: error: no space left on {run_dir} ("), err
+        assert err[0].endswith("the run cannot start; free space or point paths.run_root (checkpoint.checkpoint_dir) "
+                               "elsewhere"), err
+
+
 @pytest.mark.parametrize("script", ["automodel", "nemo-bard"])
 def test_usage_error_through_the_console_script_is_fast(script, tmp_path):
     """Each console script answers in well under 3 s and calls itself by the name that was typed."""
