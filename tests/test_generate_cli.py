@@ -24,7 +24,7 @@ def image_path(tmp_path_factory):
 def test_cli_writes_stats_json(tiny_bard_dir, image_path, tmp_path, capsys):
     stats_path = tmp_path / "stats.json"
     rc = main(["--model", str(tiny_bard_dir), "--image", str(image_path), "--prompt", "Read the digits.",
-               "--max-new-tokens", "8", "--stats-json", str(stats_path)])
+               "--max-new-tokens", "8", "--stats-json", str(stats_path), "--verify"])  # an intact checkpoint passes
     assert rc == 0
     stats = json.loads(stats_path.read_text())
     for key in ("response_tokens", "num_forwards", "tokens_per_forward", "wall_time", "prefill_time", "answer"):
