@@ -11,7 +11,7 @@ Accepted forms::
 A config with a Hydra ``defaults:`` list (the files under ``conf/``), or any
 Hydra-style ``key=value`` override, is composed with Hydra; NeMo-style
 ``--a.b=c`` overrides are applied on top (``OmegaConf.update``, values parsed the
-way NeMo AutoModel parses them); the resolved YAML is written into the run
+way NeMo AutoModel parses them, without importing it); the resolved YAML is written into the run
 directory (``checkpoint.checkpoint_dir``) and that file is handed to
 ``nemo_automodel.cli.app``. Any other config goes to
 ``nemo_automodel.cli.app`` unchanged. ``--nproc-per-node N`` (N > 1) runs
@@ -28,6 +28,8 @@ exits 128 + the signal number (resume with the same command).
 from __future__ import annotations
 
 import argparse
+import ast
+import errno
 import os
 import signal
 import sys
@@ -35,14 +37,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nemo_bard.errors import DEBUG_ENV, UserError, run_reported
-from nemo_bard.rundir import RunLock, check_run_dir_free
+from nemo_bard.errors import DEBUG_ENV, DiskFullError, UserError, run_reported
+from nemo_bard.rundir import RunLock, check_run_dir_free, disk_full_message
 
 COMMANDS = ("finetune", "train", "pretrain", "kd")
 RESOLVED_NAME = "resolved_config.yaml"
 USAGE = "automodel finetune --config CONFIG.yaml [key=value ...] [--a.b=c ...] [--nproc-per-node N] [--debug]"
 # torchrun waits this long for workers to finish their step and save a checkpoint after a stop signal
 SHUTDOWN_TIMEOUT_S = 900
+PROG_ENV = "NEMO_BARD_PROG"
+_prog = "automodel"  # the program name of this invocation (set by main)
 
 
 class CLIError(UserError):
@@ -168,12 +172,27 @@ def compose(config: Path, hydra_overrides: list[str], nemo_tokens: list[str]) ->
     overrides = nemo_overrides(nemo_tokens)
     if not overrides:
         return resolved
-    from nemo_automodel.components.config.loader import translate_value
-
     merged = OmegaConf.create(resolved)
     for key, value in overrides:
-        OmegaConf.update(merged, key, translate_value(value), merge=False)
+        OmegaConf.update(merged, key, parse_value(value), merge=False)
     return OmegaConf.to_container(merged)
+
+
+_SYMBOLS = {"none": None, "None": None, "true": True, "True": True, "false": False, "False": False}
+
+
+def parse_value(text: str) -> object:
+    """The value of a NeMo-style ``--a.b=VALUE`` token, as NeMo AutoModel 0.7 reads it (``translate_value``; the test
+    suite compares the two) without importing it (it imports torch): ``none`` / ``true`` / ``false`` in either
+    case of their first letter, else a Python literal (number, string, list, dict, ...), else the text itself."""
+    if text in _SYMBOLS:
+        return _SYMBOLS[text]
+    if len(text) > 1000:
+        return text
+    try:
+        return ast.literal_eval(text)
+    except Exception:  # noqa: BLE001  anything that is not a literal stays text, as in NeMo
+        return text
 
 
 def check_bard_sections(cfg: dict) -> None:
@@ -202,10 +221,20 @@ def write_resolved(cfg: dict, config: Path) -> Path:
         run_dir = os.path.join("outputs", f"{config.stem}_{time.strftime('%Y%m%d_%H%M%S')}")
         cfg.setdefault("checkpoint", {})["checkpoint_dir"] = run_dir
     out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
     path = out / RESOLVED_NAME
-    with open(path, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as f:
+            yaml.safe_dump(cfg, f, sort_keys=False)
+    except OSError as exc:
+        full = disk_full_message(exc, out)
+        if full is not None:
+            raise DiskFullError(f"{full}: the run cannot start; free space or point paths.run_root "
+                                "(checkpoint.checkpoint_dir) elsewhere") from None
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise CLIError(f"run directory {out} cannot be written ({exc.strerror}); point paths.run_root "
+                       "(checkpoint.checkpoint_dir) at a writable directory") from None
     return path.resolve()
 
 
@@ -246,7 +275,7 @@ def _run_torchrun(torchrun_args: list[str]) -> int:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode
         if code - 128 not in (signal.SIGTERM, signal.SIGINT):  # a stop by signal has said so itself
-            print(f"automodel: error: training process rank {rank} exited with code {code} (its message is above)",
+            print(f"{_prog}: error: training process rank {rank} exited with code {code} (its message is above)",
                   file=sys.stderr, flush=True)
         return code
     return 0
@@ -295,9 +324,25 @@ def _main(argv: list[str]) -> int:
             lock.release()
 
 
+def program_name(argv0: str) -> str:
+    """The name messages start with: what the user typed (``automodel`` or ``nemo-bard``, argv[0]'s basename; a
+    torchrun worker inherits its launcher's through ``NEMO_BARD_PROG``), ``automodel`` for ``python -m`` / ``-c``."""
+    inherited = os.environ.get(PROG_ENV)
+    if inherited:
+        return inherited
+    name = os.path.basename(argv0)
+    return name if name and name != "-c" and not name.endswith(".py") else "automodel"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``automodel`` and ``nemo-bard`` console scripts."""
-    argv = sys.argv[1:] if argv is None else argv
+    """Entry point of the ``automodel`` and ``nemo-bard`` console scripts (messages name the one typed)."""
+    global _prog
+    if argv is None:
+        _prog = program_name(sys.argv[0] if sys.argv else "")
+        os.environ[PROG_ENV] = _prog  # torchrun workers report under the same name
+        argv = sys.argv[1:]
+    else:
+        _prog = os.environ.get(PROG_ENV) or "automodel"
     if argv and argv[0] == "serve":  # nemo-bard serve --model DIR ...: the OpenAI-compatible server
         from nemo_bard.serve import main as serve_main
 
@@ -305,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    return run_reported("automodel", lambda: _main(argv))
+    return run_reported(_prog, lambda: _main(argv))
 
 
 if __name__ == "__main__":

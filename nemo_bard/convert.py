@@ -8,9 +8,11 @@ recording ``mask_token_id`` and ``block_size``; processor and tokenizer files ar
 ``tokenizers.AddedToken`` and ``save_pretrained``; ids between the tokenizer's last id and the mask id
 are filled with reserved tokens, as Qwen3's 151669 and 151670 before ``<|mask|>`` at 151671).
 
-Everything is checked before anything is written (the source config, weights, tokenizer and the mask
-id: it must be an unused id, not an ordinary token), and the output is written under a temporary name
-and renamed to ``OUT_DIR`` when complete, so a failed or killed conversion leaves nothing behind.
+Everything is checked before anything is written (the source config, the structure of every safetensors
+file (:func:`nemo_bard.models.verify.verify_model_dir`), the tokenizer and the mask id: it must be an unused
+id, not an ordinary token), and the output is written under a temporary name and renamed to ``OUT_DIR``
+when complete, with the size and sha256 of each weight file in its completion marker, so a failed or
+killed conversion (or a full disk) leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from nemo_bard.errors import UserError, run_reported
+from nemo_bard.errors import DiskFullError, UserError, run_reported
 from nemo_bard.models.paths import ModelPathError, read_model_config
 from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MASK_TOKEN
-from nemo_bard.rundir import atomic_directory
+from nemo_bard.models.verify import verify_model_dir
+from nemo_bard.rundir import COMPLETE_MARKER, atomic_directory, disk_full_message
 
 RESERVED_TOKEN = "<|bard_reserved_{}|>"
 SOURCE_MODEL_TYPES = ("qwen3_vl",)
@@ -161,6 +164,7 @@ def convert(
         raise ConversionError(f"{src} holds no weight files (*.safetensors / *.bin)")
     if block_size < 1:
         raise ConversionError(f"--block-size must be >= 1, got {block_size}")
+    verify_model_dir(src, checksums=True, what="--src checkpoint")
 
     vocab = int(cfg["text_config"].get("vocab_size", 151936))
     mask_token_id, new_tokens = plan_mask_token(_tokenizer_vocab(src), mask_token_id, vocab)
@@ -175,13 +179,21 @@ def convert(
         raise ConversionError(f"{src}/config.json cannot be read as a Qwen3-VL config: {exc}") from None
     bard_cfg.architectures = [BARD_ARCHITECTURE]
 
-    with atomic_directory(dst, marker={"source": str(src.absolute()), "mask_token_id": mask_token_id}) as tmp:
-        for p in src.iterdir():
-            if p.is_file() and p.name != "config.json":
-                shutil.copy2(p, tmp / p.name)
-        bard_cfg.save_pretrained(tmp)
-        if new_tokens:
-            tokenizer.save_pretrained(tmp)
+    marker = {"source": str(src.absolute()), "mask_token_id": mask_token_id}
+    try:
+        with atomic_directory(dst, marker=marker, checksums=True) as tmp:
+            for p in src.iterdir():
+                if p.is_file() and p.name not in ("config.json", COMPLETE_MARKER):
+                    shutil.copy2(p, tmp / p.name)
+            bard_cfg.save_pretrained(tmp)
+            if new_tokens:
+                tokenizer.save_pretrained(tmp)
+    except Exception as exc:  # noqa: BLE001  only a full disk is translated; anything else propagates
+        full = disk_full_message(exc, dst)
+        if full is None:
+            raise
+        raise DiskFullError(f"{full}: the conversion to {dst} was not completed (nothing was written there); free "
+                            "space, then run the same command") from exc
     return dst
 
 

@@ -5,24 +5,35 @@
         [--block-size 32] [--denoising-steps 32] [--confidence-threshold 0.9]
         [--remasking-strategy low_confidence_dynamic] [--temperature 0] [--max-new-tokens 1024]
         [--stream] [--stats-json FILE] [--device cuda|cpu] [--dtype auto] [--seed N]
-        [--engine static|compiled|eager]
+        [--engine static|compiled|eager] [--verify]
 
 Images are read with PIL. A video is a file (mp4, webm, mkv, ...; decoding needs PyAV:
 ``pip install 'nemo-bard[video]'``) or a directory of frame images (sorted by name); its frames are
 sampled like Qwen3-VL does (``--video-fps`` frames per second within the processor's min/max frame
 count). On a GPU the default is bf16, on CPU fp32.
 Every option also accepts its underscore spelling (``--block_size``).
+
+Arguments and the checkpoint's files (config.json, every safetensors header; ``--verify``: also the sha256 its
+export recorded) are checked before torch or transformers is imported, so a bad argument is one line in about a
+second.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 from nemo_bard.errors import DEBUG_ENV, UserError, report
 from nemo_bard.models.paths import ModelPathError, read_model_config
+from nemo_bard.models.verify import verify_model_dir
+
+# decoding engines and remasking strategies, checked against nemo_bard.generation.points after the cheap checks
+# (importing the generation package imports torch); tests/test_generate_cli.py keeps these lists equal to it
+ENGINE_NAMES = ("static", "compiled", "eager")
+STRATEGY_NAMES = ("low_confidence_dynamic", "low_confidence_static")
 
 
 class UsageError(UserError):
@@ -36,7 +47,7 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
+    """The argument parser (imports neither torch nor the generation package)."""
     from nemo_bard.models.loading import DTYPES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.generate", description=__doc__.splitlines()[0])
@@ -51,25 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ap, "block-size", type=int, default=None, help="block size B (default: the checkpoint's)")
     _flag(ap, "denoising-steps", type=int, default=None, help="max denoising steps per block S (default B)")
     _flag(ap, "confidence-threshold", type=float, default=0.9, help="tau of the dynamic strategy (default 0.9)")
-    _flag(ap, "remasking-strategy", default="low_confidence_dynamic", choices=REMASKING_STRATEGIES)
-    _flag(ap, "temperature", type=float, default=0.0, help="0 = greedy (default)")
-    _flag(ap, "top-k", type=int, default=None)
-    _flag(ap, "top-p", type=float, default=None)
+    _flag(ap, "remasking-strategy", default="low_confidence_dynamic", metavar="|".join(STRATEGY_NAMES))
+    _flag(ap, "temperature", type=float, default=0.0, help="0 = greedy (default); finite, >= 0")
+    _flag(ap, "top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
+    _flag(ap, "top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
     _flag(ap, "max-new-tokens", type=int, default=1024)
     _flag(ap, "stream", action="store_true", help="print the answer block by block as blocks commit")
     _flag(ap, "stats-json", default=None, help="write decoding statistics to this JSON file")
     _flag(ap, "device", default=None, help="cuda or cpu (default: cuda when available)")
     _flag(ap, "dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on GPU, float32 on CPU")
     _flag(ap, "seed", type=int, default=None)
-    _flag(ap, "engine", default="static", choices=ENGINES,
+    _flag(ap, "engine", default="static", metavar="|".join(ENGINE_NAMES),
           help="decoding engine: static (default; CUDA graphs on GPU), compiled (+ torch.compile), eager "
                "(transformers' own layers, no graphs)")
+    _flag(ap, "verify", action="store_true",
+          help="also check the weight files' sha256 against the one their export recorded (~1 s per GB)")
     _flag(ap, "debug", action="store_true", help="show tracebacks of errors")
     return ap
 
 
-def check_model_dir(path: str) -> dict:
-    """The checkpoint's config.json as a dict; raises :class:`UsageError` unless it is a bard_vl directory."""
+def check_model_dir(path: str, checksums: bool = False) -> dict:
+    """The checkpoint's config.json as a dict; raises :class:`UsageError` unless it is a bard_vl directory whose
+    weight files are intact (:func:`~nemo_bard.models.verify.verify_model_dir`; their sha256 with ``checksums``)."""
     try:
         cfg = read_model_config(path, "--model", "pass a bard_vl checkpoint directory")
     except ModelPathError as exc:
@@ -81,12 +95,34 @@ def check_model_dir(path: str) -> dict:
             f"--model {path}: config.json model_type is {cfg.get('model_type')!r}, not 'bard_vl'; convert an "
             f"autoregressive Qwen3-VL first: python -m nemo_bard.convert --src {path} --dst OUT"
         )
+    verify_model_dir(path, checksums=checksums, what="--model checkpoint")
     return cfg
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Sampling flags: ``--temperature`` finite and >= 0, ``--top-p`` in (0, 1], ``--top-k`` >= 0."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.top_k is not None and args.top_k < 0:
+        raise UsageError(f"--top-k must be >= 0 (0 = off), got {args.top_k}")
+
+
+def check_names(args: argparse.Namespace) -> None:
+    """``--engine`` and ``--remasking-strategy`` against the decoder's own lists (imports the generation package)."""
+    from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
+
+    for flag, value, valid in (("--engine", args.engine, ENGINES),
+                               ("--remasking-strategy", args.remasking_strategy, REMASKING_STRATEGIES)):
+        if value not in valid:
+            raise UsageError(f"{flag} {value!r} is not one of {', '.join(valid)}")
 
 
 def check_args(args: argparse.Namespace) -> dict:
     """Validate paths and numbers before any heavy work; returns the checkpoint config."""
-    cfg = check_model_dir(args.model)
+    cfg = check_model_dir(args.model, checksums=args.verify)
+    check_sampling(args)
     for flag, paths in (("--image", args.image), ("--video", args.video)):
         for p in paths:
             if not Path(p).exists():
@@ -106,8 +142,6 @@ def check_args(args: argparse.Namespace) -> dict:
             raise UsageError(f"{flag} must be >= 1, got {value}")
     if not 0.0 <= args.confidence_threshold <= 1.0:
         raise UsageError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
-    if args.temperature < 0:
-        raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
     recorded = cfg.get("block_size")
     if args.block_size is not None and recorded is not None and args.block_size != recorded:
         print(
@@ -176,18 +210,20 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors, printed as one line)."""
-    from nemo_bard.generation.inputs import InputError
-
     args = build_parser().parse_args(argv)
     if args.debug:
         import os
 
         os.environ[DEBUG_ENV] = "1"
     try:
-        check_args(args)
-        run(args)
-    except InputError as exc:
-        return report("nemo_bard.generate", UsageError(str(exc)).with_traceback(exc.__traceback__))
+        check_args(args)  # no torch import up to here
+        check_names(args)
+        from nemo_bard.generation.inputs import InputError
+
+        try:
+            run(args)
+        except InputError as exc:
+            raise UsageError(str(exc)).with_traceback(exc.__traceback__) from None
     except (UserError, KeyboardInterrupt) as exc:
         return report("nemo_bard.generate", exc)
     return 0

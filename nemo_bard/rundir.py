@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from nemo_bard.errors import UserError
+from nemo_bard.errors import DiskFullError, UserError
 
 LOCK_FILE = ".nemo_bard.lock"
 LOCK_ENV = "NEMO_BARD_RUN_LOCK"
@@ -44,6 +44,13 @@ except ImportError:  # pragma: no cover - not POSIX
 
 class RunDirBusy(UserError):
     """Another live run holds the run directory."""
+
+
+class RunDirReadOnly(UserError):
+    """The run directory cannot be created or written (a read-only file system, no permission)."""
+
+
+_READ_ONLY_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 # ------------------------------------------------------------------------------------------ the lock
@@ -131,6 +138,28 @@ class RunLock:
         holder = self._read()
         return holder.get("pid") == int(pid) and holder.get("host") == socket.gethostname()
 
+    def _open(self) -> int:
+        """Create the run directory and open the lock file; a read-only or unwritable place is a :class:`UserError`,
+        a full disk a :class:`DiskFullError`."""
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            full = disk_full_message(exc, self.run_dir)
+            if full is not None:
+                raise DiskFullError(f"{full}: the run cannot start; free space or point paths.run_root "
+                                    "(checkpoint.checkpoint_dir) elsewhere") from None
+            if exc.errno not in _READ_ONLY_ERRNOS:
+                raise
+            where = self.run_dir
+            while not where.exists() and where != where.parent:
+                where = where.parent
+            kind = "read-only" if exc.errno == errno.EROFS else "not writable"
+            raise RunDirReadOnly(
+                f"run root {where} is {kind} ({exc.strerror}), so run directory {self.run_dir} cannot be written; "
+                "point paths.run_root (checkpoint.checkpoint_dir) at a writable directory"
+            ) from None
+
     # ------------------------------------------------------------------ api
     def acquire(self) -> "RunLock":
         """Take the lock or raise :class:`RunDirBusy` naming the holder."""
@@ -143,9 +172,8 @@ class RunLock:
             self.inherited, self._depth = True, 1
             RunLock._held[key] = self
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = self._open()
             try:
                 if fcntl is not None:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -226,12 +254,14 @@ def remove_stale_temporaries(dst: str | Path) -> None:
 
 
 @contextmanager
-def atomic_directory(dst: str | Path, *, replace: bool = False, marker: dict[str, Any] | None = None) -> Iterator[Path]:
+def atomic_directory(dst: str | Path, *, replace: bool = False, marker: dict[str, Any] | None = None,
+                     checksums: bool = False) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``dst`` to write into; on success add the completion marker and
     rename it to ``dst``. On error the temporary is removed and ``dst`` is untouched.
 
     ``dst`` must not exist or be an empty directory, unless ``replace`` (then an existing ``dst`` is
-    replaced once the new one is complete).
+    replaced once the new one is complete). ``checksums``: the marker records the size and sha256 of every
+    weight file written (``files``; :func:`nemo_bard.models.verify.verify_model_dir` checks them on load).
     """
     dst = Path(dst).absolute()
     if dst.exists() and not replace and (not dst.is_dir() or any(dst.iterdir())):
@@ -242,6 +272,10 @@ def atomic_directory(dst: str | Path, *, replace: bool = False, marker: dict[str
     try:
         yield tmp
         record = {"completed": time.strftime("%Y-%m-%d %H:%M:%S"), **(marker or {})}
+        if checksums:
+            from nemo_bard.models.verify import weight_checksums
+
+            record["files"] = weight_checksums(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps(record) + "\n")
         if dst.exists() and (replace or not any(dst.iterdir())):
             old = dst.with_name(f"{dst.name}{TMP_INFIX}old-{uuid.uuid4().hex[:8]}")
@@ -275,13 +309,18 @@ def free_bytes(path: str | Path) -> int | None:
 
 
 def disk_full_message(exc: BaseException, path: str | Path) -> str | None:
-    """``"no space left on <path> ..."`` when ``exc`` (or its cause chain) is a write that failed because the
-    file system is full, else None."""
-    chain, seen = [], set()
-    while exc is not None and id(exc) not in seen:
-        chain.append(exc)
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+    """``"no space left on <path> ..."`` when ``exc`` (or its cause chain, or the per-rank failures of torch's
+    ``CheckpointException``) is a write that failed because the file system is full, else None."""
+    chain, seen, todo = [], set(), [exc]
+    while todo:
+        exc = todo.pop()
+        while exc is not None and id(exc) not in seen:
+            chain.append(exc)
+            seen.add(id(exc))
+            failures = getattr(exc, "failures", None)  # torch.distributed.checkpoint: {rank: (exception, trace)}
+            if isinstance(failures, dict):
+                todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+            exc = exc.__cause__ or exc.__context__
     full = any(isinstance(e, OSError) and e.errno in _FULL_ERRNOS for e in chain)
     full = full or any(t in str(e) for e in chain for t in _FULL_TEXT)
     free = free_bytes(path)
@@ -297,6 +336,7 @@ __all__ = [
     "LOCK_ENV",
     "LOCK_FILE",
     "RunDirBusy",
+    "RunDirReadOnly",
     "RunLock",
     "atomic_directory",
     "check_run_dir_free",

@@ -114,9 +114,9 @@ def test_nemo_bard_alias_and_two_workers(tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert json.loads((tmp_path / "echo.json").read_text())["_world_size"] == 2
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "[rank 1] automodel: error: bad row 7 in data.jsonl" in proc.stderr.splitlines()
+    assert "[rank 1] nemo-bard: error: bad row 7 in data.jsonl" in proc.stderr.splitlines()  # the name typed
     assert proc.stderr.strip().splitlines()[-1] == (
-        "automodel: error: training process rank 1 exited with code 2 (its message is above)")
+        "nemo-bard: error: training process rank 1 exited with code 2 (its message is above)")
 
 
 def test_bad_bard_section_is_one_line(tmp_path, monkeypatch, capsys):

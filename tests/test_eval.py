@@ -94,6 +94,58 @@ def test_load_samples_references_and_prompts(digits_data):
         assert s.prompt[0]["content"][0]["image"].size == (32 * len(s.reference), 32)
 
 
+def _chat(answer_text: str, **extra) -> dict:
+    return {"messages": [{"role": "user", "content": "Read it."}, {"role": "assistant", "content": answer_text}],
+            **extra}
+
+
+def test_rows_with_an_empty_reference_are_skipped_and_counted(tmp_path, caplog, capsys):
+    """An ``answer`` of "" next to a non-empty assistant turn is never scored against the empty string: the row is
+    skipped, counted, and the warning and the CLI's line say so; a dataset of only such rows is one error line."""
+    from nemo_bard.eval.__main__ import main
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        _chat("12", answer="12"), _chat("345", answer=""), _chat("6", answer="  "), _chat("78")]) + "\n")
+    with caplog.at_level("WARNING"):
+        samples = load_samples(data)
+    assert [(s.row, s.reference) for s in samples] == [(0, "12"), (3, "78")]
+    assert len(samples.skipped_empty) == 2 and samples.skipped_empty[0].endswith("row 1")
+    assert "2 rows with an empty reference" in caplog.text and "skipped, not scored" in caplog.text
+    only_empty = tmp_path / "empty_refs.jsonl"
+    only_empty.write_text(json.dumps(_chat("345", answer="")) + "\n")
+    assert main(["--model", str(tmp_path / "unused"), "--data", str(only_empty)]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "examples" not in line]
+    assert err == [f"error: no rows to evaluate in {only_empty}: 1 row with an empty reference (an 'answer' of \"\" or "
+                   f"an assistant turn without text) skipped, not scored (first: {only_empty} row 0)"]
+
+
+def test_a_truncated_model_is_named_before_loading(tiny_bard_dir, digits_data, tmp_path, capsys):
+    import shutil
+
+    from nemo_bard.eval.__main__ import main
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bard_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert main(["--model", str(broken), "--data", str(digits_data / "test"), "--out-dir", str(tmp_path / "r")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {weights} is damaged: ") and not (tmp_path / "r").exists()
+
+
+def test_zero_row_dataset_message_is_not_about_training(tmp_path, capsys):
+    from datasets import Dataset
+
+    from nemo_bard.eval.__main__ import main
+
+    Dataset.from_dict({"messages": []}).save_to_disk(str(tmp_path / "zero"))
+    assert main(["--model", str(tmp_path / "unused"), "--data", str(tmp_path / "zero")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip() and "examples" not in line]
+    assert err == [f"error: dataset {tmp_path / 'zero'} has 0 rows; it needs rows with a 'messages' field (the chat "
+                   "turns)"]
+
+
 # --------------------------------------------------------------------------- evaluate + report
 
 
@@ -108,6 +160,7 @@ def eval_rows(tiny_ar_dir, tiny_bard_dir, digits_data):
 
 def test_evaluate_rows_schema(eval_rows):
     assert [r["name"] for r in eval_rows] == ["ar AR", "bard B4 S4 t1", "bard B4 S2 t0.5"]
+    assert all(r["skipped_empty_reference"] == 0 for r in eval_rows)
     assert [r["kind"] for r in eval_rows] == ["ar", "bard", "bard"]
     for r in eval_rows:
         assert ROW_KEYS <= set(r)

@@ -262,6 +262,81 @@ def test_checkpoint_save_on_a_full_disk_says_so(tmp_path, monkeypatch):
         recipe.save_checkpoint(0, 3, 1.0)  # checked before anything is written
 
 
+def _bare_recipe(tmp_path: Path, model: torch.nn.Module):
+    """A PBM recipe with just what ``save_checkpoint`` / ``export_model`` read (no NeMo setup)."""
+    from types import SimpleNamespace
+
+    from nemo_bard.callbacks.base import CallbackList
+    from nemo_bard.recipes.config import parse_bard_settings
+    from nemo_bard.recipes.pbm import BardPBMRecipe
+
+    recipe = BardPBMRecipe.__new__(BardPBMRecipe)
+    recipe.checkpointer = SimpleNamespace(config=SimpleNamespace(checkpoint_dir=str(tmp_path), enabled=True))
+    recipe.model_parts = [model]
+    recipe.device_mesh = None
+    recipe.step_scheduler = SimpleNamespace(step=3)
+    recipe.callbacks = CallbackList()
+    recipe.bard = parse_bard_settings({})
+    recipe.processor = None
+    return recipe
+
+
+def test_distributed_checkpoint_exception_on_a_full_disk_says_so(tmp_path, monkeypatch):
+    """torch's CheckpointException derives from BaseException: it is still reported as a full disk, and a
+    Ctrl-C during the save is not mistaken for one."""
+    from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    recipe = _bare_recipe(tmp_path, torch.nn.Linear(2, 2))
+    failure = CheckpointException("save failed", {0: (OSError(errno.ENOSPC, "No space left on device"), None)})
+    monkeypatch.setattr(FinetuneRecipeForVLM, "save_checkpoint", lambda *a, **k: (_ for _ in ()).throw(failure))
+    with pytest.raises(DiskFullError, match=rf"^no space left on {tmp_path}/epoch_0_step_3 \(\d+ MiB free\): the "
+                                            "checkpoint of step 3 was not completed and is not published"):
+        recipe.save_checkpoint(0, 3, 1.0)
+    monkeypatch.setattr(FinetuneRecipeForVLM, "save_checkpoint",
+                        lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        recipe.save_checkpoint(0, 3, 1.0)
+
+
+def test_stage_export_on_a_full_disk_says_so(tiny_bard_model, tmp_path, monkeypatch):
+    """safetensors reports ENOSPC as a SafetensorError (not an OSError): one DiskFullError, nothing published."""
+    from safetensors import SafetensorError
+
+    from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(BardVLForConditionalGeneration, "save_pretrained", full)
+    recipe = _bare_recipe(tmp_path, tiny_bard_model)
+    out = tmp_path / "stages" / "b8"
+    with pytest.raises(DiskFullError, match=rf"^no space left on {out} \(\d+ MiB free\): the export {out} was not "
+                                            r"completed \(nothing was published there\)"):
+        recipe.export_model(out, block_size=8)
+    assert os.listdir(tmp_path / "stages") == []
+
+
+def test_convert_on_a_full_disk_says_so(tiny_ar_dir, tmp_path, monkeypatch, capsys):
+    from nemo_bard.convert import main
+
+    real_copy = shutil.copy2
+
+    def copy(src, dst):
+        if Path(src).name == "model.safetensors":
+            with open(dst, "wb") as f:
+                f.write(b"\0" * 100)  # part of the file, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_copy(src, dst)
+
+    monkeypatch.setattr(shutil, "copy2", copy)
+    dst = tmp_path / "out"
+    assert main(["--src", str(tiny_ar_dir), "--dst", str(dst)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nemo_bard.convert: error: no space left on {dst} (")
+    assert "the conversion to" in err[0] and os.listdir(tmp_path) == []  # nothing half-written
+
+
 # ------------------------------------------------------------------------------ rows 9, 11: fast one-line errors
 def test_error_reporting_is_one_line_with_exit_codes(capsys, monkeypatch):
     monkeypatch.delenv("NEMO_BARD_DEBUG", raising=False)
@@ -298,6 +373,10 @@ FAST_CASES = {  # argv -> the one stderr line (substring)
                       "model directory {tmp}/m not found; convert an AR Qwen3-VL first"),
     "empty_config_json": (["finetune", "--config", "conf/bard_tiny.yaml", "paths.data={data}", "paths.model={empty}"],
                           "{empty}/config.json is empty"),
+    "nemo_style_key": (["finetune", "--config", "conf/bard_tiny.yaml", "--bard.mask_backnd=dense"],
+                       "unknown key bard.mask_backnd"),
+    "truncated_model": (["finetune", "--config", "conf/bard_tiny.yaml", "paths.data={data}", "paths.model={truncated}"],
+                        "{truncated}/model.safetensors is damaged: "),
     "swd_teacher": (["finetune", "--config", "conf/bard_tiny.yaml", "stage=swd", "paths.data={data}",
                      "paths.student={bard}", "paths.teacher=outputs/nope"],
                     "SWD teacher directory outputs/nope not found; run PBM first"),
@@ -311,7 +390,8 @@ def test_user_errors_answer_before_heavy_imports(tmp_path, tiny_bard_dir):
     empty = tmp_path / "empty_model"
     empty.mkdir()
     (empty / "config.json").write_text("")
-    fmt = {"tmp": tmp_path, "data": data, "empty": empty, "bard": tiny_bard_dir}
+    truncated = _damaged_copy(tiny_bard_dir, tmp_path / "truncated", "truncated")
+    fmt = {"tmp": tmp_path, "data": data, "empty": empty, "bard": tiny_bard_dir, "truncated": truncated}
     cases = {name: ([a.format(**fmt) for a in argv], line.format(**fmt)) for name, (argv, line) in FAST_CASES.items()}
     code = f"""
 import contextlib, io, json, sys, time
@@ -337,10 +417,199 @@ print(json.dumps(out))
     assert not any((tmp_path / f"run_{name}").exists() for name in cases)  # nothing written
 
 
-def test_usage_error_through_the_console_script_is_fast(tmp_path):
+def test_read_only_run_root_is_one_line(tmp_path, tiny_bard_dir, monkeypatch, capsys):
+    """A run root on a read-only file system (EROFS injected where the lock creates the run directory, and where it
+    opens the lock file in an existing directory): one line naming the run root, exit 2, nothing written."""
+    from nemo_bard.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    ro = tmp_path / "ro"
+    (ro / "existing").mkdir(parents=True)
+    real_mkdir, real_open = Path.mkdir, os.open
+
+    def mkdir(self, *args, **kwargs):
+        if str(self).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    def os_open(path, *args, **kwargs):
+        if str(path).startswith(str(ro)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(os, "open", os_open)
+    for run_dir, root in ((ro / "runs" / "pbm", ro), (ro / "existing", ro / "existing")):
+        argv = ["finetune", "--config", str(REPO / "conf/bard_tiny.yaml"), f"paths.data={data}",
+                f"paths.model={tiny_bard_dir}", f"checkpoint.checkpoint_dir={run_dir}"]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"automodel: error: run root {root} is read-only (Read-only file system), so run directory "
+                       f"{run_dir} cannot be written; point paths.run_root (checkpoint.checkpoint_dir) at a writable "
+                       "directory"]
+    assert os.listdir(ro) == ["existing"] and os.listdir(ro / "existing") == []
+
+
+def test_full_disk_at_the_start_of_a_run_is_one_line(tmp_path, tiny_bard_dir, monkeypatch, capsys):
+    """The first writes of a run on a full disk (its resolved config, then its lock file): `no space left on
+    <run dir>`, exit 1, no traceback."""
+    import builtins
+
+    from nemo_bard.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    run_dir = tmp_path / "run"
+    real_open, real_os_open = builtins.open, os.open
+
+    def full(path) -> None:
+        if str(path).startswith(str(run_dir)):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def full_open(path, mode="r", *args, **kwargs):
+        if "w" in mode:
+            full(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    def full_os_open(path, *args, **kwargs):
+        full(path)
+        return real_os_open(path, *args, **kwargs)
+
+    argv = ["finetune", "--config", str(REPO / "conf/bard_tiny.yaml"), f"paths.data={data}",
+            f"paths.model={tiny_bard_dir}", f"checkpoint.checkpoint_dir={run_dir}"]
+    for patched, fake in ((builtins, full_open), (os, full_os_open)):
+        monkeypatch.setattr(patched, "open", fake)
+        assert main(argv) == 1, fake
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"automodel: error: no space left on {run_dir} ("), err
+        assert err[0].endswith("the run cannot start; free space or point paths.run_root (checkpoint.checkpoint_dir) "
+                               "elsewhere"), err
+
+
+@pytest.mark.parametrize("script", ["automodel", "nemo-bard"])
+def test_usage_error_through_the_console_script_is_fast(script, tmp_path):
+    """Each console script answers in well under 3 s and calls itself by the name that was typed."""
     t = time.perf_counter()
-    proc = subprocess.run([str(Path(sys.executable).parent / "automodel"), "finetune", "--config", "nope.yaml"],
+    proc = subprocess.run([str(Path(sys.executable).parent / script), "finetune", "--config", "nope.yaml"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
     elapsed = time.perf_counter() - t
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    assert proc.stderr.startswith(f"{script}: error: config file 'nope.yaml'")
     assert elapsed < 3.0, elapsed
+
+
+def test_nemo_style_values_parse_as_nemo_parses_them():
+    """The front door reads ``--a.b=VALUE`` without importing NeMo (it imports torch): same values as NeMo's."""
+    from nemo_automodel.components.config.loader import translate_value
+
+    from nemo_bard.cli import parse_value
+
+    for text in ("1", "-2.5e-3", "true", "False", "none", "None", "NONE", "null", "[1, 'a']", "{'k': (1, 2)}",
+                 "'quoted'", "dense", "a.b", "1e", "nan", "inf", "0x10", "x" * 1001, "", " 3", "1_000"):
+        ours, theirs = parse_value(text), translate_value(text)
+        assert type(ours) is type(theirs) and ours == theirs, text
+
+
+# ------------------------------------------------------------------------------ rows 5-7: verified checkpoints
+def _damaged_copy(src: Path, dst: Path, how: str) -> Path:
+    """A copy of model directory ``src`` whose ``model.safetensors`` is truncated, or has 1 KiB of zeros written
+    into its tensor data (``zeros``) or its JSON header (``header``)."""
+    shutil.copytree(src, dst)
+    weights = dst / "model.safetensors"
+    size = weights.stat().st_size
+    if how == "truncated":
+        os.truncate(weights, size // 2)
+    else:
+        with open(weights, "r+b") as f:
+            f.seek(size // 2 if how == "zeros" else 16)
+            f.write(b"\0" * 1024)
+    return dst
+
+
+def test_verify_model_dir_names_the_damaged_file(tiny_bard_dir, tiny_ar_dir, tmp_path):
+    from nemo_bard.models.verify import CheckpointCorrupt, check_safetensors, verify_model_dir
+
+    marker = json.loads((tiny_bard_dir / COMPLETE_MARKER).read_text())
+    assert set(marker["files"]) == {"model.safetensors"} and len(marker["files"]["model.safetensors"]["sha256"]) == 64
+    assert verify_model_dir(tiny_bard_dir, checksums=True) == [tiny_bard_dir / "model.safetensors"]
+    for how, src, match in (
+        ("truncated", tiny_bard_dir, r"\d+ bytes, \d+ when it was written \(truncated\?\)"),  # size from the marker
+        ("truncated", tiny_ar_dir, r"tensor '.*' lies at bytes .* \(truncated\?\)"),  # no marker: from the header
+        ("header", tiny_ar_dir, r"its header is not valid JSON \(overwritten\?\)"),
+    ):
+        bad = _damaged_copy(src, tmp_path / f"{how}_{src.name}_{src.parent.name}", how)
+        with pytest.raises(CheckpointCorrupt, match=rf"^{bad}/model.safetensors is damaged: {match}; re-export"):
+            verify_model_dir(bad)
+    zeros = _damaged_copy(tiny_bard_dir, tmp_path / "zeros", "zeros")
+    assert verify_model_dir(zeros)  # the structure is intact: only the recorded checksum tells
+    with pytest.raises(CheckpointCorrupt, match=rf"^{zeros}/model.safetensors is damaged: its sha256 differs"):
+        verify_model_dir(zeros, checksums=True, what="SWD teacher")
+    with open(zeros / "model.safetensors", "ab") as f:  # bytes after the last tensor
+        f.write(b"x")
+    with pytest.raises(CheckpointCorrupt, match="1 bytes after the last tensor"):
+        check_safetensors(zeros / "model.safetensors")
+
+
+def test_sharded_export_records_and_verifies_every_shard(tiny_bard_model, tmp_path):
+    from nemo_bard.models.export import export_hf
+    from nemo_bard.models.verify import CheckpointCorrupt, verify_model_dir
+
+    out = export_hf(tiny_bard_model, tmp_path / "b8", block_size=8, max_shard_size="300KB")
+    shards = sorted(out.glob("model-*.safetensors"))
+    recorded = json.loads((out / COMPLETE_MARKER).read_text())["files"]
+    assert len(shards) > 1 and set(recorded) == {p.name for p in shards} | {"model.safetensors.index.json"}
+    assert verify_model_dir(out, checksums=True) == shards
+    with open(shards[-1], "r+b") as f:  # 1 KiB of zeros in the last shard's data
+        f.seek(f.seek(0, 2) - 2048)
+        f.write(bytes(1024))
+    with pytest.raises(CheckpointCorrupt, match=rf"^{shards[-1]} is damaged: its sha256 differs"):
+        verify_model_dir(out, checksums=True)
+    (out / COMPLETE_MARKER).unlink()  # no record (e.g. a copied HF model): a missing shard is still named
+    shards[0].unlink()
+    with pytest.raises(CheckpointCorrupt, match=rf"^{shards[0]} is missing \(listed in model.safetensors.index.json\)"):
+        verify_model_dir(out)
+
+
+def test_convert_refuses_a_truncated_source(tiny_ar_dir, tmp_path, capsys):
+    from nemo_bard.convert import main
+
+    bad = _damaged_copy(tiny_ar_dir, tmp_path / "ar", "truncated")
+    assert main(["--src", str(bad), "--dst", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"nemo_bard.convert: error: {bad}/model.safetensors is damaged: ")
+    assert sorted(os.listdir(tmp_path)) == ["ar"]  # nothing written
+
+
+def swd_config(data, student: Path, teacher: Path) -> dict:
+    """A plain SWD recipe config (the pre-flight reads nothing else)."""
+    return {
+        "recipe": "nemo_bard.recipes.swd.BardSWDRecipe", "seed": 3,
+        "step_scheduler": {"global_batch_size": 2, "local_batch_size": 2, "max_steps": 2},
+        "model": {"pretrained_model_name_or_path": str(student)},
+        "teacher_model": {"pretrained_model_name_or_path": str(teacher)},
+        "dataset": {"_target_": "nemo_bard.data.datasets.BardChatDataset", "path": str(data)},
+        "dataloader": {"_target_": "torchdata.stateful_dataloader.StatefulDataLoader", "num_workers": 0,
+                       "collate_fn": {"_target_": "nemo_bard.data.collate.bard_collate_fn"}},
+        "bard": {"max_length": 512},
+    }
+
+
+@pytest.mark.parametrize("how", ["truncated", "zeros"])
+def test_swd_preflight_refuses_a_damaged_teacher(how, tiny_bard_dir, tmp_path):
+    """Before any model loads: a truncated teacher (structure) and one with 1 KiB of zeros in its tensor data
+    (recorded sha256) are one error naming the file; ``bard.verify_checksums=false`` skips only the hash."""
+    from nemo_automodel.components.config.loader import ConfigNode
+
+    from nemo_bard.data.synthetic import write_synthetic_dataset
+    from nemo_bard.models.verify import CheckpointCorrupt
+    from nemo_bard.recipes.swd import BardSWDRecipe
+
+    data = write_synthetic_dataset(tmp_path / "data", rows=4, seed=1)
+    teacher = _damaged_copy(tiny_bard_dir, tmp_path / "teacher", how)
+    cfg = swd_config(data, tiny_bard_dir, teacher)
+    with pytest.raises(CheckpointCorrupt, match=rf"^{teacher}/model.safetensors is damaged: .*the SWD teacher"):
+        BardSWDRecipe(ConfigNode(cfg)).preflight()
+    if how == "zeros":
+        cfg["bard"]["verify_checksums"] = False
+        BardSWDRecipe(ConfigNode(cfg)).preflight()

@@ -24,7 +24,7 @@ def image_path(tmp_path_factory):
 def test_cli_writes_stats_json(tiny_bard_dir, image_path, tmp_path, capsys):
     stats_path = tmp_path / "stats.json"
     rc = main(["--model", str(tiny_bard_dir), "--image", str(image_path), "--prompt", "Read the digits.",
-               "--max-new-tokens", "8", "--stats-json", str(stats_path)])
+               "--max-new-tokens", "8", "--stats-json", str(stats_path), "--verify"])  # an intact checkpoint passes
     assert rc == 0
     stats = json.loads(stats_path.read_text())
     for key in ("response_tokens", "num_forwards", "tokens_per_forward", "wall_time", "prefill_time", "answer"):
@@ -71,8 +71,19 @@ def test_cli_video_file_sampling(tiny_bard_dir, coded_clip, tmp_path, capsys):
     assert stats["video_frame_indices"] == [[0, 10, 19, 29]] and stats["prompt_tokens"] > 20
 
 
+SAMPLING_ERRORS = {  # flags -> the one line's tail
+    "temperature_nan": (["--temperature", "nan"], "--temperature must be a finite number >= 0 (0 = greedy), got nan"),
+    "temperature_inf": (["--temperature", "inf"], "--temperature must be a finite number >= 0 (0 = greedy), got inf"),
+    "top_p_2": (["--top-p", "2"], "--top-p must be in (0, 1] (1 = off), got 2.0"),
+    "top_p_0": (["--top_p", "0"], "--top-p must be in (0, 1] (1 = off), got 0.0"),
+    "top_k_negative": (["--top-k", "-1"], "--top-k must be >= 0 (0 = off), got -1"),
+    "engine": (["--engine", "fast"], "--engine 'fast' is not one of static, compiled, eager"),
+}
+
+
 @pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "corrupt_video", "no_decoder",
-                                  "tau_negative", "tau_above_one", "empty_config"])
+                                  "tau_negative", "tau_above_one", "empty_config", "truncated_weights",
+                                  "zeroed_weights", *SAMPLING_ERRORS])
 def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, monkeypatch):
     argv = ["--model", str(tiny_bard_dir), "--prompt", "hi"]
     if case == "missing_image":
@@ -94,6 +105,23 @@ def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, mo
         (broken / "config.json").write_text("")  # what a kill during a non-atomic export left
         argv[1] = str(broken)
         expected = f"{broken / 'config.json'} is empty"
+    elif case in SAMPLING_ERRORS:
+        argv += SAMPLING_ERRORS[case][0]
+        expected = SAMPLING_ERRORS[case][1]
+    elif case in ("truncated_weights", "zeroed_weights"):
+        broken = tmp_path / "damaged"
+        shutil.copytree(tiny_bard_dir, broken)
+        weights = broken / "model.safetensors"
+        size = weights.stat().st_size
+        if case == "truncated_weights":
+            weights.write_bytes(weights.read_bytes()[: size // 2])
+        else:  # 1 KiB of zeros inside the tensor data: only the sha256 recorded at export tells
+            with open(weights, "r+b") as f:
+                f.seek(size // 2)
+                f.write(bytes(1024))
+            argv += ["--verify"]
+        argv[1] = str(broken)
+        expected = f"{weights} is damaged: "
     elif case == "corrupt_video":
         clip = tmp_path / "clip.mp4"
         clip.write_bytes(b"\x00" * 64)
@@ -118,6 +146,37 @@ def test_generate_refuses_tau_outside_unit_interval(tiny_bard_model, tiny_proces
     for tau in (-1.0, 2.0):
         with pytest.raises(ValueError, match=r"confidence_threshold must be in \[0, 1\]"):
             block_diffusion_generate(tiny_bard_model, **inputs, max_new_tokens=4, confidence_threshold=tau)
+
+
+def test_bad_arguments_answer_before_torch_is_imported(tiny_bard_dir, tmp_path):
+    """``--model /nope`` and a bad sampling flag: one line, exit 2, well within 3 s, without importing torch (a
+    new interpreter: the test process has torch loaded already)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    code = ("import sys; from nemo_bard.generate import main; rc = main(sys.argv[1:]); "
+            "print(rc, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    for extra, line in ((["--model", str(tmp_path / "nope")], f"--model directory {tmp_path / 'nope'} not found; pass "
+                                                                "a bard_vl checkpoint directory"),
+                        (["--model", str(tiny_bard_dir), "--top-p", "2"],
+                         "--top-p must be in (0, 1] (1 = off), got 2.0")):
+        t = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-c", code, *extra, "--prompt", "x"], env=env, capture_output=True,
+                              text=True, timeout=60)
+        elapsed = time.perf_counter() - t
+        assert proc.stdout.split() == ["2", "False", "False"], proc.stderr
+        assert proc.stderr.strip().splitlines() == [f"nemo_bard.generate: error: {line}"]
+        assert elapsed < 3.0, elapsed
+
+
+def test_help_lists_the_decoders_names():
+    from nemo_bard.generate import ENGINE_NAMES, STRATEGY_NAMES
+    from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
+
+    assert ENGINE_NAMES == tuple(ENGINES) and STRATEGY_NAMES == tuple(REMASKING_STRATEGIES)
 
 
 def test_cli_accepts_dash_and_underscore_spellings():

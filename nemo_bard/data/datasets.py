@@ -123,7 +123,8 @@ def _load_saved(path: Path):
         except (OSError, ValueError):
             empty = False
         if empty:
-            raise DataError(f"dataset {path} has 0 rows; BARD training needs rows with a 'messages' field") from None
+            raise DataError(f"dataset {path} has 0 rows; it needs rows with a 'messages' field (the chat turns)") \
+                from None
         raise DataError(f"{path} cannot be read as a datasets.save_to_disk directory ({type(exc).__name__}: {exc})") from None
 
 

@@ -73,10 +73,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from nemo_bard.data.datasets import DataError
     from nemo_bard.data.media import VideoDecoderMissing
+    from nemo_bard.models.verify import CheckpointCorrupt
 
     try:
         samples = load_samples(args.data, args.root_dir, args.limit, args.split)
-        print(f"{len(samples)} samples from {args.data}")
+        note = samples.skipped_note()
+        if not samples:
+            print(f"error: no rows to evaluate in {args.data}" + (f": {note}" if note else ""), file=sys.stderr)
+            return 2
+        print(f"{len(samples)} samples from {args.data}" + (f" ({note})" if note else ""))
         rows = []
         for i, model_dir in enumerate(args.model):
             rows += evaluate(
@@ -85,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=not args.no_warmup, progress=not args.no_progress, video_fps=args.video_fps,
                 video_max_frames=args.video_max_frames, engine=args.engine,
             )
-    except (DataError, VideoDecoderMissing) as exc:
+    except (DataError, VideoDecoderMissing, CheckpointCorrupt) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     paths = write_report(rows, args.out_dir, reference=args.reference, title=args.title)

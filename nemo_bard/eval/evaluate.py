@@ -1,8 +1,11 @@
 """Evaluate a ``bard_vl`` (block diffusion) or AR Qwen3-VL checkpoint on a chat dataset with reference answers.
 
 The reference of a row is its ``answer`` column when present, else the text of its last assistant
-turn; the prompt is the conversation before that turn, rendered with the processor's chat
-template (``add_generation_prompt=True``) and batched with left padding. Predictions are decoded
+turn; a row whose reference is empty (an ``answer`` of ``""``, an assistant turn without text) is skipped
+and counted, never scored against the empty string (:class:`EvalSamples`, ``skipped_empty_reference`` in
+the result rows, a warning and the CLI's sample line). The prompt is the conversation before that
+turn, rendered with the processor's chat template (``add_generation_prompt=True``) and batched with
+left padding. Predictions are decoded
 with special tokens skipped and stripped, then scored with :mod:`nemo_bard.eval.metrics`.
 
 A ``bard_vl`` model is evaluated at a list of decoding points ``(block size, denoising steps,
@@ -87,8 +90,11 @@ def load_model(
 
     from nemo_bard.models.loading import resolve_device_dtype
 
+    from nemo_bard.models.verify import verify_model_dir
+
     path = Path(model_dir)
     mtype = model_type(path)
+    verify_model_dir(path, what="--model checkpoint")  # a truncated or damaged weight file, named before loading
     device, dtype = resolve_device_dtype(device, dtype)
     kind = "bard" if mtype == "bard_vl" and not force_ar else "ar"
     if kind == "bard":
@@ -117,6 +123,22 @@ class EvalSample:
     reference: str
     row: int
     where: str = ""  # names the row in error messages
+
+
+class EvalSamples(list):
+    """The samples of a dataset, plus where the rows skipped for an empty reference were (``skipped_empty``)."""
+
+    def __init__(self, samples: list[EvalSample] = (), skipped_empty: list[str] | None = None) -> None:
+        super().__init__(samples)
+        self.skipped_empty = list(skipped_empty or [])
+
+    def skipped_note(self) -> str:
+        """One sentence on the skipped rows ("" when none)."""
+        n = len(self.skipped_empty)
+        if not n:
+            return ""
+        return (f"{n} row{'s' if n > 1 else ''} with an empty reference (an 'answer' of \"\" or an assistant turn "
+                f"without text) skipped, not scored (first: {self.skipped_empty[0]})")
 
 
 def _last_assistant(messages: list[dict]) -> int | None:
@@ -150,11 +172,12 @@ def load_samples(
     root_dir: str | Path | None = None,
     limit: int | None = None,
     split: str | None = None,
-) -> list[EvalSample]:
+) -> EvalSamples:
     """Read a chat dataset (save_to_disk dir or JSONL) into prompts + references.
 
     Without ``root_dir``, relative media paths resolve against the dataset directory, or its parent
-    when they exist only there (the layout of :mod:`nemo_bard.data.digits`).
+    when they exist only there (the layout of :mod:`nemo_bard.data.digits`). Rows with an empty reference
+    are skipped, counted in ``skipped_empty`` and named in a warning.
     """
     from nemo_bard.data.datasets import BardChatDataset, content_text
 
@@ -164,7 +187,7 @@ def load_samples(
         if rel and not (ds.root_dir / rel).exists() and (ds.root_dir.parent / rel).exists():
             ds.root_dir = ds.root_dir.parent
             logger.info("media paths resolve against %s (pass --root-dir to override)", ds.root_dir)
-    samples = []
+    samples, skipped = [], []
     for i in range(len(ds)):
         item = ds[i]
         conv = item["conversation"]
@@ -172,8 +195,14 @@ def load_samples(
         row = ds.table[item["row"]]
         answer = row.get("answer") if isinstance(row, dict) else None
         reference = str(answer) if answer is not None else content_text(conv[last]["content"])
+        if not reference.strip():
+            skipped.append(item["where"] or f"row {item['row']}")
+            continue
         samples.append(EvalSample(conv[:last], reference.strip(), item["row"], item["where"]))
-    return samples
+    out = EvalSamples(samples, skipped)
+    if skipped:
+        logger.warning("%s: %s", data, out.skipped_note())
+    return out
 
 
 # ----------------------------------------------------------------------------------- generation
@@ -326,7 +355,8 @@ def evaluate(
         video_fps, video_max_frames: video frame sampling (default: the processor's; decoded per batch).
 
     Row keys: name, model, model_dir, kind ("bard"/"ar"), block_size, denoising_steps, threshold,
-    remasking_strategy, n, accuracy (exact match), char_accuracy, position_accuracy,
+    remasking_strategy, n, skipped_empty_reference (rows left out for an empty reference), accuracy (exact
+    match), char_accuracy, position_accuracy,
     tokens_per_forward, tokens_per_second, num_forwards, row_forwards, tokens_per_batch_forward,
     response_tokens, wall_time (generation
     seconds), eval_time (seconds incl. prompt building), batch_size, max_new_tokens, device, dtype,
@@ -335,6 +365,7 @@ def evaluate(
     loaded = model if isinstance(model, LoadedModel) else load_model(
         model, force_ar=force_ar, device=device, dtype=dtype, name=name, engine=engine)
     samples = data if isinstance(data, list) else load_samples(data, root_dir, limit, split)
+    skipped = len(getattr(samples, "skipped_empty", []))
     if limit is not None:
         samples = samples[:limit]
     if not samples:
@@ -355,6 +386,7 @@ def evaluate(
     for point in todo:
         row = evaluate_point(loaded, samples, point, batch_size=batch_size, max_new_tokens=max_new_tokens,
                              progress=progress, sampling=sampling)
+        row["skipped_empty_reference"] = skipped
         logger.info("%s: accuracy %.3f, char %.3f, TPF %.2f, %.1f tok/s", row["name"], row["accuracy"],
                     row["char_accuracy"], row["tokens_per_forward"], row["tokens_per_second"])
         rows.append(row)

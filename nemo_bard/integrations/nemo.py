@@ -295,8 +295,8 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             self.check_finite_weights(f"checkpoint {path}")
         try:
             super().save_checkpoint(epoch, step, train_loss, val_loss, best_metric_key=best_metric_key)
-        except Exception as exc:
-            full = disk_full_message(exc, path)
+        except BaseException as exc:  # noqa: BLE001  torch's CheckpointException derives from BaseException
+            full = None if isinstance(exc, (KeyboardInterrupt, SystemExit)) else disk_full_message(exc, path)
             if full is None:
                 raise
             raise DiskFullError(

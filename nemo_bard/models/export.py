@@ -5,9 +5,10 @@ All ranks take part in gathering the full state dict; rank 0 writes it with tran
 ``model.safetensors.index.json`` when there is more than one, ``config.json`` with ``model_type:
 bard_vl`` and the given block size, ``generation_config.json``) and the processor/tokenizer files,
 into a temporary sibling directory that is renamed into place with a completion marker once
-everything is written (:func:`nemo_bard.rundir.atomic_directory`). The result loads with
-``from_pretrained`` and can serve as an SWD teacher; a killed export leaves no directory that looks
-finished.
+everything is written (:func:`nemo_bard.rundir.atomic_directory`; the marker records each weight
+file's size and sha256, which :func:`nemo_bard.models.verify.verify_model_dir` checks before the directory
+is used). The result loads with ``from_pretrained`` and can serve as an SWD teacher; a killed export
+leaves no directory that looks finished.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ def save_bard_dir(
         shell = BardVLForConditionalGeneration(config)
     if generation_config is not None:
         shell.generation_config = generation_config
-    with atomic_directory(out, replace=True, marker=marker) as tmp:
+    with atomic_directory(out, replace=True, marker=marker, checksums=True) as tmp:
         shell.save_pretrained(tmp, state_dict=state, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)

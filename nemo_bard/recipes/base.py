@@ -65,7 +65,7 @@ class BardRecipeBase(BardNeMoRecipe):
         plain = {k: to_plain(self.cfg.get(k, None)) for k in ("loss_fn", "distributed", "block_merge", "step_scheduler",
                                                                "dataset", "model", "teacher_model")}
         check_training_setup(plain)
-        check_paths(plain)
+        check_paths(plain, checksums=self.bard.verify_checksums)  # model and SWD teacher verified before loading
         self._check_mask_backend()
         check_peft_and_checkpointing(to_plain(self.cfg.get("peft", None)), to_plain(self.cfg.get("distributed", None)),
                                      self.cfg.get("quantization", None), cuda=torch.cuda.is_available())
@@ -187,7 +187,7 @@ class BardRecipeBase(BardNeMoRecipe):
         try:
             return export_hf(model, out_dir, self.processor, block_size=block_size, dtype=dtype,
                              max_shard_size=self.bard.export_max_shard_size, state_dict=state)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001  OSError or safetensors' SafetensorError; only disk full is translated
             full = disk_full_message(exc, out_dir)
             if full is None:
                 raise
