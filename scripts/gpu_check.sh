@@ -7,19 +7,16 @@
 # Steps, most important first, each under its own timeout and all under one time budget (default 450 s, so
 # the run ends before 8 minutes even when steps hit their limits; a step that no longer fits is skipped and
 # recorded as such; --budget 570 gives the later steps room within a 10-minute call). If the environment
-# step fails (e.g. the box's transformers 5.17 wins), every later step is recorded as skipped:
-#   env           install the wheels a bare box lacks (.gpu-wheels -> .gpu-site) and record the versions
+# step fails (e.g. another transformers than the pinned 5.18 imports), every later step is recorded as skipped:
+#   env           record the versions of what imports (torch, transformers, nemo_automodel) and the GPU
 #   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD; eager, static, compiled engines)
 #   profile       python -m nemo_bard.bench.profile --preset qwen3vl_2b: kernels and GPU time per decoding forward
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
 #   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
 #                 (e.g. the demo's SWD student), else of the tiny model; with --agreement-data (the model's task,
 #                 e.g. the demo's digits/test with its images/ beside it) the first 1,000 prompts, eos honoured
-#                 (a checkout carries neither: stage them under outputs/, ~8 MB, and name that folder in the device
-#                 call's carry, e.g. with the demo in D: mkdir -p outputs/agreement/digits/images &&
-#                 cp -r $D/bard_swd_demo/student_b16 outputs/agreement/model && cp -r $D/digits/test
-#                 outputs/agreement/digits/ && cp $D/digits/images/test_* outputs/agreement/digits/images/, then
-#                 --agreement-model outputs/agreement/model --agreement-data outputs/agreement/digits/test)
+#                 (with the demo's output in D: --agreement-model $D/bard_swd_demo/student_b16
+#                 --agreement-data $D/digits/test)
 #   gpu_tests     pytest -m gpu: Flex PBM step == dense step (bf16), Flex SWD step, activation checkpointing + Flex
 #   e2e_flex_*    tiny PBM -> SWD through the front door, nccl + bf16, FlexAttention masks + activation checkpointing
 #   bench_train   python -m nemo_bard.bench.train --preset qwen3vl_2b (AR SFT vs BARD dense/flex, +/- checkpointing)
@@ -28,19 +25,16 @@
 # --only runs the named steps (the others are left out of the summary), e.g. two short calls on one warm machine:
 # --only env,bench_decode,prepare,agreement then --only env,gpu_tests,prepare,e2e_flex_pbm,... .
 # and writes one summary, summary.md + summary.json (plus logs/ and every step's JSON), under the output
-# directory: --out, else $OUT (set by the device tool), else gpu_check_out/; --pack leaves only the summary
+# directory: --out, else $OUT, else gpu_check_out/; --pack leaves only the summary
 # and details.tgz (everything else) there, for tools that bring back a few files. Scratch (tiny models, runs) goes to
 # $GPU_CHECK_WORK or a temporary directory.
 #
 # --dry-run runs the same sequence on this machine's CPU at tiny sizes (CI runs it: tests/test_gpu_check.py);
 # steps that need a GPU (the gpu tests, FlexAttention, the 8192 x 8 memory check) are recorded as skipped.
 #
-# Bare CUDA box (Python 3.12, torch 2.11 + transformers 5.17, no package index): the wheels it lacks (transformers
-# 5.18, nemo_automodel 0.7.0 and their pure-Python dependencies, fetched with `pip download` on a machine with an
-# index, e.g. by the workspace's fetch-wheels.sh) travel in .gpu-wheels and are installed with pip --target into
-# .gpu-site, which goes FIRST on PYTHONPATH so its transformers 5.18 shadows the system's 5.17 (nemo_bard's
-# integration layer refuses any transformers but 5.18; the env step checks which one imports and stops otherwise).
-# There is no console script on such a box, so the recipes run as `python3 -m nemo_bard.cli finetune --config ...`.
+# Install first, on the CUDA machine: `pip install -e '.[test]'` (NeMo AutoModel 0.7.0 pins transformers 5.18 and
+# brings a CUDA build of torch). The recipes run as `python3 -m nemo_bard.cli finetune --config ...`, the same
+# front door as the `automodel` script.
 set -uo pipefail
 
 DRY=0
@@ -87,7 +81,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTH
 if ((DRY)); then
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 else
-  export PYTHONPATH=$ROOT/.gpu-site:$ROOT${PYTHONPATH:+:$PYTHONPATH}   # .gpu-site first: its transformers wins
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
   export PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 fi
 
@@ -144,9 +138,6 @@ skip() { selected "$1" || return 0; log "$1: skipped (${ABORT:-$2})"; record "$1
 
 # ------------------------------------------------------------------------------------------ environment
 env_step() {
-  if ((!DRY)) && [[ -d .gpu-wheels ]]; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target .gpu-site .gpu-wheels/*.whl || return 1
-  fi
   "$PY" - "$OUT_DIR/env.json" <<'EOF'
 """Versions and paths of what will import (package metadata: no heavy import), the GPU, and the version pin."""
 import importlib.metadata as md, importlib.util, json, shutil, subprocess, sys
@@ -164,7 +155,7 @@ if shutil.which("nvidia-smi"):
 json.dump(info, open(sys.argv[1], "w"), indent=2)
 print(json.dumps(info))
 from nemo_bard.integrations import check_version
-check_version("transformers")  # .gpu-site's 5.18 must shadow the box's 5.17 (PYTHONPATH order)
+check_version("transformers")  # nemo_bard's integration layer accepts the pinned 5.18 only
 check_version("nemo_automodel")
 EOF
 }
@@ -333,7 +324,7 @@ print(f"\nsummary: {out / 'summary.md'} and summary.json; {'failed: ' + ', '.joi
 sys.exit(1 if failed else 0)
 EOF
 rc=$?
-if ((PACK)); then  # one archive beside the summary: the device tool brings back only a few files
+if ((PACK)); then  # one archive beside the summary, for runners that copy back only a few files
   (cd "$OUT_DIR" && find . -mindepth 1 -maxdepth 1 ! -name summary.md ! -name summary.json ! -name details.tgz \
      -printf '%P\n' | tar czf details.tgz -T - && find . -mindepth 1 -maxdepth 1 ! -name summary.md \
      ! -name summary.json ! -name details.tgz -exec rm -rf {} +)

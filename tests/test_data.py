@@ -120,7 +120,7 @@ def test_jsonl_through_load_dataset_gives_the_rows_of_the_file(data_dir):
 
 
 def test_bad_rows_name_file_and_row(data_dir):
-    """Row 8 of issue #11: a 0-row save_to_disk dataset, a `messages` string that is not JSON (JSONL or save_to_disk),
+    """A 0-row save_to_disk dataset, a `messages` string that is not JSON (JSONL or save_to_disk),
     an empty JSONL file: one DataError naming the file and row, never a raw IndexError / JSONDecodeError."""
     from datasets import Dataset
 

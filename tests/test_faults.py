@@ -1,4 +1,4 @@
-"""Faults and bad input that must never lose or corrupt work (issue #11): the run-directory lock, atomic
+"""Faults and bad input that must never lose or corrupt work: the run-directory lock, atomic
 artifacts, conversion checks, disk full, and one-line errors answered before any heavy import.
 
 The training-step guards (non-finite steps, dropped micro-batches, metric flushing) are in

@@ -360,7 +360,7 @@ def _same(a, b):
 
 
 def test_nonfinite_step_is_skipped_counted_and_too_many_in_a_row_stop(tiny_bard_dir, tiny_processor, collated, tmp_path):
-    """Row 1 of issue #11: a NaN loss/gradient never reaches the weights; bard.max_nonfinite_steps in a row end the
+    """A NaN loss/gradient never reaches the weights; bard.max_nonfinite_steps in a row end the
     run with a message naming the fix, once NeMo has logged (and flushed) that step."""
     from nemo_automodel.components.loggers.metric_logger import MetricLogger
 
@@ -406,7 +406,7 @@ def test_nonfinite_step_is_skipped_counted_and_too_many_in_a_row_stop(tiny_bard_
 
 
 def test_micro_batch_of_over_long_rows_is_a_counted_drop(tiny_bard_dir, tiny_processor, tmp_path):
-    """Row 6 of issue #11: a micro-batch whose every row is over bard.max_length runs as an empty micro-batch
+    """A micro-batch whose every row is over bard.max_length runs as an empty micro-batch
     (counted), a step whose every row is dropped is skipped, and neither crashes."""
     from nemo_bard.data.collate import bard_collate_fn
     from nemo_bard.data.datasets import BardChatDataset

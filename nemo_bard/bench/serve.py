@@ -3,7 +3,8 @@
     python -m nemo_bard.bench.serve --model BARD_DIR --ar-model AR_DIR [--data DATASET [--root-dir DIR]]
         [--concurrency 1,4,16] [--requests 32 | --duration S] [--max-tokens 32]
         [--threshold TAU] [--steps S] [--strategy low_confidence_static] [--ignore-eos]
-        [--preset qwen3vl_2b] [--device cuda|cpu] [--dtype auto] [--engine static] [--json OUT] [--plot OUT.png]
+        [--preset qwen3vl_2b] [--device cuda|cpu] [--dtype auto] [--engine static] [--max-model-len 1024]
+        [--json OUT] [--plot OUT.png]
 
 Both servers are real ``python -m nemo_bard.serve`` processes on 127.0.0.1 (the AR one with ``--decoder ar``).
 At every concurrency level ``C``, ``C`` clients send streamed chat requests back to back (a closed loop; the
@@ -304,6 +305,7 @@ def run(args: argparse.Namespace) -> dict:
         args.model, args.ar_model = str(bard), str(ar)
     prompts = load_prompts(args.data, args.root_dir, args.limit)
     common = ["--max-batch", str(max(levels)), "--max-queue", str(4 * max(levels)), "--engine", args.engine,
+              "--max-model-len", str(args.max_model_len),
               "--dtype", args.dtype] + (["--device", args.device] if args.device else []) + (
               ["--ignore-eos"] if args.ignore_eos else [])
     bard_flags = list(common)
@@ -359,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=32, help="requests per level (at least 2 x concurrency)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
     ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-model-len", type=int, default=1024, help="the servers' --max-model-len")
     ap.add_argument("--threshold", type=float, default=None, help="the BARD server's tau")
     ap.add_argument("--steps", type=int, default=None, help="the BARD server's denoising steps")
     ap.add_argument("--strategy", default=None, help="the BARD server's remasking strategy")
