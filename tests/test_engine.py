@@ -71,7 +71,7 @@ def test_session_api_steps_and_collects_blocks(tiny_bard_model, tiny_processor):
         for key, tokens in session.collect():
             blocks[key].append(tokens)
     assert [r.finish_reason for r in session.take_finished()] == ["length", "length"]
-    assert session.num_forwards == ref.num_forwards == 12
+    assert session.num_forwards == ref.num_forwards <= 12  # the last block ends once its 2 returned tokens are set
     for i, key in enumerate("ab"):
         assert [len(b) for b in blocks[key]] == [4, 4, 2]  # three blocks, the last cut at max_new_tokens
         assert sum(blocks[key], []) == ref.sequences[i].tolist() == requests[i].tokens
@@ -315,7 +315,7 @@ def _row_logits(session, model, key) -> list[torch.Tensor]:
     try:
         while session.running:
             row = next((i for i, r in enumerate(session.slot) if r is not None and r.key == key), None)
-            busy = row is not None and bool((session.x[row] == mask_id).any())
+            busy = row is not None and bool((session.x[row, : session.remaining[row]] == mask_id).any())
             got.clear()
             session.step()
             if busy and got:

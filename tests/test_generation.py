@@ -454,3 +454,28 @@ def test_no_forward_after_a_decided_stop(engine, sharp_model, tiny_processor):
                                              remasking_strategy=STATIC, eos_token_id=stops + [mask_id], engine=engine)
         assert torch.equal(also_mask.sequences, out.sequences)  # the mask id as a stop id changes nothing
     assert min(forwards) < 8, forwards  # the full denoising of the block takes 8
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_block_ends_when_the_positions_it_returns_are_decided(engine, tiny_bard_model, tiny_processor):
+    """max_new_tokens 2 with B 16, S 16 (one token per step): once positions 0 and 1 are decided the block is done
+    (2 forwards, not 16), and the two tokens are those of the full block's denoising."""
+    model = tiny_bard_model
+    positions = torch.arange(16)
+
+    def front_first(module, args, out):  # confidence falls with the position: position j is decided at step j + 1
+        out = out.clone()
+        top = out.argmax(-1, keepdim=True)
+        bonus = (40.0 - 2.0 * positions[-out.shape[-2]:]).view(*([1] * (out.dim() - 2)), -1, 1)
+        return out.scatter_add(-1, top, bonus.expand_as(top).to(out.dtype))
+
+    handle = model.lm_head.register_forward_hook(front_first)
+    try:
+        kw = dict(block_size=16, denoising_steps=16, remasking_strategy=STATIC, eos_token_id=[], engine=engine)
+        enc = encode(tiny_processor, [PROMPTS[1]])
+        full = block_diffusion_generate(model, **enc, max_new_tokens=16, **kw)
+        short = block_diffusion_generate(model, **enc, max_new_tokens=2, **kw)
+    finally:
+        handle.remove()
+    assert full.num_forwards == 16 and short.num_forwards == 2 and short.row_forwards.tolist() == [2]
+    assert short.sequences[0].tolist() == full.sequences[0, :2].tolist()

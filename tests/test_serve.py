@@ -387,18 +387,21 @@ def test_sigterm_drains_running_requests_and_exits_0(tiny_bard_dir, tmp_path):
 def test_bench_summary_is_hand_computable():
     from nemo_bard.bench.serve import summarize, table
 
-    recs = [dict(start=0.0, first=0.1, end=0.5, tokens=8, first_tokens=4, text="12", forwards=4, error=None, prompt=0),
-            dict(start=0.0, first=0.3, end=1.0, tokens=4, first_tokens=4, text="x", forwards=2, error=None, prompt=1),
+    recs = [dict(start=0.0, first=0.1, end=0.5, tokens=8, first_tokens=4, text="12", forwards=4, error=None, prompt=0,
+                 decode_s=0.3),
+            dict(start=0.0, first=0.3, end=1.0, tokens=4, first_tokens=4, text="x", forwards=2, error=None, prompt=1,
+                 decode_s=0.5),
             dict(start=0.2, first=None, end=0.3, tokens=0, first_tokens=0, text="", forwards=None, error="HTTP 429",
                  prompt=0)]
     s = summarize(recs, 2.0, [([], "12"), ([], "34")])
     assert (s["requests"], s["failed"], s["errors"]) == (3, 1, ["HTTP 429"])
     assert s["requests_per_s"] == 1.0 and s["output_tokens_per_s"] == 6.0  # 12 tokens of 2 good requests in 2 s
-    assert s["decode_tokens_per_s_per_request"] == pytest.approx(4 / 1.1)  # (8-4)+(4-4) tokens in 0.4+0.7 s
+    assert s["after_first_tokens_per_s_per_request"] == pytest.approx(4 / 1.1)  # (8-4)+(4-4) tokens in 0.4+0.7 s
+    assert s["decode_tokens_per_s_per_request"] == pytest.approx(12 / 0.8)  # 8+4 tokens in 0.3+0.5 s of decoding
     assert s["tokens_per_forward"] == 2.0 and s["exact_match"] == 0.5  # "12" right, "x" wrong
     assert s["ttft_p50_ms"] == pytest.approx(200.0) and s["latency_p50_ms"] == pytest.approx(750.0)
     row = {"server": "bard", "concurrency": 1, **s}
-    assert "| bard | 1 | 1.00 | 6.0 | 3.6 | 200 / 298 | 750 / 995 | 2.00 | 50.0 % | 1 |" in table({"levels": [row]})
+    assert "| bard | 1 | 1.00 | 6.0 | 15.0 | 200 / 298 | 750 / 995 | 2.00 | 50.0 % | 1 |" in table({"levels": [row]})
 
 
 def test_closed_loop_load_generator_against_a_real_server(sharp_dir):

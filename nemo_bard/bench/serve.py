@@ -1,7 +1,7 @@
 """Serving benchmark: a BARD server and an AR server side by side under closed-loop load.
 
     python -m nemo_bard.bench.serve --model BARD_DIR --ar-model AR_DIR [--data DATASET [--root-dir DIR]]
-        [--concurrency 1,4,16] [--requests 32 | --duration S] [--max-tokens 32]
+        [--concurrency 1,4,16] [--requests 32 | --duration S] [--max-tokens 32] [--servers bard,ar]
         [--threshold TAU] [--steps S] [--strategy low_confidence_static] [--ignore-eos]
         [--preset qwen3vl_2b] [--device cuda|cpu] [--dtype auto] [--engine static] [--max-model-len 1024]
         [--json OUT] [--plot OUT.png]
@@ -10,7 +10,8 @@ Both servers are real ``python -m nemo_bard.serve`` processes on 127.0.0.1 (the 
 At every concurrency level ``C``, ``C`` clients send streamed chat requests back to back (a closed loop; the
 prompts cycle through ``--data``'s rows, or synthetic image prompts), first to the BARD server, then to the AR
 server, so both see the same prompts in the same conditions. Per server and level it reports requests/s, output
-tokens/s, output tokens/s per request after its first token, time to first token and latency (p50 / p99),
+tokens/s, decode tokens/s per request (from the end of its prompt prefill to its last token, as the server
+reports it; prefill excluded, as in the demo's "decode" columns), time to first token and latency (p50 / p99),
 tokens per forward, failed requests, the server's resident memory, and exact match where the data has answers.
 ``--preset`` builds random-weight models of a real shape (``nemo_bard.bench.presets``; use ``--ignore-eos`` and
 a static strategy to force a fixed number of tokens per forward). Without models or a preset, the tiny test
@@ -148,7 +149,7 @@ async def one_request(client: Any, url: str, model: str, messages: list[dict], m
             "stream_options": {"include_usage": True}, "return_token_ids": True, **extra}
     t0 = time.perf_counter()
     rec: dict = {"start": t0, "first": None, "tokens": 0, "first_tokens": 0, "text": "", "forwards": None,
-                 "error": None}
+                 "decode_s": None, "error": None}
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
@@ -168,7 +169,9 @@ async def one_request(client: Any, url: str, model: str, messages: list[dict], m
                     rec["tokens"] += len(ids)
                     rec["text"] += delta.get("content") or ""
                 if obj.get("usage"):
-                    rec["forwards"] = obj["usage"].get("forwards")
+                    usage = obj["usage"]
+                    rec["forwards"] = usage.get("forwards")
+                    rec["decode_s"] = usage["decode_ms"] / 1000 if usage.get("decode_ms") is not None else None
     except Exception as exc:  # noqa: BLE001 - a failed request is counted, not fatal
         rec["error"] = f"{type(exc).__name__}: {exc}"
     rec["end"] = time.perf_counter()
@@ -218,11 +221,16 @@ def summarize(records: list[dict], wall: float, prompts: list) -> dict:
     lat = np.array([r["end"] - r["start"] for r in ok]) if ok else np.array([float("nan")])
     after = sum(r["tokens"] - r["first_tokens"] for r in ok)
     after_s = sum(r["end"] - r["first"] for r in ok)
+    timed = [r for r in ok if r.get("decode_s")]
     forwards = [r["forwards"] for r in ok if r["forwards"]]
     out = {
         "requests": len(records), "failed": len(records) - len(ok), "wall_s": round(wall, 3),
         "requests_per_s": len(ok) / wall, "output_tokens_per_s": tokens / wall,
-        "decode_tokens_per_s_per_request": after / after_s if after_s > 0 else float("nan"),
+        # per request, from the end of its prompt prefill to its last token (server-side clock)
+        "decode_tokens_per_s_per_request": (sum(r["tokens"] for r in timed) / sum(r["decode_s"] for r in timed)
+                                            if timed else float("nan")),
+        # per request, client side, after the first streamed tokens (a one-block answer has none)
+        "after_first_tokens_per_s_per_request": after / after_s if after_s > 0 else float("nan"),
         "ttft_p50_ms": 1000 * float(np.percentile(ttft, 50)), "ttft_p99_ms": 1000 * float(np.percentile(ttft, 99)),
         "latency_p50_ms": 1000 * float(np.percentile(lat, 50)), "latency_p99_ms": 1000 * float(np.percentile(lat, 99)),
         "tokens_per_forward": tokens / sum(forwards) if forwards else float("nan"),
@@ -264,7 +272,7 @@ def write_plot(report: dict, path: Path) -> None:
 
 
 def table(report: dict) -> str:
-    head = ("| server | concurrency | req/s | out tok/s | tok/s per request after 1st token | TTFT p50 / p99 ms "
+    head = ("| server | concurrency | req/s | out tok/s | decode tok/s per request | TTFT p50 / p99 ms "
             "| latency p50 / p99 ms | TPF | exact match | failed |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n")
     lines = []
     for r in report["levels"]:
@@ -305,7 +313,7 @@ def run(args: argparse.Namespace) -> dict:
         args.model, args.ar_model = str(bard), str(ar)
     prompts = load_prompts(args.data, args.root_dir, args.limit)
     common = ["--max-batch", str(max(levels)), "--max-queue", str(4 * max(levels)), "--engine", args.engine,
-              "--max-model-len", str(args.max_model_len),
+              "--max-model-len", str(args.max_model_len)] + (["--threads", str(args.threads)] if args.threads else []) + [
               "--dtype", args.dtype] + (["--device", args.device] if args.device else []) + (
               ["--ignore-eos"] if args.ignore_eos else [])
     bard_flags = list(common)
@@ -315,8 +323,12 @@ def run(args: argparse.Namespace) -> dict:
             bard_flags += [flag, str(value)]
     logs = Path(args.json).parent if args.json else root
     logs.mkdir(parents=True, exist_ok=True)
-    servers = {"bard": ServerProcess(args.model, bard_flags, logs / "bench_serve_bard.log"),
-               "ar": ServerProcess(args.ar_model, ["--decoder", "ar", *common], logs / "bench_serve_ar.log")}
+    wanted = [s.strip() for s in args.servers.split(",") if s.strip()]
+    if not wanted or set(wanted) - {"bard", "ar"}:
+        raise SystemExit("nemo_bard.bench.serve: --servers lists bard and/or ar")
+    flags = {"bard": (args.model, bard_flags), "ar": (args.ar_model, ["--decoder", "ar", *common])}
+    servers = {name: ServerProcess(flags[name][0], flags[name][1], logs / f"bench_serve_{name}.log")
+               for name in ("bard", "ar") if name in wanted}
     report: dict = {"bard_model": args.model, "ar_model": args.ar_model, "data": args.data, "levels": [],
                     "max_tokens": args.max_tokens, "prompts": len(prompts), "device": args.device or "auto",
                     "title": args.title}
@@ -337,6 +349,9 @@ def run(args: argparse.Namespace) -> dict:
         report["exit_codes"] = {name: srv.stop() for name, srv in servers.items()}
         tmp.cleanup()
     by = {(r["server"], r["concurrency"]): r for r in report["levels"]}
+    if len(servers) < 2:
+        report["ratios"], report["ar_catches_up_at"] = [], None
+        return report
     report["ratios"] = [{
         "concurrency": c,
         "output_tokens_per_s_bard_over_ar": by["bard", c]["output_tokens_per_s"] / by["ar", c]["output_tokens_per_s"],
@@ -358,10 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--root-dir", default=None)
     ap.add_argument("--limit", type=int, default=1000, help="dataset rows at most")
     ap.add_argument("--concurrency", default="1,4,16")
+    ap.add_argument("--servers", default="bard,ar", help="which servers to run (e.g. bard alone for a soak run)")
     ap.add_argument("--requests", type=int, default=32, help="requests per level (at least 2 x concurrency)")
     ap.add_argument("--duration", type=float, default=None, help="seconds per level instead of --requests")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-model-len", type=int, default=1024, help="the servers' --max-model-len")
+    ap.add_argument("--threads", type=int, default=None, help="the servers' torch CPU threads")
     ap.add_argument("--threshold", type=float, default=None, help="the BARD server's tau")
     ap.add_argument("--steps", type=int, default=None, help="the BARD server's denoising steps")
     ap.add_argument("--strategy", default=None, help="the BARD server's remasking strategy")
@@ -382,8 +399,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table(report))
     for r in report["ratios"]:
         print(f"c={r['concurrency']}: BARD/AR output tokens/s {r['output_tokens_per_s_bard_over_ar']:.2f}x, "
-              f"per request after the first token {r['decode_tokens_per_s_per_request_bard_over_ar']:.2f}x")
-    print(f"AR catches up with BARD at concurrency: {report['ar_catches_up_at'] or 'not within the levels run'}")
+              f"decode tokens/s per request {r['decode_tokens_per_s_per_request_bard_over_ar']:.2f}x")
+    if report["ratios"]:
+        print(f"AR catches up with BARD at concurrency: {report['ar_catches_up_at'] or 'not within the levels run'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")

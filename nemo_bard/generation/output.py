@@ -21,7 +21,7 @@ class GenerationOutput:
         wall_time: seconds for the whole call (prefill included).
         prefill_time: seconds of the prompt prefill (``None`` when not measured, e.g. HF ``generate``).
         decode_forwards: forwards after the prefill (``None``: unknown).
-        engine: ``static`` (the engine), ``eager`` (the reference decoder) or ``hf`` (HF ``generate``).
+        engine: the engine that ran the forwards: ``static``, ``compiled``, ``eager`` or ``hf`` (HF ``generate``).
     """
 
     sequences: torch.LongTensor
@@ -31,7 +31,7 @@ class GenerationOutput:
     wall_time: float
     prefill_time: float | None = None
     decode_forwards: int | None = None
-    engine: str = "eager"
+    engine: str = "static"
 
     @property
     def response_tokens(self) -> int:

@@ -10,7 +10,9 @@ Block diffusion (:class:`BlockDiffusionSession`, docs/method.md "Decoding"):
 
 1. A prompt is prefilled with the block-causal mask; its first response block starts as ``B`` mask tokens.
 2. Every step denoises the current block of every running row against the committed cache (the block's own K/V
-   go to scratch slots) and commits the positions the remasking strategy selects, for at most ``S`` steps.
+   go to scratch slots) and commits the positions the remasking strategy selects, for at most ``S`` steps; a
+   row's block is done once the positions it will return are decided (those before its first decided stop
+   token and within its budget).
 3. The finished block is committed in the *same* forward as the next block's first step: that forward's input is
    ``[finished block (clean) | next block (noisy)]`` (``fuse_commit``; otherwise a separate forward commits it).
 4. A row ends after the block holding a stop token or when its budget is spent; its row is free at once.
@@ -99,8 +101,8 @@ class DecodeSession:
     committed tokens per request, :meth:`take_finished` the requests that ended; :meth:`close` releases the pool.
     """
 
-    kind = "?"
-    causal_prompt = False
+    causal_prompt = False  # AR: the prompt is prefilled with a causal mask
+    default_threshold = 1.0  # tau of requests that set none (block diffusion: the session's)
 
     def __init__(self, engine: DecodeEngine, *, rows: int, capacity: int, stops: list[int], pad: int,
                  block_size: int) -> None:
@@ -187,8 +189,6 @@ class DecodeSession:
         self.n = max(self.n, batch_bucket(max(rows) + 1))
         self._joined(rows_t, requests, hidden, am)
         self.prefill_time += device_sync(engine.device) - t0
-
-    default_threshold = 1.0
 
     def _join_waste(self) -> int:
         """Slots a joining row loses before its response (block diffusion: the fused step's scratch half)."""
@@ -298,8 +298,6 @@ class BlockDiffusionSession(DecodeSession):
         fuse_commit: commit a finished block in the next block's first forward (False: a separate forward).
     """
 
-    kind = "block_diffusion"
-
     def __init__(self, engine: DecodeEngine, *, rows: int, capacity: int, block_size: int, schedule: list[int],
                  mask_token_id: int, stops: list[int], pad: int, strategy: str, threshold: float,
                  fuse_commit: bool = True) -> None:
@@ -312,11 +310,12 @@ class BlockDiffusionSession(DecodeSession):
         self.x = torch.full((rows, block_size), pad, dtype=torch.long, device=dev)  # the block being denoised
         self.finished = torch.full((rows, block_size), pad, dtype=torch.long, device=dev)  # awaiting commit
         self.pending = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.remaining = torch.zeros(rows, dtype=torch.long, device=dev)  # budget left at the current block's start
         self.any_pending = False
         self.step_in_block = 0
 
     def _row_tensors(self) -> tuple[str, ...]:
-        return (*super()._row_tensors(), "x", "finished", "pending")
+        return (*super()._row_tensors(), "x", "finished", "pending", "remaining")
 
     @property
     def at_boundary(self) -> bool:
@@ -328,6 +327,7 @@ class BlockDiffusionSession(DecodeSession):
     def _joined(self, rows, requests, hidden, am) -> None:
         self.x[rows] = self.mask_id
         self.pending[rows] = False
+        self.remaining[rows] = torch.tensor([r.max_new_tokens for r in requests], device=self.engine.device)
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -338,7 +338,10 @@ class BlockDiffusionSession(DecodeSession):
             return
         x = self.x[:n]
         masked = undecided(x, self.mask_id, self.stops) & self.active[:n, None]
-        if self.step_in_block >= len(self.schedule) or not bool(masked.any()):  # block finished: sync per step
+        # a row has work while a position it will return is undecided (positions past its budget are never
+        # returned: once the others are decided, its block is done)
+        work = masked & (self.offsets < self.remaining[:n, None])
+        if self.step_in_block >= len(self.schedule) or not bool(work.any()):  # block finished: sync per step
             self._end_block()
             return
         fused = self.any_pending
@@ -368,7 +371,7 @@ class BlockDiffusionSession(DecodeSession):
         commit = select_commits(confidence, masked, self.schedule[self.step_in_block], self.strategy,
                                 self.threshold[:n])
         self.x[:n] = torch.where(commit, tok, x)
-        self.row_forwards[:n] += masked.any(-1)
+        self.row_forwards[:n] += work.any(-1)
         self.num_forwards += 1
         self.step_in_block += 1
 
@@ -400,6 +403,7 @@ class BlockDiffusionSession(DecodeSession):
             self.row_forwards[:n] += cont
             self.num_forwards += 1
         self.base[:n] += blen * cont
+        self.remaining[:n] -= blen * cont
         self.x[:n] = torch.where(cont[:, None], self.mask_id, self.pad)
         self.step_in_block = 0
         self._pack()
@@ -408,7 +412,6 @@ class BlockDiffusionSession(DecodeSession):
 class ARSession(DecodeSession):
     """Autoregressive decoding: causal prompt prefill (which gives the first token), then one token per forward."""
 
-    kind = "ar"
     causal_prompt = True
 
     def __init__(self, engine: DecodeEngine, *, rows: int, capacity: int, stops: list[int], pad: int) -> None:

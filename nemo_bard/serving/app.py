@@ -250,7 +250,7 @@ def create_app(scheduler: Scheduler, processor: Any, config: ServerConfig, metri
         done = len(stream.ids) if stats is None else stats["completion_tokens"]
         out = {"prompt_tokens": prompt_tokens, "completion_tokens": done, "total_tokens": prompt_tokens + done}
         if stats is not None:
-            out.update(forwards=stats["forwards"], tokens_per_forward=stats["tokens_per_forward"])
+            out.update({k: v for k, v in stats.items() if k != "completion_tokens"})
         return out
 
     async def sse(ticket: Ticket, queue: asyncio.Queue, request: Request, stream: TextStream, rid: str,

@@ -63,6 +63,8 @@ class Ticket:
     id: int = field(default_factory=itertools.count().__next__)
     arrival: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    prefill_s: float = 0.0  # its prompt prefill (one forward, maybe shared with other joining requests)
+    decode_start: float = 0.0  # when the prefill ended
     cancelled: bool = False
     cancel_reason: str = "cancelled"
 
@@ -76,10 +78,13 @@ class Ticket:
         return self.timeout is not None and time.perf_counter() - self.arrival > self.timeout
 
 
-def usage_of(req: RowRequest) -> dict:
-    """A finished row's share of the OpenAI ``usage`` (plus forwards and tokens per forward)."""
+def usage_of(req: RowRequest, ticket: "Ticket") -> dict:
+    """A finished row's share of the OpenAI ``usage``, plus its forwards, tokens per forward, the seconds of its
+    prompt prefill (shared with the requests prefilled in the same forward) and from there to its last token."""
     return {"completion_tokens": len(req.tokens), "forwards": req.forwards,
-            "tokens_per_forward": round(len(req.tokens) / max(req.forwards, 1), 3)}
+            "tokens_per_forward": round(len(req.tokens) / max(req.forwards, 1), 3),
+            "prefill_ms": round(1000 * ticket.prefill_s, 3),
+            "decode_ms": round(1000 * (time.perf_counter() - ticket.decode_start), 3)}
 
 
 class Scheduler:
@@ -192,7 +197,7 @@ class Scheduler:
                     ticket.deliver(("error", 504, f"the request timed out after {ticket.timeout:g} s "
                                                   "(the server's --request-timeout)"))
                 else:
-                    ticket.deliver(("done", ticket.cancel_reason, None if req is None else usage_of(req)))
+                    ticket.deliver(("done", ticket.cancel_reason, None if req is None else usage_of(req, ticket)))
         with self._cond:
             expired = [t for t in self.waiting if t.cancelled or t.expired]
             for t in expired:
@@ -235,8 +240,11 @@ class Scheduler:
                            torch.Generator(dev).manual_seed(t.seed) if t.seed is not None else None)
                 for t in tickets]
         inputs = stack_inputs([t.inputs for t in tickets], session.pad)
+        t0 = time.perf_counter()
         session.add(rows, {k: v.to(dev) if v is not None else None for k, v in inputs.items()})
+        t1 = time.perf_counter()
         for t in tickets:
+            t.prefill_s, t.decode_start = t1 - t0, t1
             self.tickets[t.id] = t
             t.deliver(("admitted", int(t.inputs["input_ids"].shape[1])))
         self._dispatch()  # AR: the prefill already produced a token
@@ -258,7 +266,7 @@ class Scheduler:
             ticket = self.tickets.pop(req.key, None)
             if ticket is None:
                 continue
-            usage = usage_of(req)
+            usage = usage_of(req, ticket)
             self._observe("latency", now - ticket.arrival)
             self._observe("tokens_per_forward", usage["tokens_per_forward"])
             ticket.deliver(("done", req.finish_reason, usage))
