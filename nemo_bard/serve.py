@@ -140,6 +140,11 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     model = cls.from_pretrained(args.model, dtype=dtype).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     engine = DecodeEngine.for_model(model, args.engine)
+    try:
+        engine.check_positions(args.max_model_len)
+    except ValueError as exc:
+        raise ServeError(str(exc).replace("prompt + --max-new-tokens", "--max-model-len")
+                         .replace("lower --max-new-tokens", "lower --max-model-len")) from None
     capacity = engine.capacity_for(args.max_model_len)
     stops = stop_ids(model, processor.tokenizer)
     pad = processor.tokenizer.pad_token_id

@@ -46,6 +46,7 @@ def ar_generate(
     batch = input_ids.shape[0]
     if engine != "hf":
         dec = DecodeEngine.for_model(model, engine)
+        dec.check_positions(input_ids.shape[1] + max_new_tokens)
         session = ARSession(dec, rows=batch_bucket(batch), capacity=dec.capacity_for(input_ids.shape[1] + max_new_tokens),
                             stops=stops, pad=pad)
         return run_to_end(session, [RowRequest(i, max_new_tokens) for i in range(batch)], inputs)

@@ -142,7 +142,9 @@ def block_diffusion_generate(
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     stream = _Streamer(streamer, ids.shape[0], ids[:, am[0].bool()])
     dec = engine if isinstance(engine, DecodeEngine) else DecodeEngine.for_model(model, engine)
-    capacity = dec.capacity_for(ids.shape[1] + -(-max_new_tokens // block_len) * block_len)
+    blocks = -(-max_new_tokens // block_len)
+    dec.check_positions(ids.shape[1] + blocks * block_len)
+    capacity = dec.capacity_for(ids.shape[1] + (blocks + 1) * block_len)  # + a block of scratch
     session = BlockDiffusionSession(
         dec, rows=batch_bucket(ids.shape[0]), capacity=capacity, block_size=block_len, schedule=schedule,
         mask_token_id=int(model.config.mask_token_id), stops=stops, pad=pad, strategy=remasking_strategy,

@@ -9,11 +9,12 @@ a growing cache. The engine removes that work from the hot loop:
   ``B`` queries (a block's denoising step), ``2B`` (the fused step that commits the finished block and starts
   the next one), ``1`` (an AR step). Keys are always the whole cache; an explicit mask selects the visible slots.
 * **Rows are independent sequences.** Each row has its own write slot (``write_pos[row]``), committed-slot mask
-  (``key_valid[row]``) and positions, so a request can be prefilled into a free row and join a running batch
-  (continuous batching, :mod:`nemo_bard.generation.session`).
-* **Masks and positions updated in place.** A step's mask is ``key_valid | window``, where the window lets each
-  query see its own (and, for the fused step, the finished) block. Positions and write slots come from device
-  tensors, so nothing in a step depends on Python values.
+  (``key_valid[row]``), positions and step layout, so a request can be prefilled into a free row and join a
+  running batch, and each row moves through its blocks at its own pace (:mod:`nemo_bard.generation.session`).
+* **Masks and positions updated in place.** Query ``j`` of row ``r`` writes at slot ``write_pos[r] +
+  offset[r, j]`` and sees the committed slots plus the window ``[write_pos[r] + lo[r, j], write_pos[r] +
+  hi[r, j])`` (its own block and, in a fused step, the finished one). Ids, positions and this layout are static
+  device buffers the session fills, so nothing in a step depends on Python values.
 * **Fewer kernels per layer.** With the ``sdpa`` backend the text layers run as
   :func:`~nemo_bard.generation.layers.decoder_layer_step` (the same computation in fewer GPU kernels).
 * **CUDA graphs.** On a GPU each (rows, query shape) step is captured once and replayed; the prompt prefill
@@ -70,16 +71,33 @@ def device_sync(device: torch.device) -> float:
 
 
 @dataclass
+class StepBuffers:
+    """The static inputs of a ``q``-token step, ``[rows, q]`` each: token ids, positions, and the layout (write
+    offset from the row's write slot, and the window ``[lo, hi)`` each query sees beyond the committed slots);
+    ``keep [rows, k]``: the queries whose logits the step returns."""
+
+    ids: torch.Tensor
+    pos: torch.Tensor
+    offset: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    keep: torch.Tensor
+
+    def rows(self, n: int) -> "StepBuffers":
+        """Views of the first ``n`` rows."""
+        return StepBuffers(*(t[:n] for t in (self.ids, self.pos, self.offset, self.lo, self.hi, self.keep)))
+
+
+@dataclass
 class Pool:
     """Static buffers of one (rows, capacity): the cache, per-row slot state, step inputs, captured graphs."""
 
     cache: StaticKVCache
     key_valid: torch.Tensor  # [rows, capacity] bool: committed (visible) slots
-    write_pos: torch.Tensor  # [rows] long: first slot each row's next forward writes
-    skip: torch.Tensor  # [rows] long: leading window slots a row must not see (a row joining at a fused step)
+    write_pos: torch.Tensor  # [rows] long: each row's first slot after its committed ones
     slots: torch.Tensor  # [capacity] arange
     rope: tuple[torch.Tensor, torch.Tensor]  # cos, sin tables [capacity, head_dim] (positions < capacity)
-    inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # q -> (ids, positions)
+    inputs: dict[tuple[int, int], StepBuffers] = field(default_factory=dict)  # by (q, k)
     graphs: dict[tuple, tuple[Any, torch.Tensor | None]] = field(default_factory=dict)
     busy: bool = False  # held by a running session
 
@@ -91,20 +109,23 @@ class Pool:
     def capacity(self) -> int:
         return self.cache.capacity
 
-    def buffers(self, q: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The static input ids and positions ``[rows, q]`` of a ``q``-token step."""
-        if q not in self.inputs:
+    def buffers(self, q: int, k: int) -> StepBuffers:
+        """The static inputs of a ``q``-token step returning the logits of ``k`` queries (default layout: query
+        ``j`` writes at offset ``j`` and sees ``[0, q)``; the last ``k`` queries' logits)."""
+        if (q, k) not in self.inputs:
             dev = self.key_valid.device
-            self.inputs[q] = (torch.zeros(self.rows, q, dtype=torch.long, device=dev),
-                              torch.zeros(self.rows, q, dtype=torch.long, device=dev))
-        return self.inputs[q]
+            arange = torch.arange(q, device=dev).expand(self.rows, q)
+            zeros = torch.zeros(self.rows, q, dtype=torch.long, device=dev)
+            self.inputs[q, k] = StepBuffers(zeros.clone(), zeros.clone(), arange.clone(), zeros.clone(),
+                                            torch.full_like(zeros, q), arange[:, q - k:].clone())
+        return self.inputs[q, k]
 
     def move_rows(self, src: list[int], dst: list[int]) -> None:
         """Move the slot state of rows ``src`` to rows ``dst`` (cache included)."""
         s = torch.tensor(src, device=self.key_valid.device)
         d = torch.tensor(dst, device=self.key_valid.device)
         self.cache.move_rows(s, d)
-        for t in (self.key_valid, self.write_pos, self.skip):
+        for t in (self.key_valid, self.write_pos):
             t[d] = t[s]
 
 
@@ -148,7 +169,6 @@ class DecodeEngine:
                               "attn_implementation='sdpa' (or pass --engine static)")
         self._pools: dict[tuple[int, int], Pool] = {}
         self._stacked: list[StackedWeights] | None = None  # per layer (plain nn.Linear projections, no bias)
-        self._hi: dict[tuple[int, ...], torch.Tensor] = {}
         self._graph_pool = None
 
     @property
@@ -178,17 +198,19 @@ class DecodeEngine:
         """The model's ``max_position_embeddings`` (0: unknown)."""
         return int(getattr(self.cfg, "max_position_embeddings", 0) or 0)
 
-    def capacity_for(self, needed: int) -> int:
-        """Cache slots for ``needed`` tokens, rounded up so buffers and graphs are shared across calls."""
+    def check_positions(self, needed: int) -> None:
+        """Refuse ``needed`` positions beyond the model's ``max_position_embeddings`` (naming the flag)."""
         limit = self.max_positions
         if limit and needed > limit:
             raise EngineError(
                 f"prompt + --max-new-tokens needs {needed} positions, beyond the model's max_position_embeddings "
                 f"{limit}; lower --max-new-tokens"
             )
+
+    def capacity_for(self, slots: int) -> int:
+        """Cache slots for ``slots`` tokens, rounded up so buffers and graphs are shared across calls."""
         step = 256 if self.device.type == "cuda" else 64
-        cap = -(-needed // step) * step
-        return min(cap, limit) if limit else cap
+        return -(-slots // step) * step
 
     def pool(self, rows: int, capacity: int) -> Pool:
         """Buffers for ``rows`` x ``capacity`` slots, reused when they exist; held until ``pool.busy`` is cleared."""
@@ -204,9 +226,8 @@ class DecodeEngine:
             cache = StaticKVCache(self.cfg.num_hidden_layers, rows, self.cfg.num_key_value_heads, head_dim,
                                   capacity, self.dtype, self.device)
             slots = torch.arange(capacity, device=self.device)
-            zeros = torch.zeros(rows, dtype=torch.long, device=self.device)
-            pool = Pool(cache, torch.zeros(rows, capacity, dtype=torch.bool, device=self.device), zeros,
-                        zeros.clone(), slots, self._rope_table(slots))
+            pool = Pool(cache, torch.zeros(rows, capacity, dtype=torch.bool, device=self.device),
+                        torch.zeros(rows, dtype=torch.long, device=self.device), slots, self._rope_table(slots))
         self._pools[key] = pool  # most recently used last
         pool.busy = True
         return pool
@@ -242,11 +263,6 @@ class DecodeEngine:
         """Per text layer: its stacked weights, or None where the layer's own projections run."""
         return self._stacked or [None] * len(self.text.layers)
 
-    def _hi_tensor(self, hi: tuple[int, ...]) -> torch.Tensor:
-        if hi not in self._hi:
-            self._hi[hi] = torch.tensor(hi, dtype=torch.long, device=self.device)
-        return self._hi[hi]
-
     # ---------------------------------------------------------------- forwards
     def prefill(self, pool: Pool, rows: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                 media: dict[str, Any]) -> torch.Tensor:
@@ -277,17 +293,15 @@ class DecodeEngine:
         finally:
             cache.prefill_rows = None
 
-    def _step_fn(self, pool: Pool, n: int, q: int, hi: torch.Tensor, logits_from: int | None) -> torch.Tensor | None:
-        """One decoding forward of ``q`` tokens per row on rows ``[0, n)`` (static shapes, no host sync).
-
-        Row ``r`` writes at slots ``write_pos[r] + [0, q)``; query ``j`` sees the committed slots plus the window
-        ``[write_pos[r] + skip[r], write_pos[r] + hi[j])``.
-        """
-        ids, pos = (t[:n] for t in pool.buffers(q))
-        wp = pool.write_pos[:n]
-        pool.cache.write_index = wp[:, None] + pool.slots[:q]
-        lo = (wp + pool.skip[:n])[:, None, None]
-        window = (pool.slots >= lo) & (pool.slots < wp[:, None, None] + hi[None, :, None])  # [n, q, capacity]
+    def _step_fn(self, pool: Pool, n: int, q: int, k: int) -> torch.Tensor | None:
+        """One decoding forward of ``q`` tokens per row on rows ``[0, n)`` (static shapes, no host sync), laid out
+        by ``pool.buffers(q, k)`` (see the module docstring); the logits ``[n, k, vocab]`` of its kept queries."""
+        buf = pool.buffers(q, k).rows(n)
+        ids, pos = buf.ids, buf.pos
+        wp = pool.write_pos[:n, None]
+        pool.cache.write_index = wp + buf.offset
+        lo, hi = (wp + buf.lo)[..., None], (wp + buf.hi)[..., None]
+        window = (pool.slots >= lo) & (pool.slots < hi)  # [n, q, capacity]
         mask = pool.key_valid[:n, None, None, :] | window[:, None]
         h = self.text.embed_tokens(ids)
         cos, sin = pool.rope[0][pos], pool.rope[1][pos]
@@ -300,9 +314,10 @@ class DecodeEngine:
             step = self._layer_step()
             for layer, cache, w in zip(self.text.layers, pool.cache.layers, self._layer_weights()):
                 h = step(layer, h, mask, cos, sin, cache, w)
-        if logits_from is None:
+        if k == 0:
             return None
-        return self.lm_head(rms_norm(h[:, logits_from:], self.text.norm))
+        h = h.gather(1, buf.keep[..., None].expand(-1, -1, h.shape[-1]))
+        return self.lm_head(rms_norm(h, self.text.norm))
 
     def _layer_step(self) -> Any:
         """:func:`decoder_layer_step`, through ``torch.compile`` for engine="compiled" (the layers share one
@@ -313,42 +328,40 @@ class DecodeEngine:
             self._compiled = torch.compile(decoder_layer_step, dynamic=False, backend=self.compile_backend)
         return self._compiled
 
-    def _step(self, pool: Pool, n: int, q: int, hi: torch.Tensor, logits_from: int | None) -> torch.Tensor | None:
+    def _step(self, pool: Pool, n: int, q: int, k: int) -> torch.Tensor | None:
         if not self.compile:
-            return self._step_fn(pool, n, q, hi, logits_from)
+            return self._step_fn(pool, n, q, k)
         # one graph per (rows, capacity, query shape): allow more than dynamo's default of 8
         with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
-            return self._step_fn(pool, n, q, hi, logits_from)
+            return self._step_fn(pool, n, q, k)
 
-    def run_step(self, pool: Pool, n: int, q: int, hi: tuple[int, ...], logits_from: int | None
-                 ) -> torch.Tensor | None:
-        """Run a step on rows ``[0, n)`` (replaying its CUDA graph when enabled); inputs are in
-        ``pool.buffers(q)``. Returns the logits ``[n, q - logits_from, vocab]`` (None without ``logits_from``)."""
-        hi_t = self._hi_tensor(hi)
+    def run_step(self, pool: Pool, n: int, q: int, k: int) -> torch.Tensor | None:
+        """Run a step on rows ``[0, n)`` (replaying its CUDA graph when enabled); inputs and layout are in
+        ``pool.buffers(q, k)``. Returns the logits ``[n, k, vocab]`` of the kept queries (None for ``k = 0``)."""
         if not self.cuda_graphs:
-            return self._step(pool, n, q, hi_t, logits_from)
-        key = (n, q, hi, logits_from)
+            return self._step(pool, n, q, k)
+        key = (n, q, k)
         if key not in pool.graphs:
-            pool.graphs[key] = self._capture(pool, n, q, hi_t, logits_from)
+            pool.graphs[key] = self._capture(pool, n, q, k)
         graph, out = pool.graphs[key]
         if graph is None:  # capture failed: same step, run without a graph
-            return self._step(pool, n, q, hi_t, logits_from)
+            return self._step(pool, n, q, k)
         graph.replay()
         return out
 
-    def _capture(self, pool: Pool, n: int, q: int, hi: torch.Tensor, logits_from: int | None):
+    def _capture(self, pool: Pool, n: int, q: int, k: int):
         try:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                for _ in range(2):  # warm-up: compilation, kernel selection (writes only scratch slots)
-                    self._step(pool, n, q, hi, logits_from)
+                for _ in range(2):  # warm-up: compilation, kernel selection (writes only the step's own slots)
+                    self._step(pool, n, q, k)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             if self._graph_pool is None:
                 self._graph_pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._graph_pool):
-                out = self._step(pool, n, q, hi, logits_from)
+                out = self._step(pool, n, q, k)
             return graph, out
         except RuntimeError as exc:  # documented fallback: the same static step without a graph
             logger.warning("engine: CUDA graph capture failed for a %d-token step (%s); running it without a graph",

@@ -17,13 +17,14 @@ Block diffusion (:class:`BlockDiffusionSession`, docs/method.md "Decoding"):
    ``[finished block (clean) | next block (noisy)]`` (``fuse_commit``; otherwise a separate forward commits it).
 4. A row ends after the block holding a stop token or when its budget is spent; its row is free at once.
 
-Rows are block-synchronous: a block ends when every running row has decided it (or after ``S`` steps), and that
-*block boundary* is where new requests join and cancelled ones leave. A request that joins while other rows wait
-to commit a finished block runs its first step inside their fused forward: its half of the ``[finished | noisy]``
-input is padding written to slots it never sees (``Pool.skip``), so it computes exactly what a solo run would.
+Each row moves through its blocks at its own pace: a forward in which some rows commit a finished block has the
+fused ``2B`` shape, and a row that does not commit in it (mid-block, or just joined) forwards padding in place of
+a finished block, in slots past its committed ones that its noisy queries do not see (the per-row window of
+:class:`~nemo_bard.generation.engine.StepBuffers`; a row's cache keeps one block of such scratch). So every row
+computes exactly what it would alone, and requests join and leave between any two forwards, without waiting for
+the other rows' blocks to end.
 
-AR (:class:`ARSession`): a causal prompt prefill gives the first token, then one token per forward; every step
-is a boundary.
+AR (:class:`ARSession`): a causal prompt prefill gives the first token, then one token per forward.
 """
 
 from __future__ import annotations
@@ -133,11 +134,6 @@ class DecodeSession:
     def free_rows(self) -> int:
         return self.slot.count(None)
 
-    @property
-    def at_boundary(self) -> bool:
-        """Whether requests can join or leave now (between blocks)."""
-        return True
-
     def _row_tensors(self) -> tuple[str, ...]:
         """Per-row device state moved along with a row when the batch is packed."""
         return ("active", "base", "threshold", "row_forwards")
@@ -147,8 +143,6 @@ class DecodeSession:
 
         Raises :class:`EngineError` (naming the limit) when a request does not fit the pool; nothing is added then.
         """
-        if not self.at_boundary:
-            raise EngineError("requests join a session between blocks; step to the end of the block first")
         if len(requests) > self.free_rows:
             raise EngineError(f"{len(requests)} requests but {self.free_rows} free rows")
         engine, pool, blen = self.engine, self.pool, self.block_size
@@ -157,10 +151,10 @@ class DecodeSession:
         lp = ids.shape[1]
         pos, start = prompt_positions(engine.model, ids, am, media.get("mm_token_type_ids"),
                                       media.get("image_grid_thw"), media.get("video_grid_thw"))
-        waste = self._join_waste()
         for req, s in zip(requests, start.tolist()):
             blocks = -(-req.max_new_tokens // blen)
-            need = max(lp + waste, s) + blocks * blen
+            # slots: the prompt, the response blocks and one block of scratch (the fused step's padding half)
+            need = max(lp, s) + (blocks + (blen > 1)) * blen
             if need > pool.capacity:
                 raise EngineError(
                     f"prompt ({lp} tokens) + max_tokens ({req.max_new_tokens}) needs {need} cache slots, beyond "
@@ -177,7 +171,6 @@ class DecodeSession:
         pool.key_valid[rows_t] = False
         pool.key_valid[rows_t, :lp] = am.bool()
         pool.write_pos[rows_t] = lp
-        pool.skip[rows_t] = 0
         for i, req in zip(rows, requests):
             self.slot[i] = req
         self.active[rows_t] = True
@@ -189,10 +182,6 @@ class DecodeSession:
         self.n = max(self.n, batch_bucket(max(rows) + 1))
         self._joined(rows_t, requests, hidden, am)
         self.prefill_time += device_sync(engine.device) - t0
-
-    def _join_waste(self) -> int:
-        """Slots a joining row loses before its response (block diffusion: the fused step's scratch half)."""
-        return 0
 
     def _joined(self, rows: torch.Tensor, requests: list[RowRequest], hidden: torch.Tensor, am: torch.Tensor) -> None:
         """Kind-specific state of rows that just joined."""
@@ -306,106 +295,119 @@ class BlockDiffusionSession(DecodeSession):
         self.default_threshold = threshold
         self.fuse = fuse_commit
         dev = engine.device
+        blen = block_size
         self.offsets = torch.arange(block_size, device=dev)
+        self.commits = torch.tensor(schedule, dtype=torch.long, device=dev)  # commits at step i of a block
         self.x = torch.full((rows, block_size), pad, dtype=torch.long, device=dev)  # the block being denoised
         self.finished = torch.full((rows, block_size), pad, dtype=torch.long, device=dev)  # awaiting commit
-        self.pending = torch.zeros(rows, dtype=torch.bool, device=dev)
+        self.pending = torch.zeros(rows, dtype=torch.bool, device=dev)  # commits `finished` in the next forward
+        self.steps = torch.zeros(rows, dtype=torch.long, device=dev)  # steps taken in the current block
         self.remaining = torch.zeros(rows, dtype=torch.long, device=dev)  # budget left at the current block's start
         self.any_pending = False
-        self.step_in_block = 0
+        # the fused 2B-token step writes [finished | noisy] at [0, 2B) of every row's write slot; the finished block
+        # sees itself, the noisy block both (hi); a row with nothing to commit forwards [padding | noisy] and its
+        # noisy queries see only their own block (lo = B)
+        idx = torch.arange(2 * blen, device=dev)
+        self._fused_hi = torch.where(idx < blen, blen, 2 * blen)
+        self._fused_lo = (torch.zeros_like(idx), torch.where(idx < blen, 0, blen))  # (committing, other)
 
     def _row_tensors(self) -> tuple[str, ...]:
-        return (*super()._row_tensors(), "x", "finished", "pending", "remaining")
-
-    @property
-    def at_boundary(self) -> bool:
-        return self.step_in_block == 0
-
-    def _join_waste(self) -> int:
-        return self.block_size if self.any_pending else 0
+        return (*super()._row_tensors(), "x", "finished", "pending", "steps", "remaining")
 
     def _joined(self, rows, requests, hidden, am) -> None:
         self.x[rows] = self.mask_id
         self.pending[rows] = False
+        self.steps[rows] = 0
         self.remaining[rows] = torch.tensor([r.max_new_tokens for r in requests], device=self.engine.device)
+
+    def _work(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(masked, work)`` ``[n, B]``: undecided positions of running rows, and those a row will return."""
+        n = self.n
+        masked = undecided(self.x[:n], self.mask_id, self.stops) & self.active[:n, None]
+        # positions past the budget are never returned: once the others are decided, the block is done
+        return masked, masked & (self.offsets < self.remaining[:n, None])
 
     @torch.inference_mode()
     def step(self) -> None:
-        """One denoising forward of the running rows' blocks (the first one of a block also commits the previous
-        blocks); at a block's end, record it and finish rows instead."""
+        """One denoising forward of every running row's block; the rows whose block it completes record it at once
+        (and finish, or commit the block in the next forward)."""
+        if self.n == 0:
+            return
+        masked, work = self._work()
         n, blen, pool = self.n, self.block_size, self.pool
-        if n == 0:
-            return
         x = self.x[:n]
-        masked = undecided(x, self.mask_id, self.stops) & self.active[:n, None]
-        # a row has work while a position it will return is undecided (positions past its budget are never
-        # returned: once the others are decided, its block is done)
-        work = masked & (self.offsets < self.remaining[:n, None])
-        if self.step_in_block >= len(self.schedule) or not bool(work.any()):  # block finished: sync per step
-            self._end_block()
-            return
-        fused = self.any_pending
-        if fused:  # [finished block (clean) | this block (noisy)]; joining rows hide their first half
-            q, hi = 2 * blen, (blen,) * blen + (2 * blen,) * blen
-            ids, pos = (t[:n] for t in pool.buffers(q))
+        base = self.base[:n, None]
+        if self.any_pending:  # fused: [finished block (clean) | this block (noisy)]; padding for rows not committing
+            q = 2 * blen
+            buf = pool.buffers(q, blen).rows(n)
             pend = self.pending[:n, None]
-            ids[:, :blen].copy_(torch.where(pend, self.finished[:n], self.pad))
-            ids[:, blen:].copy_(x)
-            pos[:, :blen].copy_(((self.base[:n] - blen).clamp(min=0))[:, None] + self.offsets)
-            pos[:, blen:].copy_(self.base[:n, None] + self.offsets)
-            pool.skip[:n] = blen * (self.active[:n] & ~self.pending[:n])
-        else:
-            q, hi = blen, (blen,) * blen
-            ids, pos = (t[:n] for t in pool.buffers(q))
-            ids.copy_(x)
-            pos.copy_(self.base[:n, None] + self.offsets)
-        logits = self.engine.run_step(pool, n, q, hi, q - blen)
-        if fused:
+            buf.ids[:, :blen].copy_(torch.where(pend, self.finished[:n], self.pad))
+            buf.ids[:, blen:].copy_(x)
+            buf.pos[:, :blen].copy_((base - blen).clamp(min=0) + self.offsets)
+            buf.pos[:, blen:].copy_(base + self.offsets)
+            buf.hi.copy_(self._fused_hi.expand(n, -1))
+            buf.lo.copy_(torch.where(pend, *self._fused_lo))
+            logits = self.engine.run_step(pool, n, q, blen)
             self._commit(self.pending[:n])
-            pool.skip.zero_()
             self.pending.zero_()
             self.any_pending = False
+        else:
+            buf = pool.buffers(blen, blen).rows(n)
+            buf.ids.copy_(x)
+            buf.pos.copy_(base + self.offsets)
+            logits = self.engine.run_step(pool, n, blen, blen)
         logits[..., self.mask_id] = float("-inf")  # never produce the mask token
         tok, conf = self._sample(logits)
         confidence = torch.where(masked, conf, float("-inf"))
-        commit = select_commits(confidence, masked, self.schedule[self.step_in_block], self.strategy,
-                                self.threshold[:n])
+        n_commit = self.commits[self.steps[:n].clamp(max=len(self.schedule) - 1)][:, None]
+        commit = select_commits(confidence, masked, n_commit, self.strategy, self.threshold[:n])
         self.x[:n] = torch.where(commit, tok, x)
         self.row_forwards[:n] += work.any(-1)
+        self.steps[:n] += self.active[:n]
         self.num_forwards += 1
-        self.step_in_block += 1
+        _, work = self._work()
+        done = self.active[:n] & (~work.any(-1) | (self.steps[:n] >= len(self.schedule)))
+        if bool(done.any()):  # the one host sync of a step
+            self._end_blocks(done)
 
     def _commit(self, rows: torch.Tensor) -> None:
-        """Make the ``B`` slots at each running row's write position visible for ``rows`` and advance every running
-        row past them (a joining row's scratch half is skipped, never committed)."""
+        """Make the ``B`` slots at the write position of ``rows`` visible and move those rows past them."""
         n, blen, pool = self.n, self.block_size, self.pool
         wp = pool.write_pos[:n, None]
         pool.key_valid[:n] |= rows[:, None] & (pool.slots >= wp) & (pool.slots < wp + blen)
-        pool.write_pos[:n] += blen * self.active[:n]
+        pool.write_pos[:n] += blen * rows
 
-    def _end_block(self) -> None:
+    def _end_blocks(self, done: torch.Tensor) -> None:
+        """Record the blocks of the ``done`` rows; finish rows at a stop or their budget; the others commit the
+        block (in the next forward when fused) and start their next one."""
         n, blen = self.n, self.block_size
-        tokens = self.x[:n].tolist()
-        going = [i < n and self.slot[i] is not None and self._emit(i, tokens[i], self.slot[i].blocks * blen)
-                 for i in range(n)]
-        cont = torch.tensor(going, dtype=torch.bool, device=self.engine.device)
-        self.active[:n] = cont
-        if self.fuse:
-            self.finished[:n] = self.x[:n]
-            self.pending[:n] = cont
-            self.any_pending = any(going)
-        elif any(going):  # a separate forward commits the finished block
-            ids, pos = (t[:n] for t in self.pool.buffers(blen))
-            ids.copy_(self.x[:n])
-            pos.copy_(self.base[:n, None] + self.offsets)
-            self.engine.run_step(self.pool, n, blen, (blen,) * blen, None)
-            self._commit(cont)
-            self.row_forwards[:n] += cont
-            self.num_forwards += 1
-        self.base[:n] += blen * cont
-        self.remaining[:n] -= blen * cont
-        self.x[:n] = torch.where(cont[:, None], self.mask_id, self.pad)
-        self.step_in_block = 0
+        rows = done.nonzero()[:, 0].tolist()
+        tokens = self.x[rows].tolist()
+        going = [i for i, t in zip(rows, tokens) if self._emit(i, t, self.slot[i].blocks * blen)]
+        if going:
+            g = torch.tensor(going, device=self.engine.device)
+            if self.fuse:
+                self.finished[g] = self.x[g]
+                self.pending[g] = True
+                self.any_pending = True
+            else:  # a separate forward commits the finished blocks (the other rows forward their block unchanged)
+                cont = torch.zeros(n, dtype=torch.bool, device=self.engine.device)
+                cont[g] = True
+                buf = self.pool.buffers(blen, 0).rows(n)
+                buf.ids.copy_(self.x[:n])
+                buf.pos.copy_(self.base[:n, None] + self.offsets)
+                self.engine.run_step(self.pool, n, blen, 0)
+                self._commit(cont)
+                self.row_forwards[:n] += cont
+                self.num_forwards += 1
+            self.base[g] += blen
+            self.remaining[g] -= blen
+            self.x[g] = self.mask_id
+            self.steps[g] = 0
+        ended = [i for i in rows if self.slot[i] is None]
+        if ended:
+            e = torch.tensor(ended, device=self.engine.device)
+            self.x[e] = self.pad
         self._pack()
 
 
@@ -432,7 +434,7 @@ class ARSession(DecodeSession):
         tok = logits.argmax(-1)
         for j, i in enumerate(rows):
             req = self.slot[i]
-            if req.sampled:
+            if req is not None and req.sampled:
                 tok[j] = sample_tokens(logits[j], req.temperature, req.top_k, req.top_p, req.generator)[0]
         return tok
 
@@ -451,10 +453,10 @@ class ARSession(DecodeSession):
         n, pool = self.n, self.pool
         if n == 0:
             return
-        ids, pos = (t[:n] for t in pool.buffers(1))
-        ids[:, 0].copy_(self.token[:n])
-        pos[:, 0].copy_(self.base[:n])
-        logits = self.engine.run_step(pool, n, 1, (1,), 0)
+        buf = pool.buffers(1, 1).rows(n)
+        buf.ids[:, 0].copy_(self.token[:n])
+        buf.pos[:, 0].copy_(self.base[:n])
+        logits = self.engine.run_step(pool, n, 1, 1)
         active = self.active[:n]
         wp = pool.write_pos[:n, None]
         pool.key_valid[:n] |= active[:, None] & (pool.slots == wp)
@@ -462,8 +464,7 @@ class ARSession(DecodeSession):
         self.base[:n] += active
         self.row_forwards[:n] += active
         self.num_forwards += 1
-        self.token[:n] = self._sample_rows(logits, list(range(n)))[:, 0] if any(
-            r is not None and r.sampled for r in self.slot[:n]) else logits[:, 0].argmax(-1)
+        self.token[:n] = self._sample_rows(logits, list(range(n)))[:, 0]
         self._emit_tokens([i for i in range(n) if self.slot[i] is not None])
 
 

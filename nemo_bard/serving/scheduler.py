@@ -1,12 +1,13 @@
-"""Continuous batching at block boundaries: one thread owns the decoding session and serves every request.
+"""Continuous batching: one thread owns the decoding session and serves every request.
 
 The HTTP layer hands :class:`Ticket` s to :meth:`Scheduler.submit` (a bounded queue); the scheduler thread runs
-the one decoding loop (:mod:`nemo_bard.generation.session`):
+the one decoding loop (:mod:`nemo_bard.generation.session`), whose rows move through their blocks each at its own
+pace:
 
-* at every block boundary it drops cancelled or timed-out rows (their rows are free at once), then prefills
-  waiting requests into the free rows, so a new request joins the running batch at the next boundary instead
-  of waiting for it to drain;
-* between boundaries it runs one forward per :meth:`~nemo_bard.generation.session.DecodeSession.step`;
+* before every forward it drops cancelled or timed-out rows (their rows are free at once), then prefills
+  waiting requests into the free rows (together, in one forward), so a new request joins the running batch at
+  the next forward instead of waiting for it to drain;
+* it runs one forward per :meth:`~nemo_bard.generation.session.DecodeSession.step`;
 * every committed block goes to its ticket as an event (``tokens``), then ``done`` with the usage, or ``error``
   with an HTTP status and a message. Events are delivered with the ticket's ``deliver`` callable, from the
   scheduler thread (the HTTP layer hands them to its event loop).
@@ -69,7 +70,7 @@ class Ticket:
     cancel_reason: str = "cancelled"
 
     def cancel(self, reason: str = "cancelled") -> None:
-        """Stop this request at the next block boundary (a client gone, a stop string seen)."""
+        """Stop this request before the next forward (a client gone, a stop string seen)."""
         self.cancel_reason = reason
         self.cancelled = True
 
@@ -169,9 +170,8 @@ class Scheduler:
                     self._cond.wait(0.05)
                     continue
             session = self.session
-            if session.at_boundary:
-                self._reap()
-                self._admit()
+            self._reap()
+            self._admit()
             if not session.running:
                 continue
             before = session.num_forwards
@@ -185,7 +185,7 @@ class Scheduler:
             self._dispatch()
 
     def _reap(self) -> None:
-        """Drop cancelled and timed-out rows (and, past the drain grace, everything) at a boundary."""
+        """Drop cancelled and timed-out rows (and, past the drain grace, everything)."""
         over = self._deadline is not None and time.perf_counter() > self._deadline
         for ticket in list(self.tickets.values()):
             if ticket.cancelled or ticket.expired or over:
