@@ -9,7 +9,7 @@
     nemo-bard serve --model DIR ...          (the same)
 
 One process serves one model on one device with continuous batching (requests join the running batch at the
-next block boundary). Decoding defaults (denoising steps, remasking strategy, tau) come from the model
+next forward). Decoding defaults (denoising steps, remasking strategy, tau) come from the model
 directory's ``generation_config.json`` (keys ``denoising_steps``, ``remasking_strategy``,
 ``confidence_threshold``); the block size is the model's; the flags override them; a request may set
 ``confidence_threshold``, ``temperature``, ``top_p``, ``top_k`` and ``seed``. Scale out with one server per GPU

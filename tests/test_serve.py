@@ -123,7 +123,7 @@ def solo(model, processor, text, seed, max_tokens, extra) -> list[int]:
 
 
 def test_concurrent_requests_equal_each_alone(sharp_dir, sharp):
-    """Requests arriving while others decode join the running batch at a block boundary, and each one's tokens
+    """Requests arriving while others decode join the running batch, and each one's tokens
     (fp32, CPU; greedy and seeded sampling) equal a solo generate call's, whatever runs beside it."""
     model, processor = sharp
     want = [solo(model, processor, *r) for r in REQUESTS]
@@ -262,7 +262,7 @@ def test_disconnect_timeout_and_a_failing_request_leave_the_others_alone(sharp_d
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=long, timeout=30) as resp:
             next(resp.iter_lines())  # the first chunk arrived: the request runs
             assert sched.session.running == 1
-        deadline = time.monotonic() + 20  # the client is gone: its row is freed at a block boundary
+        deadline = time.monotonic() + 20  # the client is gone: its row is freed before the next forward
         while sched.session.running and time.monotonic() < deadline:
             time.sleep(0.02)
         assert sched.session.running == 0 and 'status="499"' in httpx.get(f"{srv.url}/metrics").text

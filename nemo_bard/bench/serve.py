@@ -31,6 +31,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -339,9 +340,24 @@ def run(args: argparse.Namespace) -> dict:
         for c in levels:
             for name, srv in servers.items():
                 n = None if args.duration else max(args.requests, 2 * c)
-                records, wall = asyncio.run(closed_loop(srv.url, srv.name, prompts, c, n, args.duration,
-                                                        args.max_tokens, {}, args.timeout))
-                row = {"server": name, "concurrency": c, **summarize(records, wall, prompts), "rss_mb": srv.rss_mb}
+                samples: list[tuple[float, float | None]] = []  # (seconds into the level, server RSS MB)
+                stop = threading.Event()
+                t0 = time.perf_counter()
+
+                def sample(srv: ServerProcess = srv) -> None:
+                    while not stop.wait(args.rss_every):
+                        samples.append((round(time.perf_counter() - t0, 1), srv.rss_mb))
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
+                try:
+                    records, wall = asyncio.run(closed_loop(srv.url, srv.name, prompts, c, n, args.duration,
+                                                            args.max_tokens, {}, args.timeout))
+                finally:
+                    stop.set()
+                    sampler.join()
+                row = {"server": name, "concurrency": c, **summarize(records, wall, prompts), "rss_mb": srv.rss_mb,
+                       "rss_mb_samples": samples}
                 report["levels"].append(row)
                 print(f"  {name} c={c}: {row['output_tokens_per_s']:.1f} tok/s, TTFT p50 {row['ttft_p50_ms']:.0f} ms, "
                       f"failed {row['failed']}", flush=True)
@@ -387,6 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--timeout", type=float, default=600.0, help="client timeout per request (s)")
+    ap.add_argument("--rss-every", type=float, default=10.0, help="seconds between samples of the servers' memory")
     ap.add_argument("--title", default="nemo-bard serving: BARD vs AR server")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)

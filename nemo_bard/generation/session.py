@@ -98,7 +98,7 @@ class RowRequest:
 class DecodeSession:
     """Rows decoded together on one engine pool; see the module docstring.
 
-    Use: :meth:`add` requests (at a boundary), ``while s.running: s.step()``, :meth:`collect` the newly
+    Use: :meth:`add` requests (between any two steps), ``while s.running: s.step()``, :meth:`collect` the newly
     committed tokens per request, :meth:`take_finished` the requests that ended; :meth:`close` releases the pool.
     """
 
@@ -187,7 +187,7 @@ class DecodeSession:
         """Kind-specific state of rows that just joined."""
 
     def cancel(self, key: Hashable) -> RowRequest | None:
-        """Stop decoding request ``key`` (at a boundary); its row is free at once. Returns it (None: not running)."""
+        """Stop decoding request ``key``; its row is free at once. Returns it (None: not running)."""
         for i, req in enumerate(self.slot):
             if req is not None and req.key == key:
                 self._finish(i, "cancelled")
@@ -314,6 +314,11 @@ class BlockDiffusionSession(DecodeSession):
     def _row_tensors(self) -> tuple[str, ...]:
         return (*super()._row_tensors(), "x", "finished", "pending", "steps", "remaining")
 
+    def _finish(self, row: int, reason: str) -> None:
+        super()._finish(row, reason)
+        self.x[row] = self.pad  # a free row has nothing to denoise and nothing to commit
+        self.pending[row] = False
+
     def _joined(self, rows, requests, hidden, am) -> None:
         self.x[rows] = self.mask_id
         self.pending[rows] = False
@@ -404,10 +409,6 @@ class BlockDiffusionSession(DecodeSession):
             self.remaining[g] -= blen
             self.x[g] = self.mask_id
             self.steps[g] = 0
-        ended = [i for i in rows if self.slot[i] is None]
-        if ended:
-            e = torch.tensor(ended, device=self.engine.device)
-            self.x[e] = self.pad
         self._pack()
 
 

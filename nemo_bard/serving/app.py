@@ -190,7 +190,11 @@ def create_app(scheduler: Scheduler, processor: Any, config: ServerConfig, metri
             return error_response(503, str(exc))
         try:
             first = await next_event(queue, request)
-        except (ClientGone, asyncio.CancelledError):
+        except ClientGone:  # gone while queued: drop the request, answer nobody
+            ticket.cancel("disconnected")
+            finish(499)
+            return Response(status_code=499)
+        except asyncio.CancelledError:
             ticket.cancel("disconnected")
             raise
         if first[0] == "error":
@@ -223,7 +227,11 @@ def create_app(scheduler: Scheduler, processor: Any, config: ServerConfig, metri
                                      **({"token_ids": stream.ids} if chat.return_token_ids else {})}],
                         "usage": usage(prompt_tokens, event[2], stream),
                     })
-        except (ClientGone, asyncio.CancelledError):
+        except ClientGone:
+            ticket.cancel("disconnected")
+            finish(499)
+            return Response(status_code=499)
+        except asyncio.CancelledError:
             ticket.cancel("disconnected")
             finish(499)
             raise
