@@ -11,6 +11,8 @@
 #   env           record the versions of what imports (torch, transformers, nemo_automodel) and the GPU
 #   bench_decode  python -m nemo_bard.bench.decode --preset qwen3vl_2b (AR vs BARD; eager, static, compiled engines)
 #   profile       python -m nemo_bard.bench.profile --preset qwen3vl_2b: kernels and GPU time per decoding forward
+#   bench_serve   python -m nemo_bard.bench.serve --preset qwen3vl_2b: BARD (B32 S4, 8 tokens per forward forced) and AR
+#                 servers at concurrency 1, 8, 32 (output tokens/s, TTFT, latency)
 #   prepare       the tiny AR model, its bard_vl conversion and the synthetic colour data
 #   agreement     python -m nemo_bard.bench.agreement: tokens in bf16 vs fp32 (eager, static) of --agreement-model
 #                 (e.g. the demo's SWD student), else of the tiny model; with --agreement-data (the model's task,
@@ -174,6 +176,12 @@ fi
 step profile 120 "$PY" -m nemo_bard.bench.profile $( ((DRY)) && echo "--point 8:4:0.9 --max-new-tokens 8" ||
   echo "--preset qwen3vl_2b --point 32:4:0.9 --max-new-tokens 64") --json "$OUT_DIR/profile.json"
 
+step bench_serve 300 "$PY" -m nemo_bard.bench.serve $( ((DRY)) &&
+  echo "--preset tiny --block-size 4 --steps 1 --concurrency 1,2 --requests 4 --max-tokens 8 --device cpu" ||
+  echo "--preset qwen3vl_2b --block-size 32 --steps 4 --concurrency 1,8,32 --requests 96 --max-tokens 128
+        --max-model-len 2048") --strategy low_confidence_static --ignore-eos --json "$OUT_DIR/bench_serve.json" \
+  --plot "$OUT_DIR/bench_serve.png"
+
 prepare() {
   "$PY" - "$WORK" <<'EOF'
 """The tiny bard_vl model (block size 4) and colour data; GPU_CHECK_MODEL / GPU_CHECK_DATA give existing ones."""
@@ -267,8 +275,9 @@ from pathlib import Path
 out, work, dry, budget, total = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "1", int(sys.argv[4]), int(sys.argv[5])
 load = lambda name: json.loads((out / name).read_text()) if (out / name).is_file() else None  # noqa: E731
 steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-env, train, fit, decode, agree, prof = (load(n) for n in (
-    "env.json", "bench_train.json", "ac_fit.json", "bench_decode.json", "agreement.json", "profile.json"))
+env, train, fit, decode, agree, prof, serve = (load(n) for n in (
+    "env.json", "bench_train.json", "ac_fit.json", "bench_decode.json", "agreement.json", "profile.json",
+    "bench_serve.json"))
 
 
 def last_losses(run):
@@ -287,7 +296,7 @@ if fit:
         targets[f"{name}: max_length {fit.get('max_length')} at batch {fit['batch_size']} fits in 80 GB"] = fits
 summary = {"dry_run": dry, "budget_s": budget, "total_s": total, "env": env, "steps": steps, "targets": targets,
            "bench_train": train, "ac_fit": fit_rows, "bench_decode": decode, "agreement": agree, "e2e_losses": e2e,
-           "profile": prof}
+           "profile": prof, "bench_serve": serve}
 (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 md = [f"# nemo-bard GPU check{' (dry run on CPU)' if dry else ''}", ""]
@@ -304,6 +313,11 @@ for title, name in (("Training step", "bench_train.md"), ("Activation checkpoint
 if decode:
     from nemo_bard.bench.decode import markdown
     md += ["", "## Decoding", "", f"{decode['device']}, {decode['dtype']}, {decode['models']}", "", markdown(decode)]
+if serve:
+    from nemo_bard.bench.serve import table as serve_table
+    md += ["", "## Serving (BARD vs AR server)", "", serve_table(serve), ""] + [
+        f"- concurrency {r['concurrency']}: BARD / AR output tokens/s {r['output_tokens_per_s_bard_over_ar']:.2f}x"
+        for r in serve["ratios"]]
 if prof:
     md += ["", "## One decoding forward", "", f"{prof['models']}, {prof['point']}, batch {prof['batch']}: "
            f"{prof['ms_per_forward_graphs']:.2f} ms per forward with graphs, {prof['ms_per_forward_no_graphs']:.2f} "
