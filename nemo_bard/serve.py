@@ -97,7 +97,23 @@ def check_args(args: argparse.Namespace) -> dict:
     media = args.allowed_local_media_path
     if media is not None and not Path(media).is_dir():
         raise ServeError(f"--allowed-local-media-path {media}: not a directory")
+    check_port(args.host, args.port)
     return cfg
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a --host/--port that cannot be bound before the model loads (one line, not uvicorn's late error)."""
+    import socket
+
+    if port == 0:
+        return
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+    except OSError as exc:
+        raise ServeError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another --port "
+                         "or stop the process that holds it") from None
 
 
 def decoding_defaults(model: Any, args: argparse.Namespace) -> tuple[int, int, str, float]:

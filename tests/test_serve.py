@@ -419,3 +419,19 @@ def test_closed_loop_load_generator_against_a_real_server(sharp_dir):
     for r in records:
         answers.setdefault(r["prompt"], set()).add((r["text"], r["tokens"]))
     assert sorted(answers) == [0, 1] and all(len(v) == 1 for v in answers.values())  # greedy: the same answer
+
+
+def test_serve_refuses_bad_options_in_one_line_before_loading(tiny_bard_dir, tiny_ar_dir, capsys):
+    from nemo_bard.serve import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--model", str(tiny_bard_dir), "--port", str(port)]) == 2
+    assert f"--port {port}: cannot listen there" in capsys.readouterr().err
+    assert main(["--model", str(tiny_ar_dir), "--decoder", "bard"]) == 2
+    assert "is not bard_vl; convert it first" in capsys.readouterr().err
+    assert main(["--model", "/nope"]) == 2 and "--model directory /nope not found" in capsys.readouterr().err
+    assert main(["--model", str(tiny_bard_dir), "--max-batch", "0"]) == 2
+    assert "--max-batch must be >= 1" in capsys.readouterr().err
