@@ -141,7 +141,7 @@ def test_concurrent_requests_equal_each_alone(sharp_dir, sharp):
 
         def call(i: int):
             text, seed, max_tokens, extra = REQUESTS[i]
-            time.sleep(0.03 * i)  # staggered arrivals
+            time.sleep(0.005 * i)  # staggered arrivals, while the first ones decode
             r = srv.client.chat.completions.create(
                 model=srv.name, messages=user_message(text, random_image(seed) if seed is not None else None),
                 max_tokens=max_tokens, extra_body={"return_token_ids": True, **extra})
@@ -238,7 +238,7 @@ def test_every_bad_request_is_one_clear_http_error_and_the_server_goes_on(sharp_
 
 
 def test_full_queue_answers_429_with_retry_after(sharp_dir):
-    with running_server(sharp_dir, "--max-batch", "1", "--max-queue", "1") as srv:
+    with running_server(sharp_dir, "--max-batch", "1", "--max-queue", "1", "--ignore-eos") as srv:
         body = json.dumps({"model": srv.name, "messages": user_message("hello"), "max_tokens": 200,
                            "confidence_threshold": 1.0}).encode()
 
@@ -253,11 +253,15 @@ def test_full_queue_answers_429_with_retry_after(sharp_dir):
     assert refused.headers["Retry-After"] == "1" and "--max-queue 1" in refused.json()["error"]["message"]
 
 
-def test_disconnect_timeout_and_a_failing_request_leave_the_others_alone(sharp_dir, sharp):
-    model, processor = sharp
-    with running_server(sharp_dir, "--max-batch", "4") as srv:
+def _output_tokens(url: str) -> float:
+    line = next(x for x in httpx.get(f"{url}/metrics").text.splitlines() if x.startswith("nemo_bard_output_tokens_total"))
+    return float(line.split()[-1])
+
+
+def test_a_client_that_goes_away_or_times_out_frees_its_row(sharp_dir):
+    with running_server(sharp_dir, "--ignore-eos") as srv:  # no stop token: the request runs its 1,000 tokens
         sched = srv.scheduler
-        long = {"model": srv.name, "messages": user_message("hello"), "max_tokens": 400, "stream": True,
+        long = {"model": srv.name, "messages": user_message("hello"), "max_tokens": 1000, "stream": True,
                 "confidence_threshold": 1.0}
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=long, timeout=30) as resp:
             next(resp.iter_lines())  # the first chunk arrived: the request runs
@@ -266,12 +270,18 @@ def test_disconnect_timeout_and_a_failing_request_leave_the_others_alone(sharp_d
         while sched.session.running and time.monotonic() < deadline:
             time.sleep(0.02)
         assert sched.session.running == 0 and 'status="499"' in httpx.get(f"{srv.url}/metrics").text
+        assert _output_tokens(srv.url) < 1000  # it stopped early
 
         srv.app.state.config.request_timeout = 0.2
         slow = httpx.post(f"{srv.url}/v1/chat/completions", json={**long, "stream": False}, timeout=30)
         assert slow.status_code == 504 and "timed out after 0.2 s" in slow.json()["error"]["message"]
-        srv.app.state.config.request_timeout = None
+        assert sched.session.running == 0
 
+
+def test_a_failing_request_or_forward_leaves_the_others_alone(sharp_dir, sharp):
+    model, processor = sharp
+    with running_server(sharp_dir, "--max-batch", "4") as srv:
+        sched = srv.scheduler
         engine = sched.session.engine
         marker = processor.tokenizer.encode("zebra")[0]
         real_prefill = engine.prefill
@@ -350,7 +360,7 @@ def test_sigterm_drains_running_requests_and_exits_0(tiny_bard_dir, tmp_path):
     port = _free_port()
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen([sys.executable, "-m", "nemo_bard.serve", "--model", str(tiny_bard_dir), "--port",
-                             str(port), "--device", "cpu", "--shutdown-grace", "20"], stdout=log,
+                             str(port), "--device", "cpu", "--shutdown-grace", "20", "--ignore-eos"], stdout=log,
                             stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
