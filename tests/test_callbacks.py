@@ -14,6 +14,7 @@ from nemo_bard.callbacks import (
     ScheduleError,
     parse_schedule,
 )
+from nemo_bard.callbacks.block_merge import read_schedule_record
 from nemo_bard.errors import UserError
 from nemo_bard.rundir import atomic_directory
 
@@ -202,3 +203,13 @@ def test_checkpoint_without_a_schedule_record_resumes_unchecked(tmp_path):
     recipe.restored_checkpoint = str(tmp_path)
     BlockMergeCallback(_schedule("4:6,8:2")).on_train_start(recipe)
     assert recipe.block_size == 4
+
+
+def test_schedule_record_is_written_by_rank_0_only(tmp_path):
+    recipe = FakeRecipe(tmp_path, step=3)
+    recipe.dist_env = SimpleNamespace(is_main=False)
+    BlockMergeCallback(SCHEDULE).on_save(recipe, str(tmp_path))
+    assert not (tmp_path / "bard_schedule.json").exists()
+    recipe.dist_env.is_main = True
+    BlockMergeCallback(SCHEDULE).on_save(recipe, str(tmp_path))
+    assert [(s.block_size, s.steps) for s in read_schedule_record(tmp_path)] == [(4, 3), (8, 2), (32, 2)]

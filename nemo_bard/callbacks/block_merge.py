@@ -204,8 +204,12 @@ class BlockMergeCallback(BardCallback):
         tmp = path.with_name(path.name + ".tmp")
         record = {"schedule": [{"block_size": s.block_size, "steps": s.steps} for s in self.stages],
                   "step": int(recipe.step_scheduler.step)}
-        tmp.write_text(json.dumps(record) + "\n")
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # the checkpoint itself is complete; only the check on resume is lost
+            logger.warning("[block_merge] could not record the schedule beside %s (%s); a resume from it will not "
+                           "check block_merge.schedule", checkpoint_dir, exc)
 
     def _check_resume(self, recipe: Any, step: int) -> None:
         """Refuse a schedule that rewrites trained steps; re-derive the LR horizon when the schedule grew."""
