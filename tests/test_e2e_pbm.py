@@ -150,7 +150,10 @@ def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_p
     root = tmp_path / "resumed"
     run = root / "bard_pbm_tiny"
     shutil.copytree(full, run, symlinks=True)
-    exports = {b: sorted((p.name, p.read_bytes()) for p in (run / "stages" / f"b{b}").iterdir()) for b in (4, 8)}
+    def exports() -> dict[int, list]:
+        return {b: sorted((p.name, p.read_bytes()) for p in (run / "stages" / f"b{b}").iterdir()) for b in (4, 8)}
+
+    before = exports()
     args = tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3")
 
     refused = run_cli([*args, "block_merge.schedule=[{block_size:4,steps:6},{block_size:8,steps:2}]"], check=False)
@@ -161,7 +164,7 @@ def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_p
         "for 8 steps under 4:4,8:4: stage 1 (block size 4, steps 0-3) is finished (exported as b4) but the new "
         "schedule gives it 6 steps; keep 4:4,8:4 as it was (the running stage may grow, later stages may change or "
         "be added, with step_scheduler.max_steps their sum) or train in a new checkpoint.checkpoint_dir")
-    assert sorted(training_log(run)) == list(range(8))
+    assert sorted(training_log(run)) == list(range(8)) and exports() == before
 
     grown = run_cli([*args, "step_scheduler.max_steps=12",
                      "block_merge.schedule=[{block_size:4,steps:4},{block_size:8,steps:4},{block_size:16,steps:4}]"])
@@ -176,7 +179,7 @@ def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_p
         assert log[step]["lr"] == pytest.approx(_cosine_lr(step + offset, 12, mult)), step
     assert log[8]["lr"] > 2e-4 * mult
     assert is_complete(run / "stages" / "b16")
-    assert exports == {b: sorted((p.name, p.read_bytes()) for p in (run / "stages" / f"b{b}").iterdir()) for b in (4, 8)}
+    assert exports() == before
 
 
 def test_two_process_fsdp2_native_form_mixed_batches(pbm_run, tiny_bard_dir, tmp_path, capsys):
