@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 
 import pytest
@@ -127,6 +128,58 @@ def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, t
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-5, abs=1e-6), step
     assert all(is_complete(run / "stages" / f"b{size}") for size in (4, 8))
     assert not (run / ".nemo_bard.lock").exists()
+
+
+def _cosine_lr(num_steps: int, decay_steps: int, multiplier: float) -> float:
+    """NeMo's cosine schedule as conf/tuning/tiny_common.yaml sets it up (lr 2e-3, 1 warm-up step, min_lr 1e-4)."""
+    from nemo_automodel.components.optim.scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = OptimizerParamScheduler(opt, init_lr=2e-4, max_lr=2e-3, min_lr=1e-4, lr_warmup_steps=1,
+                                    lr_decay_steps=decay_steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                    wd_incr_steps=decay_steps, wd_incr_style="constant")
+    sched.step(num_steps)
+    return opt.param_groups[0]["lr"] * multiplier
+
+
+def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_path):
+    """The finished 4:4,8:4 run, resumed with 4:6,8:2 (its finished b4 stage made longer), is refused with one line
+    and nothing changes; resumed with an appended stage (4:4,8:4,16:4, max_steps 12) it trains steps 8-11 at B16
+    on the LR schedule a 12-step run has (not at the 8-step run's min_lr) and keeps the b4 and b8 exports."""
+    full, _ = pbm_run
+    root = tmp_path / "resumed"
+    run = root / "bard_pbm_tiny"
+    shutil.copytree(full, run, symlinks=True)
+    def exports() -> dict[int, list]:
+        return {b: sorted((p.name, p.read_bytes()) for p in (run / "stages" / f"b{b}").iterdir()) for b in (4, 8)}
+
+    before = exports()
+    args = tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3")
+
+    refused = run_cli([*args, "block_merge.schedule=[{block_size:4,steps:6},{block_size:8,steps:2}]"], check=False)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    last = next(run.glob("epoch_*_step_7"))
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"automodel: error: block_merge.schedule 4:6,8:2 does not match the checkpoint {last}, trained "
+        "for 8 steps under 4:4,8:4: stage 1 (block size 4, steps 0-3) is finished (exported as b4) but the new "
+        "schedule gives it 6 steps; keep 4:4,8:4 as it was (the running stage may grow, later stages may change or "
+        "be added, with step_scheduler.max_steps their sum) or train in a new checkpoint.checkpoint_dir")
+    assert sorted(training_log(run)) == list(range(8)) and exports() == before
+
+    grown = run_cli([*args, "step_scheduler.max_steps=12",
+                     "block_merge.schedule=[{block_size:4,steps:4},{block_size:8,steps:4},{block_size:16,steps:4}]"])
+    assert "the LR schedule is re-derived for 12 steps (decay over 12 steps, was 8)" in grown.stdout + grown.stderr
+    old, log = training_log(full), training_log(run)
+    assert sorted(log) == list(range(12)) and [log[s]["block_size"] for s in range(8, 12)] == [16] * 4
+    # which scheduler step a logged step's LR is, and the parameter group's lr multiplier, from the original run
+    offset, mult = next((k, m) for k in (0, 1) for m in [old[1]["lr"] / _cosine_lr(1 + k, 8, 1.0)]
+                        if all(old[s]["lr"] == pytest.approx(_cosine_lr(s + k, 8, m)) for s in range(8)))
+    assert _cosine_lr(8 + offset, 8, mult) == pytest.approx(1e-4 * mult)  # where NeMo's restore alone would stay
+    for step in range(8, 12):
+        assert log[step]["lr"] == pytest.approx(_cosine_lr(step + offset, 12, mult)), step
+    assert log[8]["lr"] > 2e-4 * mult
+    assert is_complete(run / "stages" / "b16")
+    assert exports() == before
 
 
 def test_two_process_fsdp2_native_form_mixed_batches(pbm_run, tiny_bard_dir, tmp_path, capsys):

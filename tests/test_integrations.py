@@ -514,3 +514,30 @@ def test_merged_lora_state_is_the_adapted_model(tiny_bard_dir, tiny_processor, c
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
     assert merge_lora_state_dict(model, {}) == {}  # ranks that do not write
+
+
+def test_rederive_lr_schedule_puts_a_restored_scheduler_on_the_configured_horizon():
+    """A finished 8-step run restored under a 12-step config: NeMo's restore keeps the checkpoint's 8-step decay (the
+    LR sits at min_lr); re-derived, the LR is the 12-step cosine's at step 8, well above min_lr."""
+    from nemo_automodel.components.optim.scheduler import OptimizerParamScheduler
+
+    from nemo_bard.integrations.nemo import BardNeMoRecipe
+
+    def scheduler(decay: int) -> OptimizerParamScheduler:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+        return OptimizerParamScheduler(opt, init_lr=1e-4, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=1,
+                                       lr_decay_steps=decay, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                       wd_incr_steps=decay, wd_incr_style="constant")
+
+    configured, old = scheduler(12), scheduler(8)
+    old.step(8)
+    configured.load_state_dict(old.state_dict())  # what NeMo's restore does
+    assert configured.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    fresh = scheduler(12)
+    fresh.step(8)
+    recipe = SimpleNamespace(lr_scheduler=[configured], _bard_configured_lr=[(1, 12, 12)])
+    assert BardNeMoRecipe.rederive_lr_schedule(recipe) == (8, 12)
+    assert configured.num_steps == 8 and configured.lr_decay_steps == 12
+    assert configured.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
+    assert configured.optimizer.param_groups[0]["lr"] > 2e-4
+    assert BardNeMoRecipe.rederive_lr_schedule(recipe) is None  # already on the configured horizon

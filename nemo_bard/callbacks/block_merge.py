@@ -6,11 +6,18 @@ under a temporary name and renamed into place with a completion marker, which re
 optionally resets the LR schedule (warm-up and decay restart, decay over the new stage's steps) and
 the optimizer state, switches the layout's block size and logs the switch. The block size of any
 step is a pure function of the step index, so resuming a checkpoint taken mid-stage restores it.
+
+Each checkpoint records the schedule it was trained under (``bard_schedule.json``). A resume must keep
+the stages that began before the checkpoint step: finished stages unchanged, the running stage the same
+block size and no shorter; later stages may be changed or added (:func:`check_resume_schedule`). When
+the schedule's length changed, the restored LR scheduler is put back on the horizon of the new config.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,6 +76,58 @@ def parse_schedule(schedule: list[dict], max_steps: int | None = None) -> list[S
             f"block_merge.schedule steps sum to {start} but step_scheduler.max_steps={max_steps}; make them equal"
         )
     return stages
+
+
+SCHEDULE_RECORD = "bard_schedule.json"
+
+
+class ResumeScheduleError(UserError):
+    """A resume whose ``block_merge.schedule`` rewrites steps the checkpoint already trained."""
+
+
+def format_schedule(stages: list[Stage]) -> str:
+    """``4:4,8:4``: block size and steps of each stage."""
+    return ",".join(f"{s.block_size}:{s.steps}" for s in stages)
+
+
+def check_resume_schedule(old: list[Stage], new: list[Stage], step: int, checkpoint: str) -> None:
+    """Refuse a new schedule that changes what the first ``step`` steps (already trained under ``old``) were.
+
+    Stages finished by ``step`` must be unchanged (their exports stand), the running stage keeps its block size
+    and may only grow; stages starting at or after ``step`` are free (changed, added or dropped).
+    """
+    reason = None
+    for i, o in enumerate(old):
+        if o.start >= step:
+            break
+        n = new[i] if i < len(new) else None
+        label = f"stage {i + 1} (block size {o.block_size}, steps {o.start}-{o.end - 1})"
+        if n is None or n.block_size != o.block_size:
+            got = "is missing" if n is None else f"has block size {n.block_size}"
+            reason = f"{label} was trained but the new schedule's stage {i + 1} {got}"
+        elif o.end <= step and n.steps != o.steps:
+            reason = f"{label} is finished (exported as b{o.block_size}) but the new schedule gives it {n.steps} steps"
+        elif o.end > step and n.end < o.end:
+            reason = (f"{label} is running ({step - o.start} steps trained) and the new schedule shortens it to "
+                      f"{n.steps} steps")
+        if reason:
+            break
+    if reason:
+        kept = [s for s in old if s.start < step]
+        raise ResumeScheduleError(
+            f"block_merge.schedule {format_schedule(new)} does not match the checkpoint {checkpoint}, trained for "
+            f"{step} steps under {format_schedule(old)}: {reason}; keep {format_schedule(kept)} as it was (the running "
+            "stage may grow, later stages may change or be added, with step_scheduler.max_steps their sum) or train "
+            "in a new checkpoint.checkpoint_dir"
+        )
+
+
+def read_schedule_record(checkpoint: str | Path) -> list[Stage] | None:
+    """The schedule a checkpoint was trained under (None for a checkpoint without a record)."""
+    path = Path(checkpoint) / SCHEDULE_RECORD
+    if not path.is_file():
+        return None
+    return parse_schedule(json.loads(path.read_text())["schedule"])
 
 
 class BlockMergeCallback(BardCallback):
@@ -136,8 +195,42 @@ class BlockMergeCallback(BardCallback):
             logger.info("[block_merge] step %d: block size %d -> %d (stage %d/%d)",
                         step, old, stage.block_size, idx + 1, len(self.stages))
 
+    def on_save(self, recipe: Any, checkpoint_dir: str) -> None:
+        """Record the schedule beside the checkpoint (rank 0), for the check on resume."""
+        dist_env = getattr(recipe, "dist_env", None)
+        if dist_env is not None and not dist_env.is_main:
+            return
+        path = Path(checkpoint_dir) / SCHEDULE_RECORD
+        tmp = path.with_name(path.name + ".tmp")
+        record = {"schedule": [{"block_size": s.block_size, "steps": s.steps} for s in self.stages],
+                  "step": int(recipe.step_scheduler.step)}
+        try:
+            tmp.write_text(json.dumps(record) + "\n")
+            os.replace(tmp, path)
+        except OSError as exc:  # the checkpoint itself is complete; only the check on resume is lost
+            logger.warning("[block_merge] could not record the schedule beside %s (%s); a resume from it will not "
+                           "check block_merge.schedule", checkpoint_dir, exc)
+
+    def _check_resume(self, recipe: Any, step: int) -> None:
+        """Refuse a schedule that rewrites trained steps; re-derive the LR horizon when the schedule grew."""
+        checkpoint = getattr(recipe, "restored_checkpoint", None)
+        old = read_schedule_record(checkpoint) if checkpoint else None
+        if old is None:
+            return
+        check_resume_schedule(old, self.stages, step, checkpoint)
+        if old[-1].end == self.total_steps or self.reset_lr_schedule:
+            return  # same length (nothing to re-derive) / each stage is put on its own LR schedule below
+        changed = recipe.rederive_lr_schedule()
+        if changed is not None:
+            logger.warning(
+                "[block_merge] resumed at step %d with schedule %s (checkpoint: %s): the LR schedule is re-derived "
+                "for %d steps (decay over %d steps, was %d), as if the run had started with this config",
+                step, format_schedule(self.stages), format_schedule(old), self.total_steps, changed[1], changed[0])
+
     def on_train_start(self, recipe: Any) -> None:
         step = recipe.step_scheduler.step
+        if step > 0:
+            self._check_resume(recipe, step)
         idx = self.stage_index(step)
         if step > 0 and idx > 0 and step == self.stages[idx].start:
             prev = self.stages[idx - 1]

@@ -309,6 +309,39 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             self._bard_last_checkpoint = path
             self.callbacks.on_save(self, path)
 
+    def _load_checkpoint_tracked_state(self, ckpt_dir: str) -> Any:
+        # NeMo resolves restore_from / LATEST / the newest checkpoint itself; remember which one it restores, and
+        # the LR schedule the current config built (the restore replaces it with the checkpoint's horizon).
+        self._bard_configured_lr = [(s.lr_warmup_steps, s.lr_decay_steps, s.wd_incr_steps)
+                                    for s in (self.lr_scheduler or [])]
+        self._bard_restored = str(ckpt_dir)
+        return super()._load_checkpoint_tracked_state(ckpt_dir)
+
+    @property
+    def restored_checkpoint(self) -> str | None:
+        """The checkpoint directory this run resumed from (None for a fresh start)."""
+        return getattr(self, "_bard_restored", None)
+
+    def rederive_lr_schedule(self) -> tuple[int, int] | None:
+        """Put the restored LR scheduler back on the horizon the current config gives (warm-up, decay and weight-decay
+        steps as NeMo builds them from ``lr_scheduler`` and ``step_scheduler.max_steps``), at the restored step.
+
+        Returns (old decay steps, new decay steps), or None when nothing was restored or nothing changed.
+        """
+        configured = getattr(self, "_bard_configured_lr", None)
+        if not self.lr_scheduler or not configured:
+            return None
+        old = int(self.lr_scheduler[0].lr_decay_steps)
+        if all((s.lr_warmup_steps, s.lr_decay_steps, s.wd_incr_steps) == c for s, c in zip(self.lr_scheduler,
+                                                                                             configured)):
+            return None
+        for sched, (warmup, decay, wd_incr) in zip(self.lr_scheduler, configured):
+            steps = sched.num_steps
+            sched.lr_warmup_steps, sched.lr_decay_steps, sched.wd_incr_steps = warmup, decay, wd_incr
+            sched.num_steps = 0
+            sched.step(increment=steps)  # writes the re-derived LR into the optimizer
+        return old, int(self.lr_scheduler[0].lr_decay_steps)
+
     def _run_train_optim_step(self, batches: list[dict[str, Any]], max_grad_norm: float | None = None) -> MetricsSample:
         step = self.step_scheduler.step
         self.callbacks.on_step_start(self, step)
