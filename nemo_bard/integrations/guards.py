@@ -75,6 +75,19 @@ class NonFiniteGuard:
         self._empty_step = False
         self._hooked: set[int] = set()
 
+    PROGRESS_KEYS = ("first_step", "last_trained_step", "consecutive", "total", "empty", "consecutive_empty",
+                     "empty_skipped", "empty_dropped")
+
+    def progress(self) -> dict[str, Any]:
+        """The counters a resumed run needs to judge the steps before it (saved with each checkpoint)."""
+        return {k: getattr(self, k) for k in self.PROGRESS_KEYS}
+
+    def restore(self, progress: dict[str, Any]) -> None:
+        """Continue from :meth:`progress` of the run that saved the checkpoint being resumed."""
+        for k in self.PROGRESS_KEYS:
+            if k in progress:
+                setattr(self, k, progress[k])
+
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Register the step pre-hook on each optimizer (once)."""
         for opt in optimizers:

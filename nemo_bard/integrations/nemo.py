@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import glob
+import json
 import logging
 import os
 import signal
@@ -67,6 +69,8 @@ from nemo_bard.recipes.config import BardConfigError  # noqa: E402
 from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "bard_progress.json"  # the training guard's counters, saved with each checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -284,6 +288,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             super().setup()
             self._install_stop_signals()
             self.finish_setup()
+            self._restore_progress()
 
     def run_train_validation_loop(self) -> None:
         with cpu_patches():
@@ -315,6 +320,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             ) from exc
         self._flush_metric_logs()
         if self.checkpointer.config.enabled:
+            self._save_progress(path)
             self._bard_last_checkpoint = path
             self.callbacks.on_save(self, path)
 
@@ -357,6 +363,26 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             )
         guard.attach(self.optimizer)
         return guard
+
+    def _save_progress(self, path: str) -> None:
+        """Write the guard's counters next to checkpoint ``path`` (global rank 0), so a resumed run still knows whether
+        the stage it continues has trained."""
+        guard = getattr(self, "_bard_guard", None)
+        if guard is None or int(os.environ.get("RANK", "0") or 0) != 0 or not os.path.isdir(path):
+            return
+        with open(os.path.join(path, PROGRESS_FILE), "w") as f:
+            json.dump(guard.progress(), f)
+
+    def _restore_progress(self) -> None:
+        """Load the counters saved with the checkpoint this run resumed from (none: a fresh run, or an older one)."""
+        step = int(getattr(self.step_scheduler, "step", 0) or 0)
+        root = self.cfg.get("checkpoint.checkpoint_dir", None)
+        if step == 0 or root is None:
+            return
+        saved = sorted(glob.glob(os.path.join(str(root), f"epoch_*_step_{step - 1}", PROGRESS_FILE)))
+        if saved:
+            with open(saved[-1]) as f:
+                self._nonfinite_guard().restore(json.load(f))
 
     def check_trained_since(self, start: int, outcome: str, next_step: int | None = None) -> None:
         """Refuse to write the model trained from step ``start`` on when it did not train (``outcome``: what is then
