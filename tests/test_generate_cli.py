@@ -81,7 +81,8 @@ SAMPLING_ERRORS = {  # flags -> the one line's tail
 }
 
 
-@pytest.mark.parametrize("case", ["missing_image", "strip_image", "ar_model", "missing_model", "corrupt_video", "no_decoder",
+@pytest.mark.parametrize("case", ["missing_image", "strip_image", "ar_model", "missing_model", "corrupt_video",
+                                  "no_decoder",
                                   "tau_negative", "tau_above_one", "empty_config", "truncated_weights",
                                   "zeroed_weights", *SAMPLING_ERRORS])
 def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, monkeypatch):

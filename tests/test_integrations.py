@@ -484,7 +484,8 @@ def test_a_stage_that_never_trained_or_ends_diverging_is_not_exported(tiny_bard_
     empty = [bard_collate_fn([None, None], tiny_processor)]
     _logged_step(recipe, empty)
     with pytest.raises(EmptyTraining, match=r"every optimizer step from step 0 to 1 had every row skipped or dropped "
-                       r"\(4 skipped .*\); the export of stage B=4 \(steps 0-1\) and the checkpoint of step 1 were not"):
+                       r"\(4 skipped .*\); the export of stage B=4 \(steps 0-1\) and the checkpoint of step 1 "
+                       "were not written"):
         _logged_step(recipe, empty)
     with pytest.raises(EmptyTraining, match="export .*b4 was not written"):  # the export itself refuses too
         recipe.check_trained_since(0, f"the export {tmp_path / 'b4'} was not written")
@@ -498,7 +499,8 @@ def test_a_stage_that_never_trained_or_ends_diverging_is_not_exported(tiny_bard_
     forward_loss = recipe.forward_loss
     recipe.forward_loss = lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(forward_loss(*a, **k))
     with pytest.raises(TrainingDiverged, match=r"^training diverged: the last 1 optimizer step\(s\) before step 2 had "
-                       r"a non-finite loss .*; the export of stage B=4 \(steps 0-1\) and the checkpoint of step 1 were"):
+                       r"a non-finite loss .*; the export of stage B=4 \(steps 0-1\) and the checkpoint of step 1 "
+                       "were not written"):
         _logged_step(recipe, batches)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # finite weights: only the guard tells
 

@@ -4,7 +4,8 @@
   It is an optimizer *step pre-hook* (``Optimizer.register_step_pre_hook``): when the step is bad it sets
   every gradient to ``None``, so the optimizer leaves parameters and state untouched (torch optimizers
   skip parameters without a gradient), while NeMo's step goes on (LR schedule, logging). All ranks take
-  the same decision (one all-reduce per step).
+  the same decision (one all-reduce per step). It also counts empty steps (no sample on any rank): too many in a
+  row raise :class:`EmptyTraining`, a data error.
 * :class:`StopSignals` is NeMo's preemption signal handler (the step scheduler polls it after every step
   and saves a checkpoint when any rank got a signal) extended to SIGINT as well as SIGTERM, remembering
   which signal arrived; the same signal again after :attr:`StopSignals.grace_s` seconds stops at once.

@@ -20,8 +20,11 @@ What BARD needs from NeMo AutoModel, in one place:
 
 Faults (``BardNeMoRecipe``): the run directory is locked for the life of the run
 (:class:`nemo_bard.rundir.RunLock`); an optimizer step with a non-finite loss or gradient is skipped and
-counted, too many in a row end the run (:class:`~nemo_bard.integrations.guards.NonFiniteGuard`); no
-checkpoint is written from non-finite weights; a full disk during a save is reported as such; SIGTERM /
+counted, too many in a row end the run (:class:`~nemo_bard.integrations.guards.NonFiniteGuard`), and so do
+too many empty steps (every row skipped or dropped); a stage that never trained, or ends with skipped non-finite
+steps, stops the run at its last step, before that step's checkpoint and the stage export (the guard's counters
+are saved beside each checkpoint, so a resumed run judges the same way); no checkpoint is written from
+non-finite weights; a full disk during a save is reported as such; SIGTERM /
 SIGINT finish the step, save a checkpoint and stop with :class:`nemo_bard.errors.RunStopped`
 (:class:`~nemo_bard.integrations.guards.StopSignals`); ``training.jsonl`` is flushed at every step.
 """
@@ -347,7 +350,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
                 self.check_trained_since(start, f"the export of {name} and the checkpoint of step {step} were not "
                                          "written", next_step=step + 1)
         except (TrainingDiverged, EmptyTraining) as exc:
-            self._bard_diverged = exc  # raised once NeMo has logged this step (log_train_metrics), before its checkpoint
+            self._bard_diverged = exc  # raised once NeMo has logged this step (log_train_metrics), before a checkpoint
         self.callbacks.on_step_end(self, step, sample.metrics)
         return sample
 
