@@ -91,6 +91,7 @@ def coded_clip(tmp_path_factory):
 # most-tests-first), so no long file runs alone at the end. Other files follow in their collection order.
 SLOW_FILES = ["test_e2e_swd.py",  # 70 (the first CLI run of a worker also starts its warm server: e2e_utils.py)
               "test_e2e_pbm.py",  # 82
+              "test_e2e_data_faults.py",  # 75
               "test_demo.py",  # 41
               "test_integrations.py",  # 20
               "test_engine.py",  # 7

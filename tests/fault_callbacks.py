@@ -1,4 +1,5 @@
-"""Fault injection for the end-to-end tests: a recipe callback that signals its own process at a given step."""
+"""Fault injection for the end-to-end tests: recipe callbacks that signal their own process or poison the loss at a
+given step."""
 
 from __future__ import annotations
 
@@ -36,4 +37,22 @@ class SlowSteps(BardCallback):
             time.sleep(self.seconds)
 
 
-__all__ = ["SignalAt", "SlowSteps"]
+class NaNLossFrom(BardCallback):
+    """From step ``step`` on, every micro-batch loss is NaN (what a far too high learning rate ends in) while the
+    weights stay finite."""
+
+    def __init__(self, step: int) -> None:
+        self.step = int(step)
+
+    def on_step_start(self, recipe, step: int) -> None:
+        if step == self.step:
+            forward_loss = recipe.forward_loss
+
+            def nan_loss(*args, **kwargs):
+                loss, stats = forward_loss(*args, **kwargs)
+                return loss * float("nan"), stats
+
+            recipe.forward_loss = nan_loss
+
+
+__all__ = ["NaNLossFrom", "SignalAt", "SlowSteps"]

@@ -93,6 +93,16 @@ def test_missing_image_error_names_row_and_path(data_dir):
     assert skipping[1] is None and skipping.num_skipped_media == 1
 
 
+def test_image_of_extreme_aspect_ratio_is_a_named_row_error_or_a_counted_skip(data_dir, tiny_processor):
+    random_image(2, 1, 10000).save(data_dir / "images" / "strip.png")
+    path = _write_jsonl(data_dir / "d.jsonl", [_row(), _row(image="images/strip.png"), _row(image="images/b.png")])
+    with pytest.raises(DataError, match=r"d.jsonl row 1: image .*strip.png is 10000x1 pixels, an aspect ratio above"):
+        BardChatDataset(str(path))[1]
+    skipping = BardChatDataset(str(path), skip_bad_samples=True)
+    batch = bard_collate_fn([skipping[i] for i in range(3)], tiny_processor)  # the row is skipped, not a crash
+    assert batch["num_skipped"] == 1 and batch["rows"].tolist() == [0, 2] and skipping.num_skipped_media == 1
+
+
 def test_empty_dataset_and_bad_rows_are_clear_errors(data_dir):
     with pytest.raises(DataError, match="no usable rows"):
         BardChatDataset(str(_write_jsonl(data_dir / "e.jsonl", [_row(answer="")])))

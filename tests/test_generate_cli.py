@@ -81,7 +81,8 @@ SAMPLING_ERRORS = {  # flags -> the one line's tail
 }
 
 
-@pytest.mark.parametrize("case", ["missing_image", "ar_model", "missing_model", "corrupt_video", "no_decoder",
+@pytest.mark.parametrize("case", ["missing_image", "strip_image", "ar_model", "missing_model", "corrupt_video",
+                                  "no_decoder",
                                   "tau_negative", "tau_above_one", "empty_config", "truncated_weights",
                                   "zeroed_weights", *SAMPLING_ERRORS])
 def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, monkeypatch):
@@ -89,6 +90,10 @@ def test_cli_usage_errors(case, tiny_bard_dir, tiny_ar_dir, tmp_path, capsys, mo
     if case == "missing_image":
         argv += ["--image", str(tmp_path / "nope.png")]
         expected = f"--image {tmp_path / 'nope.png'}: file not found"
+    elif case == "strip_image":  # the processor refuses aspect ratios above 200:1
+        random_image(0, 1, 10000).save(tmp_path / "strip.png")
+        argv += ["--image", str(tmp_path / "strip.png")]
+        expected = f"--image: image {tmp_path / 'strip.png'} is 10000x1 pixels, an aspect ratio above the 200:1"
     elif case == "ar_model":
         argv[1] = str(tiny_ar_dir)
         expected = f"python -m nemo_bard.convert --src {tiny_ar_dir} --dst OUT"

@@ -431,6 +431,80 @@ def test_micro_batch_of_over_long_rows_is_a_counted_drop(tiny_bard_dir, tiny_pro
     assert _same(_params(model), before)
 
 
+def _logged_step(recipe, batches):
+    """One optimizer step through NeMo's logging (where a stop decided in the step is raised), then the next."""
+    from nemo_bard.integrations.cpu import cpu_patches
+
+    sample = recipe._run_train_optim_step(batches, 1.0)
+    with cpu_patches():
+        recipe.log_train_metrics(sample)
+    recipe.step_scheduler.step += 1
+    return sample
+
+
+def test_empty_steps_in_a_row_stop_with_the_skip_counts(tiny_bard_dir, tiny_processor, tmp_path):
+    """Steps whose every row was skipped (missing images with skip_bad_samples) never train; bard.max_empty_steps of
+    them in a row stop the run with a data error (exit 2) naming how many rows were lost."""
+    from nemo_automodel.components.loggers.metric_logger import MetricLogger
+
+    from nemo_bard.data.collate import bard_collate_fn
+    from nemo_bard.errors import EXIT_USAGE
+    from nemo_bard.integrations.guards import EmptyTraining
+    from nemo_bard.recipes.config import parse_bard_settings
+
+    model = fresh_model(tiny_bard_dir)
+    recipe = stub_recipe(model, tiny_processor, local_batch_size=2)
+    recipe.bard = parse_bard_settings({"max_length": 512, "max_empty_steps": 2})
+    recipe.metric_logger_train = MetricLogger(str(tmp_path / "training.jsonl"))
+    empty = [bard_collate_fn([None, None], tiny_processor)]  # what the dataset gives for two unreadable rows
+    before = _params(model)
+    assert _logged_step(recipe, empty).metrics["empty_steps"] == 1.0
+    with pytest.raises(EmptyTraining, match=r"^no training data reached the model: 2 optimizer steps in a row \(up to "
+                       r"step 1, block size 4\) had every row skipped or dropped \(4 skipped for unreadable media"):
+        _logged_step(recipe, empty)
+    assert EmptyTraining.exit_code == EXIT_USAGE and _same(_params(model), before)
+
+
+def test_a_stage_that_never_trained_or_ends_diverging_is_not_exported(tiny_bard_dir, tiny_processor, collated,
+                                                                        tmp_path):
+    """At the last step of a stage, before its checkpoint and export: a stage whose every step was empty stops with a
+    data error; one whose last steps were non-finite (weights finite) stops as diverged; both publish nothing."""
+    from nemo_automodel.components.loggers.metric_logger import MetricLogger
+
+    from nemo_bard.callbacks.block_merge import BlockMergeCallback
+    from nemo_bard.data.collate import bard_collate_fn
+    from nemo_bard.errors import TrainingDiverged
+    from nemo_bard.integrations.guards import EmptyTraining
+
+    schedule = [{"block_size": 4, "steps": 2}, {"block_size": 8, "steps": 2}]
+    model = fresh_model(tiny_bard_dir)
+    recipe = stub_recipe(model, tiny_processor, local_batch_size=2)
+    recipe.block_merge = BlockMergeCallback(schedule, max_steps=4)
+    recipe.metric_logger_train = MetricLogger(str(tmp_path / "training.jsonl"))
+    empty = [bard_collate_fn([None, None], tiny_processor)]
+    _logged_step(recipe, empty)
+    with pytest.raises(EmptyTraining, match=r"every optimizer step from step 0 to 1 had every row skipped or dropped "
+                       r"\(4 skipped .*\); the export of stage B=4 \(steps 0-1\) and the checkpoint of step 1 "
+                       "were not written"):
+        _logged_step(recipe, empty)
+    with pytest.raises(EmptyTraining, match="export .*b4 was not written"):  # the export itself refuses too
+        recipe.check_trained_since(0, f"the export {tmp_path / 'b4'} was not written")
+
+    model = fresh_model(tiny_bard_dir)  # the same stage, trained, then a NaN loss at its last step
+    recipe = stub_recipe(model, tiny_processor, local_batch_size=2)
+    recipe.block_merge = BlockMergeCallback(schedule, max_steps=4)
+    recipe.metric_logger_train = MetricLogger(str(tmp_path / "training2.jsonl"))
+    batches = [collated([0, 1])]
+    _logged_step(recipe, batches)  # step 0 trains
+    forward_loss = recipe.forward_loss
+    recipe.forward_loss = lambda *a, **k: (lambda out: (out[0] * float("nan"), out[1]))(forward_loss(*a, **k))
+    with pytest.raises(TrainingDiverged, match=r"^training diverged: the last 1 optimizer step\(s\) before step 2 had "
+                       r"a non-finite loss .*; the export of stage B=4 \(steps 0-1\) and the checkpoint of step 1 "
+                       "were not written"):
+        _logged_step(recipe, batches)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # finite weights: only the guard tells
+
+
 # ------------------------------------------------------------------------ activation checkpointing
 def pbm_grads(model, recipe, batches):
     """Loss and parameter gradients of one PBM micro-batch through the recipe's forward + loss."""

@@ -193,3 +193,21 @@ def test_load_image_forms(tmp_path):
         load_image(tmp_path / "bad.png")
     with pytest.raises(MediaError, match="image bytes are not a readable image"):
         load_image({"bytes": b"xx"})
+
+
+def test_image_shape_the_processor_refuses_is_named(tmp_path, tiny_processor):
+    """An aspect ratio above 200:1 is a MediaError naming the file in every form; 200:1 itself still processes."""
+    strip = random_image(0, 1, 10000)
+    strip.save(tmp_path / "strip.png")
+    buf = io.BytesIO()
+    strip.save(buf, format="PNG")
+    with pytest.raises(MediaError, match=f"image {tmp_path / 'strip.png'} is 10000x1 pixels, an aspect ratio above"):
+        load_image("strip.png", tmp_path)
+    for ref in ({"bytes": buf.getvalue()}, strip, np.asarray(strip)):
+        with pytest.raises(MediaError, match="is 10000x1 pixels, an aspect ratio above the 200:1"):
+            load_image(ref)
+    with pytest.raises(ValueError, match="aspect ratio"):  # what the processor itself does with it
+        tiny_processor.image_processor(images=[strip])
+    edge = load_image(random_image(1, 1, 200))
+    assert tiny_processor.image_processor(images=[edge])["pixel_values"].shape[0] > 0
+

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+MAX_ASPECT_RATIO = 200  # Qwen2-VL / Qwen3-VL processors refuse images whose long side exceeds 200x the short one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v", ".mpeg", ".mpg", ".ts", ".flv", ".3gp")
 VIDEO_EXTRA_HINT = "pip install 'nemo-bard[video]'"
@@ -49,20 +50,36 @@ def _where_hint(root_dir: str | os.PathLike | None) -> str:
 # ------------------------------------------------------------------------------------------ images
 
 
+def check_image_shape(image: Any, name: str) -> Any:
+    """``image`` (a PIL image) unchanged, or :class:`MediaError` when the processor cannot take its shape: an empty
+    image, or an aspect ratio above :data:`MAX_ASPECT_RATIO` (e.g. a 1 x 10000 strip)."""
+    width, height = image.size
+    if min(width, height) < 1:
+        raise MediaError(f"{name} is empty ({width}x{height} pixels)")
+    if max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise MediaError(f"{name} is {width}x{height} pixels, an aspect ratio above the {MAX_ASPECT_RATIO}:1 the "
+                         "Qwen3-VL processor accepts; crop, pad or drop it")
+    return image
+
+
 def load_image(ref: Any, root_dir: str | os.PathLike | None = None):
-    """An RGB PIL image from a path, ``{"bytes": ...}``, ``{"path": ...}``, a PIL image or an ``[H, W, C]`` array."""
+    """An RGB PIL image from a path, ``{"bytes": ...}``, ``{"path": ...}``, a PIL image or an ``[H, W, C]`` array.
+
+    :class:`MediaError` names the file when it is missing or unreadable, or when its shape is one the processor
+    refuses (:func:`check_image_shape`)."""
     from PIL import Image
 
     if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+        return check_image_shape(ref, "image").convert("RGB")
     if isinstance(ref, np.ndarray):
-        return Image.fromarray(ref).convert("RGB")
+        return check_image_shape(Image.fromarray(ref), "image").convert("RGB")
     if isinstance(ref, dict):
         if ref.get("bytes") is not None:
             try:
-                return Image.open(io.BytesIO(ref["bytes"])).convert("RGB")
+                image = Image.open(io.BytesIO(ref["bytes"])).convert("RGB")
             except Exception as exc:  # noqa: BLE001 - PIL raises several types
                 raise MediaError(f"image bytes are not a readable image ({exc})") from None
+            return check_image_shape(image, "image bytes")
         ref = ref.get("path")
     if not isinstance(ref, (str, os.PathLike)):
         raise MediaError(f"image must be a path, {{'bytes': ...}} or {{'path': ...}}, got {type(ref).__name__}")
@@ -71,9 +88,10 @@ def load_image(ref: Any, root_dir: str | os.PathLike | None = None):
         raise MediaError(f"image file {path} not found{_where_hint(root_dir)}")
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")
+            image = img.convert("RGB")
     except Exception as exc:  # noqa: BLE001
         raise MediaError(f"cannot read image {path} ({exc})") from None
+    return check_image_shape(image, f"image {path}")
 
 
 # ------------------------------------------------------------------------------------------ videos

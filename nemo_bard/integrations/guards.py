@@ -4,7 +4,8 @@
   It is an optimizer *step pre-hook* (``Optimizer.register_step_pre_hook``): when the step is bad it sets
   every gradient to ``None``, so the optimizer leaves parameters and state untouched (torch optimizers
   skip parameters without a gradient), while NeMo's step goes on (LR schedule, logging). All ranks take
-  the same decision (one all-reduce per step).
+  the same decision (one all-reduce per step). It also counts empty steps (no sample on any rank): too many in a
+  row raise :class:`EmptyTraining`, a data error.
 * :class:`StopSignals` is NeMo's preemption signal handler (the step scheduler polls it after every step
   and saves a checkpoint when any rank got a signal) extended to SIGINT as well as SIGTERM, remembering
   which signal arrived; the same signal again after :attr:`StopSignals.grace_s` seconds stops at once.
@@ -26,6 +27,8 @@ check_version("nemo_automodel")
 
 from nemo_automodel.components.training.signal_handler import DistributedSignalHandler  # noqa: E402
 
+from nemo_bard.data.datasets import DataError  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
@@ -43,6 +46,10 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.isfinite(torch.nn.utils.get_total_norm(locals_, norm_type=2.0, foreach=None))
 
 
+class EmptyTraining(DataError):
+    """Optimizer steps that had no sample to train on, too many in a row (or a whole stage); exit code 2."""
+
+
 class NonFiniteGuard:
     """Skip (and count) optimizer steps with a non-finite loss or gradient; raise after too many in a row.
 
@@ -50,16 +57,37 @@ class NonFiniteGuard:
         params: returns the trained parameters (all model parts).
         any_rank: ``any_rank(flag)`` (a 0-d bool tensor) is True when ``flag`` is True on any rank (MAX all-reduce).
         max_consecutive: this many skipped steps in a row end the run (:meth:`end_step` raises).
+        max_empty: this many empty steps in a row (every row skipped or dropped on every rank) end the run.
+
+    It also remembers which steps of this process updated the weights (:attr:`first_step`,
+    :attr:`last_trained_step`), so an export can refuse a stage that never trained.
     """
 
     def __init__(self, params: Callable[[], Iterable[torch.nn.Parameter]], any_rank: Callable[[torch.Tensor], bool],
-                 max_consecutive: int = 5) -> None:
+                 max_consecutive: int = 5, max_empty: int = 10) -> None:
         self.params, self.any_rank, self.max_consecutive = params, any_rank, int(max_consecutive)
-        self.consecutive = self.total = self.empty = 0
+        self.max_empty = int(max_empty)
+        self.consecutive = self.total = self.empty = self.consecutive_empty = 0
+        self.empty_skipped = self.empty_dropped = 0  # rows lost in the current run of empty steps
+        self.first_step: int | None = None
+        self.last_trained_step: int | None = None
         self._losses: list[torch.Tensor] = []
         self._decision: str | None = None
         self._empty_step = False
         self._hooked: set[int] = set()
+
+    PROGRESS_KEYS = ("first_step", "last_trained_step", "consecutive", "total", "empty", "consecutive_empty",
+                     "empty_skipped", "empty_dropped")
+
+    def progress(self) -> dict[str, Any]:
+        """The counters a resumed run needs to judge the steps before it (saved with each checkpoint)."""
+        return {k: getattr(self, k) for k in self.PROGRESS_KEYS}
+
+    def restore(self, progress: dict[str, Any]) -> None:
+        """Continue from :meth:`progress` of the run that saved the checkpoint being resumed."""
+        for k in self.PROGRESS_KEYS:
+            if k in progress:
+                setattr(self, k, progress[k])
 
     def attach(self, optimizers: Iterable[torch.optim.Optimizer]) -> None:
         """Register the step pre-hook on each optimizer (once)."""
@@ -97,18 +125,36 @@ class NonFiniteGuard:
         """Whether the current step's update was skipped."""
         return self._decision in ("nonfinite", "empty")
 
-    def end_step(self, step: int, block_size: Any, lr: float | None = None) -> dict[str, float]:
-        """Count the step; returns metrics to log; raises ``TrainingDiverged`` after too many bad steps in a row."""
+    def end_step(self, step: int, block_size: Any, lr: float | None = None, skipped_rows: int = 0,
+                 dropped_rows: int = 0) -> dict[str, float]:
+        """Count the step; returns metrics to log. Raises ``TrainingDiverged`` after too many non-finite steps in a
+        row, :class:`EmptyTraining` after too many empty ones (``skipped_rows`` / ``dropped_rows``: this step's rows
+        lost to unreadable media / to ``bard.max_length``, summed over ranks)."""
         from nemo_bard.errors import TrainingDiverged
 
         decision, self._decision = self._decision, None
+        self.first_step = step if self.first_step is None else self.first_step
         if decision == "empty":
             self.empty += 1
+            self.consecutive_empty += 1
+            self.empty_skipped += int(skipped_rows)
+            self.empty_dropped += int(dropped_rows)
             logger.warning("step %d (block size %s): every sample was dropped on every rank; optimizer step skipped",
                            step, block_size)
+            if self.consecutive_empty >= self.max_empty:
+                raise EmptyTraining(
+                    f"no training data reached the model: {self.consecutive_empty} optimizer steps in a row (up to "
+                    f"step {step}, block size {block_size}) had every row skipped or dropped ({self.empty_skipped} "
+                    f"skipped for unreadable media with skip_bad_samples, {self.empty_dropped} dropped as longer "
+                    "than bard.max_length); nothing was trained or exported. Fix the image/video paths (relative "
+                    "paths resolve against dataset.root_dir) or raise bard.max_length (bard.max_empty_steps sets "
+                    "how many empty steps in a row are tolerated)"
+                )
             return {"skipped_steps": float(self.total), "empty_steps": float(self.empty)}
+        self.consecutive_empty = self.empty_skipped = self.empty_dropped = 0
         if decision != "nonfinite":
             self.consecutive = 0
+            self.last_trained_step = step
             return {"skipped_steps": float(self.total)} if self.total else {}
         self.consecutive += 1
         self.total += 1
@@ -167,4 +213,4 @@ class StopSignals(DistributedSignalHandler):
         return self
 
 
-__all__ = ["NonFiniteGuard", "StopSignals", "all_finite", "local_tensor"]
+__all__ = ["EmptyTraining", "NonFiniteGuard", "StopSignals", "all_finite", "local_tensor"]

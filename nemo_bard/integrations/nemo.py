@@ -20,8 +20,11 @@ What BARD needs from NeMo AutoModel, in one place:
 
 Faults (``BardNeMoRecipe``): the run directory is locked for the life of the run
 (:class:`nemo_bard.rundir.RunLock`); an optimizer step with a non-finite loss or gradient is skipped and
-counted, too many in a row end the run (:class:`~nemo_bard.integrations.guards.NonFiniteGuard`); no
-checkpoint is written from non-finite weights; a full disk during a save is reported as such; SIGTERM /
+counted, too many in a row end the run (:class:`~nemo_bard.integrations.guards.NonFiniteGuard`), and so do
+too many empty steps (every row skipped or dropped); a stage that never trained, or ends with skipped non-finite
+steps, stops the run at its last step, before that step's checkpoint and the stage export (the guard's counters
+are saved beside each checkpoint, so a resumed run judges the same way); no checkpoint is written from
+non-finite weights; a full disk during a save is reported as such; SIGTERM /
 SIGINT finish the step, save a checkpoint and stop with :class:`nemo_bard.errors.RunStopped`
 (:class:`~nemo_bard.integrations.guards.StopSignals`); ``training.jsonl`` is flushed at every step.
 """
@@ -30,6 +33,8 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import glob
+import json
 import logging
 import os
 import signal
@@ -60,13 +65,15 @@ from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM, build_mode
 from nemo_bard.callbacks.base import CallbackList  # noqa: E402
 from nemo_bard.errors import DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
 from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
-from nemo_bard.integrations.guards import NonFiniteGuard, StopSignals, all_finite  # noqa: E402
+from nemo_bard.integrations.guards import EmptyTraining, NonFiniteGuard, StopSignals, all_finite  # noqa: E402
 from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
 from nemo_bard.models.registration import ARCHITECTURE_ALIASES  # noqa: E402
 from nemo_bard.recipes.config import BardConfigError  # noqa: E402
 from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
+
+PROGRESS_FILE = "bard_progress.json"  # the training guard's counters, saved with each checkpoint
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -253,8 +260,17 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         """Skipped (non-finite) optimizer steps in a row that end the run."""
         return 5
 
+    def max_empty_steps(self) -> int:
+        """Empty optimizer steps in a row (every row skipped or dropped) that end the run."""
+        return 10
+
     def finish_training(self) -> None:
         """After the last step of a run that was not stopped early (final exports)."""
+
+    def stage_of(self, step: int) -> tuple[int, int, str]:
+        """``(first step, end step, name)`` of the stage that trains ``step`` (one stage: the whole run)."""
+        end = getattr(self.step_scheduler, "max_steps", None)
+        return 0, (step + 2 if end is None else int(end)), "the trained model"
 
     # ------------------------------------------------------------ data-parallel helpers
     def dp_rank(self) -> int:
@@ -275,6 +291,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             super().setup()
             self._install_stop_signals()
             self.finish_setup()
+            self._restore_progress()
 
     def run_train_validation_loop(self) -> None:
         with cpu_patches():
@@ -306,6 +323,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             ) from exc
         self._flush_metric_logs()
         if self.checkpointer.config.enabled:
+            self._save_progress(path)
             self._bard_last_checkpoint = path
             self.callbacks.on_save(self, path)
 
@@ -352,11 +370,20 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         # NeMo counts label tokens for its own bookkeeping (tps, num_label_tokens): the loss targets.
         sample = super()._run_train_optim_step([{**b, "labels": b["targets"]} for b in built], max_grad_norm)
         sample.metrics.update(self.step_metrics(built, batches, self._reduce_stats(self._bard_stats)))
+        lost = [0, 0]
+        if self._bard_denominator == 0:  # an empty step (on every rank): count its lost rows on all ranks
+            local = torch.tensor([sum(int(b.get("num_skipped", 0)) for b in batches),
+                                  sum(int(b.get("num_dropped", 0)) for b in built)], dtype=torch.long)
+            lost = [int(x) for x in self.dp_allreduce(local)]
         try:
             sample.metrics.update(guard.end_step(step, sample.metrics.get("block_size", "-"),
-                                                 self.cfg.get("optimizer.lr", None)))
-        except TrainingDiverged as exc:
-            self._bard_diverged = exc  # raised once NeMo has logged this step (log_train_metrics)
+                                                 self.cfg.get("optimizer.lr", None), *lost))
+            start, end, name = self.stage_of(step)
+            if step == end - 1:  # a stage that never trained, or ends diverging, is neither exported nor checkpointed
+                self.check_trained_since(start, f"the export of {name} and the checkpoint of step {step} were not "
+                                         "written", next_step=step + 1)
+        except (TrainingDiverged, EmptyTraining) as exc:
+            self._bard_diverged = exc  # raised once NeMo has logged this step (log_train_metrics), before a checkpoint
         self.callbacks.on_step_end(self, step, sample.metrics)
         return sample
 
@@ -368,10 +395,58 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
             guard = self._bard_guard = NonFiniteGuard(
                 params=lambda: (p for part in self.model_parts for p in part.parameters()),
                 any_rank=lambda flag: bool(self.dp_allreduce(flag.to(torch.int32).reshape(1), op=max_op)[0]),
-                max_consecutive=self.max_nonfinite_steps(),
+                max_consecutive=self.max_nonfinite_steps(), max_empty=self.max_empty_steps(),
             )
         guard.attach(self.optimizer)
         return guard
+
+    def _save_progress(self, path: str) -> None:
+        """Write the guard's counters next to checkpoint ``path`` (global rank 0), so a resumed run still knows whether
+        the stage it continues has trained."""
+        guard = getattr(self, "_bard_guard", None)
+        if guard is None or int(os.environ.get("RANK", "0") or 0) != 0 or not os.path.isdir(path):
+            return
+        with open(os.path.join(path, PROGRESS_FILE), "w") as f:
+            json.dump(guard.progress(), f)
+
+    def _restore_progress(self) -> None:
+        """Load the counters saved with the checkpoint this run resumed from (none: a fresh run, or an older one)."""
+        step = int(getattr(self.step_scheduler, "step", 0) or 0)
+        root = self.cfg.get("checkpoint.checkpoint_dir", None)
+        if step == 0 or root is None:
+            return
+        saved = sorted(glob.glob(os.path.join(str(root), f"epoch_*_step_{step - 1}", PROGRESS_FILE)))
+        if saved:
+            with open(saved[-1]) as f:
+                self._nonfinite_guard().restore(json.load(f))
+
+    def check_trained_since(self, start: int, outcome: str, next_step: int | None = None) -> None:
+        """Refuse to write the model trained from step ``start`` on when it did not train (``outcome``: what is then
+        not written, e.g. ``"the export X was not written"``).
+
+        :class:`EmptyTraining` (exit 2) when this process ran every step from ``start`` up to ``next_step`` (default:
+        the scheduler's next step) and none updated the weights (every row skipped or dropped);
+        :class:`TrainingDiverged` (exit 3) when the last steps were non-finite (skipped): the weights are those of a
+        run on its way to diverging. A process resumed after ``start`` checks only the non-finite streak.
+        """
+        guard = getattr(self, "_bard_guard", None)
+        if guard is None or guard.first_step is None:
+            return
+        next_step = self.step_scheduler.step if next_step is None else next_step
+        if guard.consecutive:
+            raise TrainingDiverged(
+                f"training diverged: the last {guard.consecutive} optimizer step(s) before step {next_step} had a "
+                f"non-finite loss or gradients and were skipped; {outcome}. Lower optimizer.lr (keep "
+                "clip_grad_norm.max_norm set) or check the data, then resume from the last checkpoint with the same "
+                "command"
+            )
+        if guard.first_step <= start and (guard.last_trained_step is None or guard.last_trained_step < start):
+            raise EmptyTraining(
+                f"no training data reached the model: every optimizer step from step {start} to {next_step - 1} had "
+                f"every row skipped or dropped ({guard.empty_skipped} skipped for unreadable media with "
+                f"skip_bad_samples, {guard.empty_dropped} dropped as longer than bard.max_length); {outcome}. Fix the "
+                "image/video paths (relative paths resolve against dataset.root_dir) or raise bard.max_length"
+            )
 
     def check_finite_weights(self, what: str) -> None:
         """Raise :class:`TrainingDiverged` (on every rank) if any trained weight is NaN/inf, before writing ``what``."""

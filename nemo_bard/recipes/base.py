@@ -179,6 +179,9 @@ class BardRecipeBase(BardNeMoRecipe):
         the weights are not finite."""
         from nemo_bard.models.export import export_hf, full_state_dict
 
+        stages = self.block_merge.stages if self.block_merge is not None else []
+        start = next((s.start for s in stages if s.block_size == block_size), 0)  # the stage (or run) exported
+        self.check_trained_since(start, f"the export {out_dir} was not written")
         self.check_finite_weights(f"export {out_dir}")
         dtype = getattr(torch, self.bard.export_dtype) if self.bard.export_dtype else None
         model, state = self.model_parts[0], None
@@ -196,6 +199,15 @@ class BardRecipeBase(BardNeMoRecipe):
 
     def max_nonfinite_steps(self) -> int:
         return self.bard.max_nonfinite_steps
+
+    def max_empty_steps(self) -> int:
+        return self.bard.max_empty_steps
+
+    def stage_of(self, step: int) -> tuple[int, int, str]:
+        if self.block_merge is None:
+            return super().stage_of(step)
+        stage = self.block_merge.stages[self.block_merge.stage_index(step)]
+        return stage.start, stage.end, f"stage B={stage.block_size} (steps {stage.start}-{stage.end - 1})"
 
     def reset_optimizer_state(self) -> None:
         for opt in self.optimizer:

@@ -61,7 +61,9 @@ class BardSettings(_Section):
     config's ``block_size``). ``mask_token_id`` defaults to the model config's. ``length_grouped``
     batches samples of similar length when the dataset has a ``length`` column. Exports (stage and final)
     are sharded into safetensors files of at most ``export_max_shard_size``. An optimizer step whose loss
-    or gradients are not finite is skipped; ``max_nonfinite_steps`` such steps in a row stop the run.
+    or gradients are not finite is skipped; ``max_nonfinite_steps`` such steps in a row stop the run (exit 3).
+    A step whose every row was skipped (unreadable media) or dropped (over ``max_length``) is skipped too;
+    ``max_empty_steps`` such steps in a row, or a whole stage of them, stop the run (exit 2) before any export.
     ``verify_checksums``: at the start of a run, hash the model's (and the SWD teacher's) weight files and compare
     them with the sha256 their export recorded (~13 s per 16 GB; the structure check always runs).
     """
@@ -81,6 +83,7 @@ class BardSettings(_Section):
     export_final: bool = True
     seed: int | None = None
     max_nonfinite_steps: int = Field(5, ge=1)
+    max_empty_steps: int = Field(10, ge=1)
     verify_checksums: bool = True
 
     @model_validator(mode="after")
