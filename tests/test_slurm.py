@@ -259,36 +259,34 @@ def test_pbm_then_swd(jobs):
     assert cfg["recipe"] == "nemo_bard.recipes.swd.BardSWDRecipe"
 
 
-@pytest.mark.slurm
-def test_time_limit_stops_with_a_checkpoint_requeues_and_resumes(jobs):
-    """SIGUSR1 before the limit -> SIGTERM to the training processes -> checkpoint at the next step, requeue; the
-    requeued run appends to the same log and ends with the uninterrupted run's losses."""
+def assert_stopped_and_resumed(jobs: dict, name: str, timeout: int) -> str:
+    """Job ``name`` was stopped once with a checkpoint (exit 143, not SIGKILLed), requeued, appended to its log and
+    ended with the uninterrupted run's losses; returns its log."""
     env, ids, root = jobs["env"], jobs["ids"], jobs["root"]
-    info = wait_job(env, ids["limit"], 360, restarts=1)
-    log = job_log(jobs, "limit")
+    info = wait_job(env, ids[name], timeout, restarts=1)
+    log = job_log(jobs, name)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
-    run = root / "limit" / "bard_pbm_tiny"
-    assert "nemo-bard: time limit near: stopping at the next step with a checkpoint" in log
+    run = root / name / "bard_pbm_tiny"
     assert "nemo-bard: training processes exited with code 143" in log  # not SIGKILLed (137)
-    assert "DUE TO TIME LIMIT" not in log  # stopped before SLURM's own SIGTERM / SIGKILL at the limit
     assert stop_checkpoint(log, run) < 7
     assert appended_runs(log) == ["0", "1"]  # one log, both runs (--open-mode=append)
     wait_job(env, ids["pbm"], 300)
     assert_same_losses(root / "ref" / "bard_pbm_tiny", run)
+    return log
+
+
+@pytest.mark.slurm
+def test_time_limit_stops_with_a_checkpoint_requeues_and_resumes(jobs):
+    """SIGUSR1 before the limit -> SIGTERM to the training processes -> checkpoint at the next step, requeue; the
+    requeued run appends to the same log and ends with the uninterrupted run's losses."""
+    log = assert_stopped_and_resumed(jobs, "limit", 360)
+    assert "nemo-bard: time limit near: stopping at the next step with a checkpoint" in log
+    assert "DUE TO TIME LIMIT" not in log  # stopped before SLURM's own SIGTERM / SIGKILL at the limit
 
 
 @pytest.mark.slurm
 def test_scontrol_requeue_checkpoints_and_resumes(jobs):
     """`scontrol requeue` (as preemption: SIGTERM to the job, SIGKILL after KillWait): checkpoint at the next step,
     the requeued run resumes to the uninterrupted run's losses."""
-    env, ids, root = jobs["env"], jobs["ids"], jobs["root"]
-    info = wait_job(env, ids["requeue"], 420, restarts=1)
-    log = job_log(jobs, "requeue")
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
-    run = root / "requeue" / "bard_pbm_tiny"
+    log = assert_stopped_and_resumed(jobs, "requeue", 420)
     assert "DUE TO JOB REQUEUE" in log
-    assert "nemo-bard: training processes exited with code 143" in log
-    assert stop_checkpoint(log, run) < 7
-    assert appended_runs(log) == ["0", "1"]
-    wait_job(env, ids["pbm"], 300)
-    assert_same_losses(root / "ref" / "bard_pbm_tiny", run)
