@@ -615,3 +615,31 @@ def test_rederive_lr_schedule_puts_a_restored_scheduler_on_the_configured_horizo
     assert configured.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.optimizer.param_groups[0]["lr"])
     assert configured.optimizer.param_groups[0]["lr"] > 2e-4
     assert BardNeMoRecipe.rederive_lr_schedule(recipe) is None  # already on the configured horizon
+
+
+def test_a_stop_signal_during_an_epochs_first_step_is_seen_after_that_step():
+    """NeMo's scheduler asks its signal handler once per step and its epoch loop asks before the epoch's first step;
+    a SIGTERM arriving during that step must still stop the run after it (not one step later)."""
+    from nemo_automodel.components.training.step_scheduler import StepScheduler
+
+    from nemo_bard.integrations.nemo import repoll_stop_signal
+
+    class Handler:
+        received = False
+
+        def signals_received(self):
+            return [self.received]
+
+    def scheduler():
+        sched = StepScheduler(global_batch_size=1, local_batch_size=1, dp_size=1, dataloader=[{}] * 4,
+                              max_steps=8, ckpt_every_steps=100, num_epochs=3, preemption_signal=None)
+        sched.sig_handler, sched.step = Handler(), 4  # step 4 starts epoch 1
+        assert next(iter(sched.epochs)) is not None  # the epoch loop asked: no signal yet
+        sched.sig_handler.received = True  # SIGTERM during step 4
+        return sched
+
+    late = scheduler()
+    assert not late.is_ckpt_step  # NeMo alone: not seen after this step
+    sched = scheduler()
+    repoll_stop_signal(sched)  # what the step adapter does after every step
+    assert sched.is_ckpt_step and sched.sigterm_flag

@@ -174,7 +174,7 @@ def slow(seconds: float) -> str:
 @pytest.fixture(scope="module")
 def jobs(slurm, tiny_bard_dir, tmp_path_factory):
     """Every job submitted at once (the node runs two at a time): an uninterrupted PBM run, then SWD on its
-    stage exports; a PBM run that reaches its 2-minute time limit; one requeued after two steps; and three GPU
+    stage exports; a PBM run that reaches its 3-minute time limit; one requeued after two steps; and three GPU
     requests (fake GPUs of the local node) answered by the scripts' dry run."""
     from nemo_bard.data.synthetic import write_synthetic_dataset
 
@@ -189,9 +189,11 @@ def jobs(slurm, tiny_bard_dir, tmp_path_factory):
         "gres": sbatch(dry, submit, "pbm", "--gres=gpu:1", "--job-name=gres"),
         "nogpu": sbatch(dry, submit, "pbm", "--job-name=nogpu"),
         "pbm": sbatch(slurm, submit, "pbm", args=(*common, f"paths.run_root={root / 'ref'}")),
-        # SLURM sends SIGUSR1 30-60 s before the limit; the slowed run would need ~2 min 30 s
-        "limit": sbatch(slurm, submit, "pbm", "--time=2", "--signal=B:USR1@30",
-                        args=(*common, f"paths.run_root={root / 'limit'}", slow(11))),
+        # SLURM sends SIGUSR1 up to ~60 s earlier than asked (its timer is coarse): 60-120 s into this 3-minute job.
+        # Slowed to 16 s a step, the run is still training then on an idle machine (it would need ~2.5 min) and,
+        # stopped at the next step, ends well before the limit.
+        "limit": sbatch(slurm, submit, "pbm", "--time=3", "--signal=B:USR1@60",
+                        args=(*common, f"paths.run_root={root / 'limit'}", slow(16))),
     }
     ids["swd"] = sbatch(slurm, submit, "swd", f"--dependency=afterok:{ids['pbm']}",
                         args=(*common, f"paths.run_root={root / 'ref'}"))
@@ -279,7 +281,7 @@ def assert_stopped_and_resumed(jobs: dict, name: str, timeout: int) -> str:
 def test_time_limit_stops_with_a_checkpoint_requeues_and_resumes(jobs):
     """SIGUSR1 before the limit -> SIGTERM to the training processes -> checkpoint at the next step, requeue; the
     requeued run appends to the same log and ends with the uninterrupted run's losses."""
-    log = assert_stopped_and_resumed(jobs, "limit", 360)
+    log = assert_stopped_and_resumed(jobs, "limit", 420)
     assert "nemo-bard: time limit near: stopping at the next step with a checkpoint" in log
     assert "DUE TO TIME LIMIT" not in log  # stopped before SLURM's own SIGTERM / SIGKILL at the limit
 

@@ -385,6 +385,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         except (TrainingDiverged, EmptyTraining) as exc:
             self._bard_diverged = exc  # raised once NeMo has logged this step (log_train_metrics), before a checkpoint
         self.callbacks.on_step_end(self, step, sample.metrics)
+        repoll_stop_signal(self.step_scheduler)
         return sample
 
     # ------------------------------------------------------------------ faults
@@ -551,6 +552,18 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def repoll_stop_signal(sched: Any) -> None:
+    """Let NeMo's check after this step see a stop signal that arrived during it.
+
+    NeMo's ``StepScheduler`` asks its signal handler at most once per step, and its epoch loop asks before the
+    first step of an epoch: a SIGTERM arriving during that step would be seen only after the next one (one step
+    late; at a run's last step, not at all). Forgetting that earlier answer makes the checkpoint check after the
+    step ask again. Every rank calls this at the same point, so the (collective) question stays in step.
+    """
+    if getattr(sched, "_sig_polled_step", None) == getattr(sched, "step", None):
+        sched._sig_polled_step = None
+
+
 def build_frozen_model(cfg_model: Any, *, seed: int, distributed_setup: Any, device: Any) -> torch.nn.Module:
     """Build a model from its config node with NeMo's VLM builder and the student's distributed setup,
     frozen in eval mode (what NeMo's VLM KD recipe does for its teacher)."""
