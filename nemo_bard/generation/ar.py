@@ -10,7 +10,7 @@ from nemo_bard.generation.decode import model_inputs, special_token_ids
 from nemo_bard.generation.engine import DecodeEngine, batch_bucket, device_sync
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import AR_ENGINES
-from nemo_bard.generation.session import ARSession, RowRequest, cut_after_stop, run_to_end
+from nemo_bard.generation.session import ARSession, RowRequest, cut_after_stop, pad_rows, run_to_end
 
 
 @torch.no_grad()
@@ -62,11 +62,7 @@ def ar_generate(
     out = model.generate(**inputs, generation_config=config)
     wall = device_sync(device) - t0
     new = out[:, input_ids.shape[1]:].tolist()
-    rows = [cut_after_stop(row, set(stops))[0] for row in new]
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    sequences = torch.full((batch, int(lengths.max()) if batch else 0), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        sequences[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    sequences, lengths = pad_rows([cut_after_stop(row, set(stops))[0] for row in new], pad)
     width = len(new[0]) if new else 0
     return GenerationOutput(
         sequences=sequences, lengths=lengths, num_forwards=width, row_forwards=lengths.clone(),

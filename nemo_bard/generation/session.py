@@ -66,6 +66,15 @@ def cut_after_stop(tokens: list[int], stops: set[int]) -> tuple[list[int], bool]
     return tokens, False
 
 
+def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists as ``(sequences [b, longest], lengths [b])``, right-padded with ``pad``."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    sequences = torch.full((len(rows), int(lengths.max()) if rows else 0), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        sequences[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    return sequences, lengths
+
+
 @dataclass
 class RowRequest:
     """One sequence to decode and its result (filled in as it runs).
@@ -487,11 +496,7 @@ def run_to_end(session: DecodeSession, requests: list[RowRequest], inputs: dict[
     finally:
         session.close()
     wall = device_sync(session.engine.device) - t0
-    lengths = torch.tensor([len(r.tokens) for r in requests], dtype=torch.long)
-    width = int(lengths.max()) if requests else 0
-    sequences = torch.full((len(requests), width), session.pad, dtype=torch.long)
-    for i, r in enumerate(requests):
-        sequences[i, : len(r.tokens)] = torch.tensor(r.tokens, dtype=torch.long)
+    sequences, lengths = pad_rows([r.tokens for r in requests], session.pad)
     extra = session._prefill_forwards()
     return GenerationOutput(
         sequences=sequences, lengths=lengths, num_forwards=session.num_forwards + extra,
