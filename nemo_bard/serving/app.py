@@ -252,7 +252,7 @@ def create_app(scheduler: Scheduler, processor: Any, config: ServerConfig, metri
         return chat.max_tokens
 
     def finish_reason(event: tuple, stream: TextStream) -> str:
-        return "stop" if stream.stopped or event[1] == "stop" else "length" if event[1] == "length" else "stop"
+        return "length" if event[1] == "length" and not stream.stopped else "stop"
 
     def usage(prompt_tokens: int, stats: dict | None, stream: TextStream) -> dict:
         done = len(stream.ids) if stats is None else stats["completion_tokens"]
