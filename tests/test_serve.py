@@ -262,9 +262,10 @@ def test_a_client_that_goes_away_or_times_out_frees_its_row(sharp_dir):
     with running_server(sharp_dir, "--ignore-eos") as srv:  # no stop token: the request runs its 1,000 tokens
         sched = srv.scheduler
         long = {"model": srv.name, "messages": user_message("hello"), "max_tokens": 1000, "stream": True,
-                "confidence_threshold": 1.0}
+                "confidence_threshold": 1.0, "return_token_ids": True}
         with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=long, timeout=30) as resp:
-            next(resp.iter_lines())  # the first chunk arrived: the request runs
+            # the role chunk is sent before admission; the first block's chunk means the request runs
+            next(line for line in resp.iter_lines() if '"token_ids"' in line)
             assert sched.session.running == 1
         deadline = time.monotonic() + 20  # the client is gone: its row is freed before the next forward
         while sched.session.running and time.monotonic() < deadline:
