@@ -26,7 +26,7 @@ setup(
         "httpx>=0.27",  # the serving benchmark's load generator
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12", "openai>=1.40"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "import-linter>=2.1", "scikit-learn>=1.3", "matplotlib>=3.7", "av>=12", "openai>=1.40"],
         # Video files (mp4, webm, mkv, ...) in training rows, generation and evaluation: PyAV (bundles FFmpeg).
         "video": ["av>=12"],
         "demo": ["scikit-learn>=1.3", "matplotlib>=3.7"],

@@ -243,23 +243,13 @@ def _is_torchrun_worker() -> bool:
 
 
 def run_nemo_app(config: Path, extra: list[str]) -> int:
-    """Hand ``config`` to ``nemo_automodel.cli.app`` in this process (inside the CPU patches on a CPU-only host)."""
-    import nemo_bard  # noqa: F401  registers bard_vl before any from_pretrained
-    from nemo_bard.integrations.cpu import cpu_patches
+    """Hand ``config`` to NeMo AutoModel's app in this process (inside the CPU patches on a CPU-only host)."""
+    from nemo_bard.integrations.cpu import run_nemo_app as run  # torch + NeMo: imported once the config is good
 
-    from nemo_automodel.cli import app
-
-    argv = sys.argv
-    sys.argv = ["automodel", str(config), *extra]
-    try:
-        with cpu_patches():
-            result = app.main()
-    finally:
-        sys.argv = argv
-    return int(result or 0)
+    return run(str(config), extra)
 
 
-def _run_torchrun(torchrun_args: list[str]) -> int:
+def run_torchrun(torchrun_args: list[str]) -> int:
     """Run torchrun's elastic agent in this process (it starts the workers in their own sessions and hands a
     SIGTERM / SIGINT on to them, then waits up to ``--shutdown-timeout`` for them to save and stop). A failed
     worker is summed up in one line (its own error is printed above) instead of torchrun's traceback."""
@@ -295,7 +285,7 @@ def launch(config: Path, nproc: int | None, extra: list[str]) -> int:
     torchrun = ["--standalone", f"--nproc-per-node={nproc}", f"--shutdown-timeout={timeout}", "-m", "nemo_bard.cli",
                 str(config), *extra]
     print("nemo-bard: launching torch.distributed.run " + " ".join(torchrun), flush=True)
-    return _run_torchrun(torchrun)
+    return run_torchrun(torchrun)
 
 
 def _main(argv: list[str]) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 
 from nemo_bard.errors import DiskFullError, UserError, run_reported
 from nemo_bard.models.paths import ModelPathError, read_model_config
-from nemo_bard.models.registration import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MASK_TOKEN
+from nemo_bard.models.constants import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MASK_TOKEN
 from nemo_bard.models.verify import verify_model_dir
 from nemo_bard.rundir import COMPLETE_MARKER, atomic_directory, disk_full_message
 

@@ -33,6 +33,10 @@ class UserError(BardError, ValueError):
     exit_code = EXIT_USAGE
 
 
+class BardConfigError(UserError):
+    """A bad BARD config value; the message names the key and the fix."""
+
+
 class TrainingDiverged(BardError, FloatingPointError):
     """Too many consecutive optimizer steps with a non-finite loss or gradient; exit code 3."""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from nemo_bard.models.registration import MASK_TOKEN
+from nemo_bard.models.constants import MASK_TOKEN
 
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",

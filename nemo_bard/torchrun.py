@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import sys
 
-from nemo_bard.cli import _run_torchrun
+from nemo_bard.cli import run_torchrun
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run torchrun's agent on ``argv`` (torchrun's own options); its exit code."""
-    return _run_torchrun(sys.argv[1:] if argv is None else argv)
+    return run_torchrun(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

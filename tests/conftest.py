@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-import nemo_bard  # noqa: F401  (registers bard_vl)
+import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
 
 
 @pytest.fixture(scope="session")

@@ -221,7 +221,7 @@ def test_video_rows_through_collate_layout_and_model(data_dir, coded_clip, tiny_
 
 def test_ar_sft_collate_takes_video_rows(data_dir, coded_clip, tiny_processor):
     """NeMo's AR collate gets decoded frames (it cannot read our VideoSource) and runs the video processor."""
-    from nemo_bard.data.collate import ar_sft_collate_fn
+    from nemo_bard.integrations.nemo import ar_sft_collate_fn
 
     ds = BardChatDataset(str(_write_jsonl(data_dir / "v.jsonl", [_video_row(str(coded_clip)), _row()])))
     batch = ar_sft_collate_fn([ds[0], ds[1]], tiny_processor)

@@ -95,10 +95,11 @@ def build_preset(name: str, device: str | torch.device, dtype: torch.dtype, bloc
         bard = AutoModelForImageTextToText.from_config(bard_cfg, dtype=dtype)
     bard.load_state_dict(ar.state_dict(), assign=True)  # the same tensors: no second copy of the weights
     # buffers outside the state dict (rotary inverse frequencies) are shared too
+    saved = set(ar.state_dict())
     for (name, mod_bard), (_, mod_ar) in zip(bard.named_modules(), ar.named_modules()):
         for key, buf in mod_ar.named_buffers(recurse=False):
-            if key in mod_bard._buffers:
-                mod_bard._buffers[key] = buf
+            if f"{name}.{key}".lstrip(".") not in saved:
+                mod_bard.register_buffer(key, buf, persistent=False)
     if bard_cfg.tie_word_embeddings:
         bard.tie_weights()
     for model in (ar, bard):

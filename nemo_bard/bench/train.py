@@ -145,7 +145,7 @@ class Bench:
 
     # ----------------------------------------------------------------------------- steps
     def ar_step(self) -> tuple[Callable[[], torch.Tensor], dict]:
-        from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy
+        from nemo_bard.integrations.nemo import MaskedCrossEntropy  # NeMo's VLM SFT loss
 
         batch = {k: v.to(self.device) for k, v in ar_inputs(self.pre, self.processor.tokenizer.pad_token_id).items()}
         labels = batch.pop("labels")

@@ -21,6 +21,7 @@ import torch
 
 from nemo_bard.data.datasets import DataError
 from nemo_bard.data.media import MediaError, Video, VideoSampling, load_video, video_processor_kwargs
+from nemo_bard.integrations.hf import video_timestamps
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ class _VideoFitter:
         """Prompt tokens of ``video`` when its frames are ``height x width`` pixels before the processor."""
         vp, tp = self.vp, self.vp.temporal_patch_size
         vision = vp.get_num_of_video_patches(len(video), height, width, self.videos_kwargs) // vp.merge_size**2
-        stamps = self.processor._calculate_timestamps(list(video.metadata.frames_indices), video.metadata.fps, tp)
+        stamps = video_timestamps(self.processor, list(video.metadata.frames_indices), video.metadata.fps, tp)
         text = self.processor.tokenizer([f"<{t:.1f} seconds>" for t in stamps], add_special_tokens=False)["input_ids"]
         return vision + sum(len(t) + 2 for t in text)
 
@@ -271,30 +272,4 @@ def bard_collate_fn(
     for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
         if key in enc:
             batch[key] = enc[key]
-    return batch
-
-
-def ar_sft_collate_fn(examples: list[dict | None], processor: Any, **kwargs: Any) -> dict[str, Any]:
-    """NeMo AutoModel's default VLM SFT collate for *autoregressive* training on the same rows.
-
-    Used by the offline demo to train the "pretrained" AR model with NeMo's own ``FinetuneRecipeForVLM``.
-    It calls ``nemo_automodel``'s ``default_collate_fn`` unchanged and only makes its pre-shifted
-    ``labels`` contiguous (0.7.0 returns a strided view that ``MaskedCrossEntropy`` cannot ``view``
-    when the batch holds more than one sample). Rows dropped by the dataset (``None``) are skipped.
-    Videos reach it as decoded frames (NeMo's collate passes the processor no frame metadata).
-    """
-    from nemo_automodel.components.datasets.vlm.collate_fns import default_collate_fn
-
-    sampling = VideoSampling.from_processor(getattr(processor, "video_processor", None))
-    rows = []
-    for e in examples:
-        if e is not None:
-            conversation = decode_videos(e["conversation"], sampling)
-            for m in conversation:
-                for it in m["content"] if isinstance(m.get("content"), list) else []:
-                    if it.get("type") == "video":
-                        it["video"] = it["video"].frames
-            rows.append({**e, "conversation": conversation})
-    batch = default_collate_fn(rows, processor, **kwargs)
-    batch["labels"] = batch["labels"].contiguous()
     return batch

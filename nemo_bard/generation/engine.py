@@ -47,7 +47,13 @@ from nemo_bard.generation.layers import (
     stackable,
 )
 from nemo_bard.generation.points import EngineError, check_engine
-from nemo_bard.integrations.hf import TEXT_DECODER_INPUTS, add_deepstack, attn_implementation, text_decoder_inputs
+from nemo_bard.integrations.hf import (
+    TEXT_DECODER_INPUTS,
+    add_deepstack,
+    attn_implementation,
+    many_recompiles,
+    text_decoder_inputs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -332,7 +338,7 @@ class DecodeEngine:
         if not self.compile:
             return self._step_fn(pool, n, q, k)
         # one graph per (rows, capacity, query shape): allow more than dynamo's default of 8
-        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=1024):
+        with many_recompiles():
             return self._step_fn(pool, n, q, k)
 
     def run_step(self, pool: Pool, n: int, q: int, k: int) -> torch.Tensor | None:

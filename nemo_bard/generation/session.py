@@ -35,6 +35,7 @@ from typing import Any, Hashable
 import torch
 
 from nemo_bard.attention.masks import dense_mask, prompt_token_meta
+from nemo_bard.attention.positions import mrope_positions
 from nemo_bard.generation.engine import DecodeEngine, Pool, batch_bucket, device_sync
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import EngineError
@@ -51,8 +52,6 @@ def prompt_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """3-D mRoPE positions ``[3, b, L]`` of (padded) prompts and each row's first response position ``[b]``
     (the largest prompt position + 1, on all three axes). ``model``: any Qwen3-VL (AR or bard_vl)."""
-    from nemo_bard.models.modeling_bard_vl import mrope_positions
-
     pos, _ = mrope_positions(model, input_ids, attention_mask, mm_token_type_ids, image_grid_thw, video_grid_thw)
     start = pos.masked_fill(~attention_mask.bool()[None], -1).amax(dim=(0, 2)) + 1
     return pos, start

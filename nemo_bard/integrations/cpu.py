@@ -137,4 +137,22 @@ def cpu_patches() -> Iterator[bool]:
             _depth -= 1
 
 
-__all__ = ["cpu_only", "cpu_patches"]
+def run_nemo_app(config: str, extra: list[str]) -> int:
+    """Hand the YAML ``config`` (and NeMo-style ``extra`` arguments) to NeMo AutoModel's own ``automodel`` app in
+    this process, inside :func:`cpu_patches`; returns its exit code."""
+    import sys
+
+    import nemo_bard.models.modeling_bard_vl  # noqa: F401  registers bard_vl before NeMo reads a config.json
+    from nemo_automodel.cli import app
+
+    argv = sys.argv
+    sys.argv = ["automodel", str(config), *extra]
+    try:
+        with cpu_patches():
+            result = app.main()
+    finally:
+        sys.argv = argv
+    return int(result or 0)
+
+
+__all__ = ["cpu_only", "cpu_patches", "run_nemo_app"]

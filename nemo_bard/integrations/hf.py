@@ -6,6 +6,10 @@
   attention interface and matches SDPA with the equivalent dense mask (tests/test_model.py).
 * :func:`attn_implementation` reads the attention backend a (sub-)config was resolved to; eager
   attention adds the mask to the scores, so a boolean block mask must become additive there.
+* :func:`video_timestamps`: the seconds Qwen3-VL's processor writes before each merged video frame (its
+  private ``_calculate_timestamps``), so a collate can count a video's prompt tokens before processing it.
+* :func:`many_recompiles`: a scope in which ``torch.compile`` keeps more graphs per function than dynamo's
+  default of 8 (the engine compiles one per batch shape).
 * :func:`text_decoder_inputs` returns what ``Qwen3VLModel.forward`` passes to its text decoder (token embeddings
   with the vision tower's features scattered in, the visual positions, the deepstack features), so the decoding
   engine can run the text layers itself while transformers keeps doing the vision-language merge.
@@ -13,7 +17,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
 
 from nemo_bard.integrations import check_version
 
@@ -29,6 +36,18 @@ class FlexAttentionSupport:
 def attn_implementation(config: Any) -> str:
     """Attention backend a config was resolved to (``sdpa``, ``eager``, ``flex_attention``...; default ``sdpa``)."""
     return getattr(config, "_attn_implementation", None) or "sdpa"
+
+
+def video_timestamps(processor: Any, frame_indices: list[int], fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds written before each merged frame group of a video by a Qwen3-VL ``processor``."""
+    return processor._calculate_timestamps(frame_indices, fps, temporal_patch_size)
+
+
+@contextmanager
+def many_recompiles(per_function: int = 64, total: int = 1024) -> Iterator[None]:
+    """Let ``torch.compile`` keep up to ``per_function`` graphs of one function (dynamo's default is 8)."""
+    with torch._dynamo.config.patch(recompile_limit=per_function, accumulated_recompile_limit=total):
+        yield
 
 
 class _TextInputs(Exception):
@@ -76,4 +95,5 @@ def add_deepstack(text_model: Any, hidden: Any, visual_pos_masks: Any, features:
     return text_model._deepstack_process(hidden, visual_pos_masks, features)
 
 
-__all__ = ["FlexAttentionSupport", "add_deepstack", "attn_implementation", "text_decoder_inputs"]
+__all__ = ["FlexAttentionSupport", "add_deepstack", "attn_implementation", "many_recompiles", "text_decoder_inputs",
+           "video_timestamps"]

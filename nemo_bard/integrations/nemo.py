@@ -53,9 +53,12 @@ check_version("nemo_automodel")
 from nemo_automodel import register_architecture  # noqa: E402
 from nemo_automodel.components.config._arg_parser import parse_args_and_load_config  # noqa: E402
 from nemo_automodel.components.datasets.llm.length_grouped_sampler import LengthGroupedSampler  # noqa: E402
+from nemo_automodel.components.datasets.vlm.collate_fns import default_collate_fn  # noqa: E402
 from nemo_automodel.components.datasets.vlm.loader import VlmDataloaderBuild, VlmDataloaderConfig  # noqa: E402
 from nemo_automodel.components.distributed.utils import get_sync_ctx  # noqa: E402
 from nemo_automodel.components.loggers.metric_logger import MetricsSample  # noqa: E402
+from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy  # noqa: E402
+from nemo_automodel.components.training.utils import ScopedModuleOffloading  # noqa: E402
 from nemo_automodel.components.models.qwen3_vl.model import (  # noqa: E402
     Qwen3VLForConditionalGeneration as NeMoQwen3VLForConditionalGeneration,
 )
@@ -63,12 +66,13 @@ from nemo_automodel.recipes._typed_config import RecipeConfig  # noqa: E402
 from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM, build_model  # noqa: E402
 
 from nemo_bard.callbacks.base import CallbackList  # noqa: E402
-from nemo_bard.errors import DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
+from nemo_bard.errors import BardConfigError, DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
 from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
+from nemo_bard.data.collate import decode_videos  # noqa: E402
+from nemo_bard.data.media import VideoSampling  # noqa: E402
 from nemo_bard.integrations.guards import EmptyTraining, NonFiniteGuard, StopSignals, all_finite  # noqa: E402
+from nemo_bard.models.constants import ARCHITECTURE_ALIASES  # noqa: E402
 from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
-from nemo_bard.models.registration import ARCHITECTURE_ALIASES  # noqa: E402
-from nemo_bard.recipes.config import BardConfigError  # noqa: E402
 from nemo_bard.rundir import RunLock, disk_full_message  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -703,14 +707,41 @@ def run_main(recipe_cls: type, config_path: str | None = None) -> None:
         raise SystemExit(code)
 
 
+def ar_sft_collate_fn(examples: list[dict | None], processor: Any, **kwargs: Any) -> dict[str, Any]:
+    """NeMo AutoModel's default VLM SFT collate for *autoregressive* training on the same rows.
+
+    Used by the offline demo to train the "pretrained" AR model with NeMo's own ``FinetuneRecipeForVLM``.
+    It calls ``nemo_automodel``'s ``default_collate_fn`` unchanged and only makes its pre-shifted
+    ``labels`` contiguous (0.7.0 returns a strided view that ``MaskedCrossEntropy`` cannot ``view``
+    when the batch holds more than one sample). Rows dropped by the dataset (``None``) are skipped.
+    Videos reach it as decoded frames (NeMo's collate passes the processor no frame metadata).
+    """
+    sampling = VideoSampling.from_processor(getattr(processor, "video_processor", None))
+    rows = []
+    for e in examples:
+        if e is not None:
+            conversation = decode_videos(e["conversation"], sampling)
+            for m in conversation:
+                for it in m["content"] if isinstance(m.get("content"), list) else []:
+                    if it.get("type") == "video":
+                        it["video"] = it["video"].frames
+            rows.append({**e, "conversation": conversation})
+    batch = default_collate_fn(rows, processor, **kwargs)
+    batch["labels"] = batch["labels"].contiguous()
+    return batch
+
+
 __all__ = [
     "BardNeMoRecipe",
     "BardRecipeConfig",
     "BardVlmDataloaderConfig",
     "ColumnLengthGroupedSampler",
+    "MaskedCrossEntropy",
     "NeMoBardVLForConditionalGeneration",
     "Prebuilt",
+    "ScopedModuleOffloading",
     "apply_activation_checkpointing",
+    "ar_sft_collate_fn",
     "build_frozen_model",
     "check_peft_and_checkpointing",
     "checkpointed_modules",

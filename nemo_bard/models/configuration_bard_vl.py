@@ -8,13 +8,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig, Qwen3VLConfig
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig, Qwen3VLVisionConfig
 
-from nemo_bard.models.registration import (
-    BARD_ARCHITECTURE,
-    DEFAULT_BLOCK_SIZE,
-    DEFAULT_MASK_TOKEN_ID,
-    MODEL_TYPE,
-    ensure_model_classes,
-)
+from nemo_bard.models.constants import BARD_ARCHITECTURE, DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID, MODEL_TYPE
 
 
 @strict
@@ -41,7 +35,6 @@ class BardVLConfig(Qwen3VLConfig):
     block_size: int = DEFAULT_BLOCK_SIZE
 
     def __post_init__(self, **kwargs: Any) -> None:
-        ensure_model_classes()  # the first bard_vl config registers the model classes (Auto lookups follow it)
         if isinstance(self.text_config, PreTrainedConfig) and not isinstance(self.text_config, BardVLTextConfig):
             self.text_config = self.text_config.to_dict()  # a plain Qwen3-VL text config: rebuild it as ours
         super().__post_init__(**kwargs)

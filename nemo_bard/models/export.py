@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nemo_bard.models.registration import BARD_ARCHITECTURE
+from nemo_bard.models.constants import BARD_ARCHITECTURE
 from nemo_bard.rundir import atomic_directory, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)

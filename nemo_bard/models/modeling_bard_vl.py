@@ -35,6 +35,8 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from nemo_bard.attention.masks import additive_mask, prefill_mask
+from nemo_bard.attention.positions import mrope_positions
+from nemo_bard.generation.decode import block_diffusion_generate
 from nemo_bard.integrations.hf import FlexAttentionSupport, attn_implementation
 from nemo_bard.models.configuration_bard_vl import BardVLConfig, BardVLTextConfig
 
@@ -48,36 +50,6 @@ def text_attn_implementation(model: torch.nn.Module) -> str:
     """Attention backend of the text decoder (``sdpa``, ``eager``, ``flex_attention``...)."""
     cfg = model.config.text_config if hasattr(model.config, "text_config") else model.config
     return attn_implementation(cfg)
-
-
-def mrope_positions(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask_2d: torch.Tensor | None = None,
-    mm_token_type_ids: torch.Tensor | None = None,
-    image_grid_thw: torch.Tensor | None = None,
-    video_grid_thw: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """3-D mRoPE positions ``[3, B, L]`` and deltas ``[B, 1]`` of (padded) prompts for any Qwen3-VL ``model``.
-
-    With images/videos they come from the model's ``get_rope_index``; text-only prompts count their real
-    tokens (0..n-1 on all three axes, deltas 0, as ``get_rope_index`` would give).
-    """
-    if attention_mask_2d is None:
-        attention_mask_2d = torch.ones_like(input_ids)
-    if image_grid_thw is not None or video_grid_thw is not None:
-        if mm_token_type_ids is None:
-            raise ValueError(
-                "bard_vl: images/videos were given without mm_token_type_ids; pass the processor's "
-                "mm_token_type_ids so mRoPE positions can be computed"
-            )
-        return model.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
-            video_grid_thw=video_grid_thw, attention_mask=attention_mask_2d,
-        )
-    pos = (attention_mask_2d.bool().long().cumsum(-1) - 1).clamp_min(0)
-    deltas = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
-    return pos[None].expand(3, -1, -1).contiguous(), deltas
 
 
 class BardVLTextModel(FlexAttentionSupport, Qwen3VLTextModel):
@@ -192,8 +164,6 @@ class BardVLForConditionalGeneration(FlexAttentionSupport, Qwen3VLForConditional
     @torch.no_grad()
     def generate(self, *args: Any, **kwargs: Any):
         """Block-diffusion decoding; see :func:`nemo_bard.generation.decode.block_diffusion_generate`."""
-        from nemo_bard.generation.decode import block_diffusion_generate
-
         return block_diffusion_generate(self, *args, **kwargs)
 
 

@@ -19,7 +19,6 @@ Standard library only, so front ends run it before any heavy import.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -27,12 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from nemo_bard.errors import UserError
-from nemo_bard.rundir import COMPLETE_MARKER
+from nemo_bard.rundir import COMPLETE_MARKER, SAFETENSORS, SAFETENSORS_INDEX, file_sha256, weight_checksums
 
-SAFETENSORS = "model.safetensors"
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit
-_CHUNK = 8 * 2**20
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                 "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8}
 
@@ -112,27 +108,6 @@ def weight_files(model_dir: str | Path) -> list[Path]:
     if (d / SAFETENSORS).is_file():
         return [d / SAFETENSORS]
     return sorted(d.glob("*.safetensors"))
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks (~1 GB/s on this project's CPU, see the module docstring)."""
-    h = hashlib.sha256()
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def weight_checksums(model_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{file name: {"size", "sha256"}}`` of the weight files (safetensors and their index) of a directory being
-    written; recorded in its completion marker."""
-    d = Path(model_dir)
-    names = sorted(p.name for p in d.glob("*.safetensors"))
-    if (d / SAFETENSORS_INDEX).is_file():
-        names.append(SAFETENSORS_INDEX)
-    return {name: {"size": (d / name).stat().st_size, "sha256": file_sha256(d / name)} for name in names}
 
 
 def _recorded(d: Path) -> dict[str, dict[str, Any]]:

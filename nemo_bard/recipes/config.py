@@ -16,11 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from nemo_bard.callbacks.block_merge import parse_schedule
-from nemo_bard.errors import UserError
-
-
-class BardConfigError(UserError):
-    """A bad BARD config value; the message names the key and the fix."""
+from nemo_bard.errors import BardConfigError, UserError
 
 
 class _Section(BaseModel):
@@ -269,10 +265,10 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
                           teacher_block: int | None, hub: bool = True) -> tuple[int, int] | None:
     """SWD pre-flight on the two models' config.json (and tokenizer.json when local), no model loaded: both
     bard_vl, same vocabulary, tokenizer and mask id, teacher block size dividing the student's. Returns
-    (student B, teacher B). A Hugging Face Hub id is read with transformers' ``AutoConfig`` when ``hub``, else
+    (student B, teacher B). A Hugging Face Hub id is read with transformers' ``get_config_dict`` when ``hub``, else
     the check is left to a later call (returns None); local directories need neither torch nor transformers."""
     from nemo_bard.models.paths import ModelPathError, read_model_config
-    from nemo_bard.models.registration import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
+    from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
 
     cfgs = {}
     for role, path in (("student", student_path), ("teacher", teacher_path)):
@@ -285,10 +281,10 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
         if cfg is None:  # a Hugging Face Hub id
             if not hub:
                 return None
-            from transformers import AutoConfig
+            from transformers import PreTrainedConfig
 
             try:
-                cfg = AutoConfig.from_pretrained(path).to_dict()
+                cfg = PreTrainedConfig.get_config_dict(path)[0]  # the raw config.json: no model class needed
             except (OSError, ValueError) as exc:
                 raise BardConfigError(f"SWD {role} {path!r} is not a local directory and cannot be loaded from the "
                                       f"Hugging Face Hub: {exc}") from None

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nemo_bard.integrations.nemo import build_frozen_model, run_main
+from nemo_bard.integrations.nemo import ScopedModuleOffloading, build_frozen_model, run_main
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
 from nemo_bard.recipes.base import BardRecipeBase
 from nemo_bard.recipes.config import BardConfigError, KDSettings, check_teacher_student
@@ -80,8 +80,6 @@ class BardSWDRecipe(BardRecipeBase):
     def forward_loss(
         self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        from nemo_automodel.components.training.utils import ScopedModuleOffloading
-
         loss_mask = batch["loss_mask"].to(self.dist_env.device)
         offload = ScopedModuleOffloading(self.teacher_model, enabled=True) if self.offload_teacher else nullcontext()
         with offload, torch.no_grad():
