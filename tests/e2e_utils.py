@@ -196,7 +196,7 @@ def fixed_masked_ce(model_dir: Path, data_path: Path, block_size: int = 4, rows:
 
     from nemo_bard.data.collate import bard_collate_fn
     from nemo_bard.data.datasets import BardChatDataset
-    from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout
+    from nemo_bard.data.layout import BlockLayout
     from nemo_bard.data.noise import NoiseConfig
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -207,5 +207,5 @@ def fixed_masked_ce(model_dir: Path, data_path: Path, block_size: int = 4, rows:
     layout = BlockLayout(block_size, model.config.mask_token_id, im_end,
                          noise=NoiseConfig("uniform_sample", 0.5, 0.5))
     b = layout.build(batch, list(range(len(ds))), model.rope_positions)
-    logits = model(**{k: b[k] for k in MODEL_INPUT_KEYS if k in b}, logits_mask=b["loss_mask"]).logits
-    return torch.nn.functional.cross_entropy(logits, b["targets"][b["loss_mask"]]).item()
+    logits = model(**b.inputs, logits_mask=b.loss_mask).logits
+    return torch.nn.functional.cross_entropy(logits, b.targets[b.loss_mask]).item()

@@ -10,7 +10,6 @@ import torch
 
 from nemo_bard.data.collate import bard_collate_fn, split_last_turn
 from nemo_bard.data.datasets import BardChatDataset, DataError
-from nemo_bard.data.layout import MODEL_INPUT_KEYS
 from tests.conftest import random_image
 
 
@@ -212,10 +211,10 @@ def test_video_rows_through_collate_layout_and_model(data_dir, coded_clip, tiny_
                          pad_token_id=tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     built = layout.build(batch, [0, 1, 2, 3], tiny_bard_model.rope_positions)
     with torch.no_grad():
-        out = tiny_bard_model(**{k: built[k] for k in MODEL_INPUT_KEYS}, logits_mask=built["loss_mask"])
-    assert out.logits.shape[0] == int(built["loss_mask"].sum()) and torch.isfinite(out.logits).all()
+        out = tiny_bard_model(**built.inputs, logits_mask=built.loss_mask)
+    assert out.logits.shape[0] == int(built.loss_mask.sum()) and torch.isfinite(out.logits).all()
     # video frames get 3-D positions: the temporal axis differs from the spatial ones somewhere in the prefix
-    pos = built["position_ids"][:, 0]
+    pos = built.inputs["position_ids"][:, 0]
     assert not torch.equal(pos[0], pos[1])
 
 
@@ -286,14 +285,14 @@ def test_fake_media_is_isolated(data_dir, tiny_processor, tiny_bard_model):
                          pad_token_id=tiny_processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     plain = layout.build(batch, [0], tiny_bard_model.rope_positions)
     fake = layout.build(batch, [0], tiny_bard_model.rope_positions, [FakeMedia.for_model(cfg, 1)])
-    assert fake["input_ids"].shape[1] == plain["input_ids"].shape[1] + 1
-    assert fake["input_ids"][0, -1] == cfg.image_token_id and fake["image_grid_thw"].tolist() == [[1, 2, 2]]
-    assert not fake["attention_mask"][0, 0, :-1, -1].any()  # nothing attends the fake token
+    assert fake.inputs["input_ids"].shape[1] == plain.inputs["input_ids"].shape[1] + 1
+    assert fake.inputs["input_ids"][0, -1] == cfg.image_token_id and fake.inputs["image_grid_thw"].tolist() == [[1, 2, 2]]
+    assert not fake.inputs["attention_mask"][0, 0, :-1, -1].any()  # nothing attends the fake token
     calls = []
     hook = tiny_bard_model.model.visual.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        a = tiny_bard_model(**{k: plain[k] for k in MODEL_INPUT_KEYS if k in plain}, logits_mask=plain["loss_mask"]).logits
-        b = tiny_bard_model(**{k: fake[k] for k in MODEL_INPUT_KEYS if k in fake}, logits_mask=fake["loss_mask"]).logits
+        a = tiny_bard_model(**plain.inputs, logits_mask=plain.loss_mask).logits
+        b = tiny_bard_model(**fake.inputs, logits_mask=fake.loss_mask).logits
     hook.remove()
     assert calls == [1]  # only the fake-media forward ran the vision tower
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

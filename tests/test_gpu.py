@@ -42,12 +42,12 @@ def test_flex_pbm_step_matches_dense_step(tiny_bard_dir, tiny_processor, collate
         model = cuda_model(tiny_bard_dir, backend)
         recipe = stub_recipe(model, tiny_processor, local_batch_size=4, device="cuda", mask_backend=backend)
         built, _ = recipe.prepare_step([collated([0, 1, 2, 3])], step=0)
-        mask = built[0]["attention_mask"]
+        mask = built[0].inputs["attention_mask"]
         if backend == "flex":
             assert isinstance(mask, BlockMask) and mask.kv_num_blocks.device.type == "cuda"
         else:
             assert mask.device.type == "cuda"
-        assert built[0]["input_ids"].device.type == "cuda"
+        assert built[0].inputs["input_ids"].device.type == "cuda"
         results[backend] = pbm_grads(model, recipe, [collated([0, 1, 2, 3])])
     (loss_d, grads_d), (loss_f, grads_f) = results["dense"], results["flex"]
     assert torch.isfinite(loss_f) and relative_error(loss_f, loss_d) < 2e-2, (loss_f, loss_d)

@@ -261,34 +261,13 @@ class Recorder(BardCallback):
 
 
 def stub_recipe(model, processor, local_batch_size: int, callbacks=(), device="cpu", mask_backend="dense"):
-    """A PBM recipe with just the state NeMo's optimizer step reads (the upstream unit-test convention)."""
-    from nemo_automodel.components.config.loader import ConfigNode
-    from nemo_bard.callbacks.base import CallbackList
-    from nemo_bard.data.layout import BlockLayout
-    from nemo_bard.integrations.nemo import BardRecipeConfig
-    from nemo_bard.loss.denoise import MaskedDenoisingLoss
-    from nemo_bard.recipes.config import parse_bard_settings
+    """A PBM recipe around ``model`` with just the state NeMo's optimizer step reads (SGD, lr 0.5), B = 4."""
     from nemo_bard.recipes.pbm import BardPBMRecipe
 
-    recipe = BardPBMRecipe.__new__(BardPBMRecipe)
-    recipe.cfg = BardRecipeConfig(ConfigNode({"step_scheduler": {"local_batch_size": local_batch_size}}))
-    recipe.model_parts = [model]
-    recipe.optimizer = [torch.optim.SGD(model.parameters(), lr=0.5)]
-    recipe.lr_scheduler = None
-    recipe.device_mesh = recipe.moe_mesh = recipe.distributed_config = recipe.pp = None
-    recipe.pp_enabled = False
-    recipe.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
-    recipe.step_scheduler = SimpleNamespace(step=0, epoch=0, is_remote_logging_step=False)
-    recipe.dist_env = SimpleNamespace(device=torch.device(device), is_main=True, rank=0, world_size=1)
-    recipe.timestamp = time.perf_counter()
-    recipe.bard = parse_bard_settings({"max_length": 512, "mask_backend": mask_backend})
-    recipe.loss_fn = MaskedDenoisingLoss()
-    im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    recipe.layout = BlockLayout(4, model.config.mask_token_id, im_end, max_length=512, mask_backend=mask_backend,
-                                flex_compile=mask_backend == "flex")
-    recipe.noise_seed = 7
-    recipe.callbacks = CallbackList(callbacks)
-    return recipe
+    bard = {"max_length": 512, "mask_backend": mask_backend, "flex_compile": mask_backend == "flex", "block_size": 4,
+            "seed": 7}
+    return BardPBMRecipe.for_model(model, processor, bard, device=device, local_batch_size=local_batch_size,
+                                   optimizer=torch.optim.SGD(model.parameters(), lr=0.5), callbacks=tuple(callbacks))
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +286,6 @@ def fresh_model(path):
 
 
 def test_step_normalises_by_global_samples_and_calls_back_in_order(tiny_bard_dir, tiny_processor, collated):
-    from nemo_bard.data.layout import MODEL_INPUT_KEYS
 
     model = fresh_model(tiny_bard_dir)
     recorder = Recorder(block_size=8)
@@ -318,12 +296,12 @@ def test_step_normalises_by_global_samples_and_calls_back_in_order(tiny_bard_dir
     expected = 0.0
     with torch.no_grad():
         for b in built:
-            lm = b["loss_mask"]
-            logits = model(**{k: b[k] for k in MODEL_INPUT_KEYS if k in b}, logits_mask=lm).logits
-            ce = F.cross_entropy(logits, b["targets"][lm], reduction="none") * b["loss_weights"][lm]
+            lm = b.loss_mask
+            logits = model(**b.inputs, logits_mask=lm).logits
+            ce = F.cross_entropy(logits, b.targets[lm], reduction="none") * b.loss_weights[lm]
             owner = lm.nonzero()[:, 0]
             expected += sum(float(ce[owner == s].mean()) for s in owner.unique())
-    samples = sum(int(b["loss_mask"].any(-1).sum()) for b in built)  # samples with a masked token, all micro-batches
+    samples = sum(int(b.loss_mask.any(-1).sum()) for b in built)  # samples with a masked token, all micro-batches
     assert samples >= 2 and denominator == float(samples)
     recipe.set_block_size(4)  # the callback switches it back to 8 before the step builds its batches
     sample = recipe._run_train_optim_step(batches, max_grad_norm=1.0)
@@ -558,7 +536,6 @@ def test_merged_lora_state_is_the_adapted_model(tiny_bard_dir, tiny_processor, c
     from nemo_automodel.components._peft.lora import PeftConfig, apply_lora_to_linear_modules
     from transformers import AutoModelForImageTextToText
 
-    from nemo_bard.data.layout import MODEL_INPUT_KEYS
     from nemo_bard.integrations.nemo import (
         NeMoBardVLForConditionalGeneration,
         apply_activation_checkpointing,
@@ -584,7 +561,7 @@ def test_merged_lora_state_is_the_adapted_model(tiny_bard_dir, tiny_processor, c
     plain = AutoModelForImageTextToText.from_pretrained(tiny_bard_dir, dtype=torch.float32).eval()
     plain.load_state_dict(merged)
     b = stub_recipe(plain, tiny_processor, local_batch_size=2).prepare_step([collated([0, 1])], step=0)[0][0]
-    inputs = {k: b[k] for k in MODEL_INPUT_KEYS if k in b}
+    inputs = b.inputs
     with torch.no_grad():
         torch.testing.assert_close(plain(**inputs).logits, model(**inputs).logits, rtol=1e-4, atol=1e-4)
     assert merge_lora_state_dict(model, {}) == {}  # ranks that do not write

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -43,39 +44,45 @@ def test_single_sample_layout_by_hand():
     layout = BlockLayout(block_size=2, mask_token_id=MASK, pad_token_id=PAD, noise=ALL_MASKED)
     out = layout.build(processor_batch([[10, 11, 12]], [[20, 21, 22]]), seeds=[0], rope_fn=text_rope)
     # [prefix P=3 | clean R=4 (3 real + 1 pad) | noisy copy, all masked]
-    assert out["input_ids"][0].tolist() == [10, 11, 12, 20, 21, 22, PAD, MASK, MASK, MASK, MASK]
+    assert out.inputs["input_ids"][0].tolist() == [10, 11, 12, 20, 21, 22, PAD, MASK, MASK, MASK, MASK]
     # noisy copy reuses the clean copy's positions
-    assert out["position_ids"][0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
-    assert torch.equal(out["position_ids"][0], out["position_ids"][1])
-    assert torch.equal(out["attention_mask"][0, 0], HAND_BLOCK_CAUSAL)
-    assert out["loss_mask"][0].tolist() == [False] * 7 + [True] * 4
-    assert out["targets"][0, 7:].tolist() == [20, 21, 22, PAD]
+    assert out.inputs["position_ids"][0, 0].tolist() == [0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6]
+    assert torch.equal(out.inputs["position_ids"][0], out.inputs["position_ids"][1])
+    assert torch.equal(out.inputs["attention_mask"][0, 0], HAND_BLOCK_CAUSAL)
+    assert out.loss_mask[0].tolist() == [False] * 7 + [True] * 4
+    assert out.targets[0, 7:].tolist() == [20, 21, 22, PAD]
     # 1/t with t=1, response padding (after the real <|im_end|>) at half weight
-    assert out["loss_weights"][0, 7:].tolist() == [1.0, 1.0, 1.0, 0.5]
-    assert out["loss_weights"][0, :7].abs().sum() == 0
+    assert out.loss_weights[0, 7:].tolist() == [1.0, 1.0, 1.0, 0.5]
+    assert out.loss_weights[0, :7].abs().sum() == 0
 
 
 def test_batch_padding_positions_and_mask_rows():
     layout = BlockLayout(block_size=2, mask_token_id=MASK, pad_token_id=PAD, noise=ALL_MASKED)
     out = layout.build(processor_batch([[10, 11, 12], [40, 41]], [[20, 21, 22], [30]]), [0, 1], text_rope)
-    assert out["input_ids"].shape == (2, 11)
+    assert out.inputs["input_ids"].shape == (2, 11)
     # sample 1: P=2, R=2 -> 6 real tokens then batch padding
-    assert out["input_ids"][1, :6].tolist() == [40, 41, 30, PAD, MASK, MASK]
-    assert out["position_ids"][0, 1, :6].tolist() == [0, 1, 2, 3, 2, 3]
-    m = out["attention_mask"][1, 0]
+    assert out.inputs["input_ids"][1, :6].tolist() == [40, 41, 30, PAD, MASK, MASK]
+    assert out.inputs["position_ids"][0, 1, :6].tolist() == [0, 1, 2, 3, 2, 3]
+    m = out.inputs["attention_mask"][1, 0]
     assert not m[:6, 6:].any() and not m[6:, :6].any()
-    assert out["loss_mask"][1].tolist() == [False] * 4 + [True, True] + [False] * 5
-    assert out["loss_weights"][1, 4:6].tolist() == [1.0, 0.5]
+    assert out.loss_mask[1].tolist() == [False] * 4 + [True, True] + [False] * 5
+    assert out.loss_weights[1, 4:6].tolist() == [1.0, 0.5]
+
+
+def _tensors(batch) -> dict:
+    """Every tensor of a BlockBatch by name (its model inputs and its own fields)."""
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    return {k: v for k, v in {**batch.inputs, **fields}.items() if isinstance(v, torch.Tensor)}
 
 
 def test_truncation_at_block_boundary_and_drop_counted():
     layout = BlockLayout(block_size=2, mask_token_id=MASK, pad_token_id=PAD, max_length=9, noise=ALL_MASKED)
     batch = processor_batch([[10, 11, 12], list(range(50, 58))], [[20, 21, 22, 23, 24], [30]])
     out = layout.build(batch, [0, 1], text_rope)
-    assert out["num_dropped"] == 1 and out["num_samples"] == 1
+    assert out.num_dropped == 1 and out.num_samples == 1
     # room = (9 - 3) // 4 * 2 = 2 tokens: the response is cut after one block, never inside the prefix
-    assert out["resp_lens"].tolist() == [2]
-    assert out["input_ids"][0].tolist() == [10, 11, 12, 20, 21, MASK, MASK]
+    assert out.resp_lens.tolist() == [2]
+    assert out.inputs["input_ids"][0].tolist() == [10, 11, 12, 20, 21, MASK, MASK]
 
 
 def test_select_samples_drops_media_rows():
@@ -165,9 +172,9 @@ def test_loss_positions_match_model_side_mask():
     layout = BlockLayout(block_size=4, mask_token_id=MASK, pad_token_id=PAD, noise=NoiseConfig())
     batch = processor_batch([[1, 2, 3, 4, 5], [6, 7]], [list(range(20, 29)), [30, 31]])
     out = layout.build(batch, [5, 6], text_rope)
-    kind, block = training_token_meta(out["prefix_lens"], out["resp_lens"], 4, out["input_ids"].shape[1])
-    assert torch.equal(out["attention_mask"], dense_mask(kind, block))
-    assert not (out["loss_mask"] & (kind != 2)).any()
+    kind, block = training_token_meta(out.prefix_lens, out.resp_lens, 4, out.inputs["input_ids"].shape[1])
+    assert torch.equal(out.inputs["attention_mask"], dense_mask(kind, block))
+    assert not (out.loss_mask & (kind != 2)).any()
 
 
 @pytest.mark.parametrize("backend", ["dense", "flex"])
@@ -188,13 +195,13 @@ def test_built_batch_and_mask_land_on_the_requested_device(backend, monkeypatch)
     layout = BlockLayout(block_size=2, mask_token_id=MASK, pad_token_id=PAD, noise=ALL_MASKED, mask_backend=backend)
     batch = processor_batch([[10, 11, 12], [40, 41]], [[20, 21, 22], [30]])
     out = layout.build(batch, [0, 1], text_rope, device="meta")
-    tensors = {k: v for k, v in out.items() if isinstance(v, torch.Tensor)}
+    tensors = _tensors(out)
     assert {"input_ids", "position_ids", "loss_mask", "targets", "loss_weights", "mask_rates"} <= set(tensors)
     assert {k for k, v in tensors.items() if v.device.type != "meta"} == {"prefix_lens", "resp_lens"}
-    assert out["num_loss_tokens"] == 6 and out["num_loss_samples"] == 2  # host-side counts, no device sync
+    assert out.num_loss_tokens == 6 and out.num_loss_samples == 2  # host-side counts, no device sync
     if backend == "dense":
-        assert out["attention_mask"].device.type == "meta" and built_on == []
+        assert out.inputs["attention_mask"].device.type == "meta" and built_on == []
     else:
-        assert out["attention_mask"] == "block-mask" and built_on == [torch.device("meta")] * 2
+        assert out.inputs["attention_mask"] == "block-mask" and built_on == [torch.device("meta")] * 2
     cpu = layout.build(batch, [0, 1], text_rope)
-    assert all(v.device.type == "cpu" for v in cpu.values() if isinstance(v, torch.Tensor))
+    assert all(v.device.type == "cpu" for v in _tensors(cpu).values())

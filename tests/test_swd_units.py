@@ -76,12 +76,12 @@ def test_teacher_sees_student_tokens_and_positions_with_teacher_block_mask():
     recipe.dist_env = SimpleNamespace(device=torch.device("cpu"))
     got = recipe.teacher_inputs(batch)
     # built by hand: same tokens/positions; block ids recomputed with B_t = 4 over the same lengths
-    length = batch["input_ids"].shape[1]
+    length = batch.inputs["input_ids"].shape[1]
     kind, block = training_token_meta(torch.tensor([3, 5]), torch.tensor([16, 8]), 4, length)
-    assert torch.equal(got["input_ids"], batch["input_ids"])
-    assert torch.equal(got["position_ids"], batch["position_ids"])
+    assert torch.equal(got["input_ids"], batch.inputs["input_ids"])
+    assert torch.equal(got["position_ids"], batch.inputs["position_ids"])
     assert torch.equal(got["attention_mask"], dense_mask(kind, block))
-    assert not torch.equal(got["attention_mask"], batch["attention_mask"])  # the student's B=8 mask differs
+    assert not torch.equal(got["attention_mask"], batch.inputs["attention_mask"])  # the student's B=8 mask differs
     recipe.dist_env = SimpleNamespace(device=torch.device("meta"))  # built on the training device
     on_device = recipe.teacher_inputs(layout.build(processor_batch([[1, 2, 3]], [[20, 21]]), [1], text_rope,
                                                    device="meta"))

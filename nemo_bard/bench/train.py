@@ -16,7 +16,8 @@ weights, so every variant sees the same model and the first-step losses are comp
   mask (it builds the causal mask and mRoPE positions itself), full ``[B, L, V]`` logits and NeMo's
   ``MaskedCrossEntropy`` on the shifted response labels;
 * ``bard_dense``: the BARD layout ``[prompt | clean | noisy]``, the dense ``[B,1,L,L]`` block mask built on
-  the device, logits only at masked positions, the 1/t-weighted loss (the PBM recipe's forward + loss);
+  the device, logits only at masked positions, the 1/t-weighted loss: the PBM recipe's own ``prepare_step`` and
+  ``forward_loss`` (``BardPBMRecipe.for_model``);
 * ``bard_flex``: the same with the text attention in FlexAttention mode and a ``BlockMask`` built on the
   device with a compiled ``create_block_mask`` (GPU only: FlexAttention has no CPU backward);
 * ``*_ac``: the same with NeMo AutoModel's activation checkpointing (what ``distributed.activation_checkpointing:
@@ -131,8 +132,6 @@ class Bench:
 
         self.args = args
         self.device, self.dtype = resolve_device_dtype(args.device, "auto")  # bf16 on CUDA, fp32 on CPU
-        if self.device.type == "cpu":
-            torch.set_flush_denormal(True)  # as in training on CPU (nemo_bard.integrations.cpu)
         t0 = time.perf_counter()
         self.ar, self.bard, self.processor = build_preset(args.preset, self.device, self.dtype, args.block_size)
         self.build_s = time.perf_counter() - t0
@@ -160,31 +159,25 @@ class Bench:
         return step, {"seq_len": int(batch["input_ids"].shape[1]), "positions": positions}
 
     def bard_step(self, backend: str) -> tuple[Callable[[], torch.Tensor], dict]:
-        from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout
-        from nemo_bard.loss.denoise import MaskedDenoisingLoss
+        """The PBM recipe's own step pieces (``prepare_step``: layout, noise, mask; ``forward_loss``)."""
         from nemo_bard.models.modeling_bard_vl import text_attn_implementation
+        from nemo_bard.recipes.pbm import BardPBMRecipe
 
         self.bard.set_attn_implementation(FLEX_ATTENTION if backend == "flex" else "sdpa")
         want = "flex_attention" if backend == "flex" else "sdpa"
         if text_attn_implementation(self.bard) != want:
             raise RuntimeError(f"text attention is {text_attn_implementation(self.bard)}, expected {want}")
-        im_end = self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        layout = BlockLayout(self.args.block_size, self.bard.config.mask_token_id, im_end,
-                             max_length=self.args.max_length, mask_backend=backend,
-                             flex_compile=self.device.type == "cuda")
-        built = layout.build(self.pre, list(range(self.args.batch_size)), self.bard.rope_positions, device=self.device)
-        inputs = {k: built[k] for k in MODEL_INPUT_KEYS if k in built}
-        lm = built["loss_mask"]
-        targets, weights, owner = built["targets"][lm], built["loss_weights"][lm], lm.nonzero()[:, 0]
-        loss_fn = MaskedDenoisingLoss()
+        bard = {"block_size": self.args.block_size, "max_length": self.args.max_length, "mask_backend": backend,
+                "flex_compile": self.device.type == "cuda"}
+        recipe = BardPBMRecipe.for_model(self.bard, self.processor, bard, device=self.device)
+        (built,), denominator = recipe.prepare_step([self.pre], step=0)
 
         def step() -> torch.Tensor:
-            logits = self.bard(**inputs, logits_mask=lm).logits
-            return loss_fn(logits, targets, weights, owner, lm.shape[0], float(built["num_loss_samples"])).loss
+            return recipe.forward_loss(self.bard, built, denominator, is_train=True)[0]
 
-        positions = int((built["prefix_lens"] + 2 * built["resp_lens"]).sum())
-        return step, {"seq_len": int(built["input_ids"].shape[1]), "positions": positions,
-                      "loss_positions": built["num_loss_tokens"], "dropped": built["num_dropped"]}
+        positions = int((built.prefix_lens + 2 * built.resp_lens).sum())
+        return step, {"seq_len": built.seq_len, "positions": positions, "loss_positions": built.num_loss_tokens,
+                      "dropped": built.num_dropped}
 
     def apply_activation_checkpointing(self) -> None:
         from nemo_bard.integrations.nemo import apply_activation_checkpointing, checkpointed_modules
@@ -270,20 +263,10 @@ def _derive(report: dict, peak: float | None) -> None:
             r["time_vs_dense"] = r["step_s"] / dense["step_s"]
             if r.get("peak_gb") and dense.get("peak_gb"):
                 r["memory_vs_dense"] = r["peak_gb"] / dense["peak_gb"]
-    targets = {}
-    for ac in ("", "_ac"):
-        flex = rows.get("bard_flex" + ac, {})
-        if "time_vs_dense" in flex:
-            targets[f"bard_flex{ac} <= 0.85x bard_dense{ac}"] = flex["time_vs_dense"] <= 0.85
-        if "time_vs_ar" in flex:
-            targets[f"bard_flex{ac} <= 1.2x ar{ac}"] = flex["time_vs_ar"] <= 1.2
-        if flex.get("mfu") is not None:
-            targets[f"bard_flex{ac} MFU >= 35%"] = flex["mfu"] >= 0.35
-    report["targets"] = targets
 
 
 def markdown(report: dict) -> str:
-    """The report as a markdown table (plus the target checks)."""
+    """The report as a markdown table."""
     def f(v, fmt):
         return "–" if v is None else format(v, fmt)
 
@@ -306,8 +289,6 @@ def markdown(report: dict) -> str:
             f"{f(r.get('memory_vs_ar'), '.2f')} | {r['loss']:.4f} |")
     for note in report["notes"].values():
         lines.append(f"\n{note}")
-    if report["targets"]:
-        lines.append("\n" + "\n".join(f"- {k}: {'yes' if ok else 'NO'}" for k, ok in report["targets"].items()))
     return "\n".join(lines) + "\n"
 
 

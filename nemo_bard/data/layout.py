@@ -13,6 +13,7 @@ tokens, which live in the prefix, are never cut.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,11 +28,39 @@ MEDIA = (("pixel_values", "image_grid_thw", "n_images_per_sample"),
          ("pixel_values_videos", "video_grid_thw", "n_videos_per_sample"))
 
 RopeFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
-# Keys of a built batch that are model-forward inputs (the rest is loss / bookkeeping).
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids", "mm_token_type_ids", "pixel_values",
-                    "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-# Keys of a built batch that stay on the CPU: lengths read on the host (the SWD teacher's mask is built from them).
-HOST_KEYS = ("prefix_lens", "resp_lens")
+
+
+@dataclass
+class BlockBatch:
+    """One BARD training micro-batch laid out at ``block_size`` (:meth:`BlockLayout.build`).
+
+    ``inputs`` holds the model's forward keyword arguments as one mapping (like transformers' ``BatchFeature``):
+    ``input_ids``, ``attention_mask`` (dense ``[N,1,L,L]`` or a FlexAttention ``BlockMask``), ``position_ids``
+    (``[3,N,L]``), ``mm_token_type_ids`` and the processor's media tensors. The loss tensors are ``[N, L]``:
+    ``targets`` (clean token at each loss position, -100 elsewhere), ``loss_mask`` (the masked noisy positions),
+    ``loss_weights`` (1/t, times the padding factor on response padding) and ``mask_rates`` (t). The lengths and
+    counts stay on the host, so the step's denominators and the SWD teacher's mask need no device sync.
+    ``num_samples`` counts real samples: 0 for the placeholder a rank runs when all its samples were dropped.
+    """
+
+    inputs: dict[str, Any]
+    targets: torch.Tensor
+    loss_mask: torch.Tensor
+    loss_weights: torch.Tensor
+    mask_rates: torch.Tensor
+    prefix_lens: torch.Tensor
+    resp_lens: torch.Tensor
+    block_size: int
+    num_samples: int
+    num_loss_tokens: int
+    num_loss_samples: int
+    num_dropped: int = 0
+    num_skipped: int = 0
+
+    @property
+    def seq_len(self) -> int:
+        """Columns of the layout (``max(P + 2R)`` plus any fake media tokens)."""
+        return int(self.inputs["input_ids"].shape[1])
 
 
 @dataclass(frozen=True)
@@ -134,18 +163,17 @@ class BlockLayout:
     def build(
         self, batch: dict[str, Any], seeds: list[int], rope_fn: RopeFn, fake_media: list[FakeMedia] = (),
         device: torch.device | str | None = None,
-    ) -> dict[str, Any]:
-        """Lay out, mask and noise a processor batch. ``seeds``: one noise seed per sample.
+    ) -> BlockBatch:
+        """Lay out, mask and noise a processor batch (the collate's mapping). ``seeds``: one noise seed per sample.
 
         The layout is computed on the CPU; every tensor the model and the loss read is then placed on
-        ``device`` (default: the CPU) and the attention mask (dense or a Flex ``BlockMask``) is built there.
-        Host-side bookkeeping stays on the CPU: the lengths (:data:`HOST_KEYS`) and ``num_loss_tokens`` /
-        ``num_loss_samples`` (counts of loss positions and of samples with one), so the step's denominators
-        and the SWD teacher's mask need no device sync.
+        ``device`` (default: the CPU) and the attention mask (dense or a Flex ``BlockMask``) is built there;
+        lengths and counts stay on the host (see :class:`BlockBatch`).
 
         ``fake_media`` appends one isolated placeholder token per item after the batch (kind PAD: nothing
         attends it, it attends only itself), with its pixels, so this micro-batch runs the vision tower
         like the other data-parallel ranks' (FSDP needs every rank to run the same sharded modules).
+        When every sample was dropped, the result is :meth:`placeholder`.
         """
         b = self.block_size
         resp_pad, keep = self.response_lengths(batch)
@@ -158,7 +186,7 @@ class BlockLayout:
         p, r, real = batch["prefix_lens"], resp_pad, batch["response_lens"].clamp(max=resp_pad)
         n = p.shape[0]
         if n == 0:
-            return {"num_samples": 0, "num_dropped": num_dropped, "num_skipped": batch.get("num_skipped", 0)}
+            return self.placeholder(rope_fn, fake_media, device, num_dropped, batch.get("num_skipped", 0))
         width = int(r.max())
         cols = torch.arange(width)[None]
         resp = batch["response_ids"][:, :width] if batch["response_ids"].shape[1] >= width else torch.nn.functional.pad(
@@ -200,35 +228,41 @@ class BlockLayout:
         weights = torch.where(is_pad, weights * self.pad_weight, weights)
         targets = torch.where(loss_mask, take(clean, off_n), torch.full_like(input_ids, -100))
 
-        out = {
-            "input_ids": input_ids,
-            "position_ids": pos,
-            "mm_token_type_ids": mm,
-            "loss_mask": loss_mask,
-            "targets": targets,
-            "loss_weights": weights,
-            "mask_rates": torch.where(loss_mask, tok_t, torch.zeros_like(tok_t)),
-            "prefix_lens": p,
-            "resp_lens": r,
-            "num_samples": n,
-            "num_dropped": num_dropped,
-            "num_skipped": batch.get("num_skipped", 0),
-            "num_loss_tokens": int(loss_mask.sum()),
-            "num_loss_samples": int(loss_mask.any(-1).sum()),
-            "block_size": b,
-        }
+        inputs: dict[str, Any] = {"input_ids": input_ids, "position_ids": pos, "mm_token_type_ids": mm}
         for pix_key, grid_key, _ in MEDIA:
             if pix_key in batch:
-                out[pix_key], out[grid_key] = batch[pix_key], batch[grid_key]
+                inputs[pix_key], inputs[grid_key] = batch[pix_key], batch[grid_key]
         for j, fake in enumerate(fake_media):
             col = length - len(fake_media) + j
             input_ids[0, col], mm[0, col] = fake.token_id, fake.modality
             pix_key, grid_key, _ = MEDIA[fake.modality - 1]
-            if pix_key in out:
+            if pix_key in inputs:
                 raise ValueError(f"fake {pix_key} requested for a micro-batch that already has {pix_key}")
-            out[pix_key], out[grid_key] = fake.pixels, fake.grid_thw
-        if device is not None:
-            out = {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k not in HOST_KEYS else v)
-                   for k, v in out.items()}
-        out["attention_mask"] = self.mask(p, r, length, b, device)
-        return out
+            inputs[pix_key], inputs[grid_key] = fake.pixels, fake.grid_thw
+        mask_rates = torch.where(loss_mask, tok_t, torch.zeros_like(tok_t))
+        num_loss_tokens, num_loss_samples = int(loss_mask.sum()), int(loss_mask.any(-1).sum())  # on the host
+        move = (lambda t: t) if device is None else (lambda t: t.to(device, non_blocking=True))  # noqa: E731
+        inputs = {k: move(v) for k, v in inputs.items()}
+        inputs["attention_mask"] = self.mask(p, r, length, b, device)
+        return BlockBatch(
+            inputs=inputs, targets=move(targets), loss_mask=move(loss_mask), loss_weights=move(weights),
+            mask_rates=move(mask_rates), prefix_lens=p, resp_lens=r, block_size=b, num_samples=n,
+            num_loss_tokens=num_loss_tokens, num_loss_samples=num_loss_samples, num_dropped=num_dropped,
+            num_skipped=batch.get("num_skipped", 0),
+        )
+
+    def placeholder(self, rope_fn: RopeFn, fake_media: list[FakeMedia] = (), device: torch.device | str | None = None,
+                    num_dropped: int = 0, num_skipped: int = 0) -> BlockBatch:
+        """A micro-batch with no sample: one block of padding and no loss position, which a rank whose samples were
+        all dropped still runs, so that it takes part in the forward and backward the other data-parallel ranks
+        run (FSDP collectives). ``num_samples`` is 0; the drop counts are carried."""
+        pad = self.pad_token_id
+        one = {"prefix_ids": torch.tensor([[pad]]), "prefix_lens": torch.tensor([1]),
+               "mm_token_type_ids": torch.zeros(1, 1, dtype=torch.long), "response_ids": torch.tensor([[pad]]),
+               "response_lens": torch.tensor([1]), "n_images_per_sample": torch.tensor([0]),
+               "n_videos_per_sample": torch.tensor([0]), "rows": torch.tensor([-1])}
+        built = dataclasses.replace(self, max_length=None).build(one, [0], rope_fn, fake_media, device)
+        return dataclasses.replace(
+            built, targets=torch.full_like(built.targets, -100), loss_mask=torch.zeros_like(built.loss_mask),
+            loss_weights=torch.zeros_like(built.loss_weights), mask_rates=torch.zeros_like(built.mask_rates),
+            num_samples=0, num_loss_tokens=0, num_loss_samples=0, num_dropped=num_dropped, num_skipped=num_skipped)

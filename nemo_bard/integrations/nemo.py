@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import signal
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -52,6 +53,7 @@ check_version("nemo_automodel")
 
 from nemo_automodel import register_architecture  # noqa: E402
 from nemo_automodel.components.config._arg_parser import parse_args_and_load_config  # noqa: E402
+from nemo_automodel.components.config.loader import ConfigNode  # noqa: E402
 from nemo_automodel.components.datasets.llm.length_grouped_sampler import LengthGroupedSampler  # noqa: E402
 from nemo_automodel.components.datasets.vlm.collate_fns import default_collate_fn  # noqa: E402
 from nemo_automodel.components.datasets.vlm.loader import VlmDataloaderBuild, VlmDataloaderConfig  # noqa: E402
@@ -69,6 +71,7 @@ from nemo_bard.callbacks.base import CallbackList  # noqa: E402
 from nemo_bard.errors import BardConfigError, DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
 from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
 from nemo_bard.data.collate import decode_videos  # noqa: E402
+from nemo_bard.data.layout import BlockBatch  # noqa: E402
 from nemo_bard.data.media import VideoSampling  # noqa: E402
 from nemo_bard.integrations.guards import EmptyTraining, NonFiniteGuard, StopSignals, all_finite  # noqa: E402
 from nemo_bard.models.constants import ARCHITECTURE_ALIASES  # noqa: E402
@@ -229,6 +232,24 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         raw = cfg._raw if isinstance(cfg, RecipeConfig) else cfg
         super().__init__(BardRecipeConfig(raw))
 
+    @classmethod
+    def standalone(cls, model: torch.nn.Module, device: torch.device | str = "cpu", local_batch_size: int = 1,
+                   optimizer: torch.optim.Optimizer | None = None) -> "BardNeMoRecipe":
+        """This recipe around an already built ``model`` on one process, without NeMo's setup: just the state NeMo's
+        optimizer step reads (NeMo's own unit tests build recipes this way). For benchmarks and tests."""
+        recipe = cls.__new__(cls)
+        recipe.cfg = BardRecipeConfig(ConfigNode({"step_scheduler": {"local_batch_size": local_batch_size}}))
+        recipe.model_parts = [model]
+        recipe.optimizer = [optimizer or torch.optim.SGD(model.parameters(), lr=0.0)]
+        recipe.lr_scheduler = None
+        recipe.device_mesh = recipe.moe_mesh = recipe.distributed_config = recipe.pp = None
+        recipe.pp_enabled = False
+        recipe.checkpointer = SimpleNamespace(maybe_wait_for_staging=lambda: None)
+        recipe.step_scheduler = SimpleNamespace(step=0, epoch=0, is_remote_logging_step=False)
+        recipe.dist_env = SimpleNamespace(device=torch.device(device), is_main=True, rank=0, world_size=1)
+        recipe.timestamp = time.perf_counter()
+        return recipe
+
     # ------------------------------------------------------------- hooks for subclasses
     def preflight(self) -> None:
         """Checks that must fail before NeMo's setup loads anything (config, data, files)."""
@@ -236,18 +257,18 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
     def finish_setup(self) -> None:
         """Setup after NeMo's (model, optimizer, dataloader and checkpoint restore are in place)."""
 
-    def prepare_step(self, batches: list[dict[str, Any]], step: int) -> tuple[list[dict[str, Any]], float]:
-        """Turn the step's collated micro-batches into model batches; returns them and the loss denominator."""
+    def prepare_step(self, batches: list[dict[str, Any]], step: int) -> tuple[list[BlockBatch], float]:
+        """Lay out the step's collated micro-batches; returns them and the loss denominator."""
         raise NotImplementedError
 
     def forward_loss(
-        self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
+        self, model: torch.nn.Module, batch: BlockBatch, denominator: float, is_train: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Forward one micro-batch; returns (loss to backpropagate, detached summable statistics)."""
         raise NotImplementedError
 
     def step_metrics(
-        self, built: list[dict[str, Any]], batches: list[dict[str, Any]], sums: dict[str, float]
+        self, built: list[BlockBatch], batches: list[dict[str, Any]], sums: dict[str, float]
     ) -> dict[str, float]:
         """Metrics logged with NeMo's (``sums``: the statistics summed over micro-batches and ranks)."""
         return {}
@@ -368,16 +389,18 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         step = self.step_scheduler.step
         self.callbacks.on_step_start(self, step)
         built, self._bard_denominator = self.prepare_step(batches, step)
+        self._bard_built = built
         self._bard_stats: list[dict[str, torch.Tensor]] = []
         guard = self._nonfinite_guard()
         guard.begin_step(empty=self._bard_denominator == 0)
-        # NeMo counts label tokens for its own bookkeeping (tps, num_label_tokens): the loss targets.
-        sample = super()._run_train_optim_step([{**b, "labels": b["targets"]} for b in built], max_grad_norm)
+        # NeMo's step reads only each micro-batch's labels (its tps and num_label_tokens): the loss targets. The
+        # forward (_forward_backward_step) takes the laid-out BlockBatch of the same index.
+        sample = super()._run_train_optim_step([{"labels": b.targets} for b in built], max_grad_norm)
         sample.metrics.update(self.step_metrics(built, batches, self._reduce_stats(self._bard_stats)))
         lost = [0, 0]
         if self._bard_denominator == 0:  # an empty step (on every rank): count its lost rows on all ranks
             local = torch.tensor([sum(int(b.get("num_skipped", 0)) for b in batches),
-                                  sum(int(b.get("num_dropped", 0)) for b in built)], dtype=torch.long)
+                                  sum(b.num_dropped for b in built)], dtype=torch.long)
             lost = [int(x) for x in self.dp_allreduce(local)]
         try:
             sample.metrics.update(guard.end_step(step, sample.metrics.get("block_size", "-"),
@@ -508,7 +531,7 @@ class BardNeMoRecipe(FinetuneRecipeForVLM):
         sync = get_sync_ctx(model, idx == num_batches - 1,
                             defer_fsdp_grad_sync=getattr(self.distributed_config, "defer_fsdp_grad_sync", True))
         with sync if is_train else nullcontext():
-            loss, stats = self.forward_loss(model, batch, self._bard_denominator, is_train)
+            loss, stats = self.forward_loss(model, self._bard_built[idx], self._bard_denominator, is_train)
             loss_buffer.append(loss.detach().clone())
             if is_train:
                 self._bard_guard.add_loss(loss)

@@ -15,7 +15,6 @@ batches and the forward + loss; how those plug into NeMo's loop is
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import torch
 
 from nemo_bard.callbacks.base import BardCallback, CallbackList
 from nemo_bard.callbacks.block_merge import BlockMergeCallback
-from nemo_bard.data.layout import MODEL_INPUT_KEYS, BlockLayout, FakeMedia
+from nemo_bard.data.layout import BlockBatch, BlockLayout, FakeMedia
 from nemo_bard.data.noise import NoiseConfig
 from nemo_bard.errors import DiskFullError
 from nemo_bard.integrations.nemo import (
@@ -40,6 +39,7 @@ from nemo_bard.recipes.config import (
     BardSections,
     check_paths,
     check_training_setup,
+    parse_bard_settings,
     parse_sections,
     to_plain,
 )
@@ -127,6 +127,11 @@ class BardRecipeBase(BardNeMoRecipe):
                 f"model.pretrained_model_name_or_path is a {getattr(model.config, 'model_type', '?')!r} checkpoint; "
                 "BARD training needs a bard_vl model. Convert it first: python -m nemo_bard.convert --src DIR --dst OUT"
             )
+        self._build_layout(model)
+        self._log_memory_savers(model)
+        self.setup_stage()
+
+    def _build_layout(self, model: torch.nn.Module) -> None:
         tok = self.processor.tokenizer
         pad_id = tok.convert_tokens_to_ids(self.bard.response_pad_token)
         if pad_id is None or pad_id == tok.unk_token_id:
@@ -141,8 +146,22 @@ class BardRecipeBase(BardNeMoRecipe):
             min_loss_t=self.bard.loss.min_t, flex_compile=self.bard.flex_compile,
         )
         self.noise_seed = int(self.bard.seed if self.bard.seed is not None else self.cfg.get("seed", 42))
-        self._log_memory_savers(model)
-        self.setup_stage()
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, processor: Any, bard: dict[str, Any] | None = None, *,
+                  device: torch.device | str = "cpu", local_batch_size: int = 1,
+                  optimizer: torch.optim.Optimizer | None = None,
+                  callbacks: tuple[BardCallback, ...] = ()) -> "BardRecipeBase":
+        """This stage's recipe around an already built bard_vl ``model`` on one process, without NeMo's setup: the
+        layout and loss from the ``bard:`` section ``bard`` (checked by the schema), and the state NeMo's optimizer
+        step reads, so :meth:`prepare_step`, :meth:`forward_loss` and the whole optimizer step run as in training.
+        For benchmarks and tests (an SWD recipe also needs its ``teacher_model`` set)."""
+        recipe = cls.standalone(model, device, local_batch_size, optimizer)
+        recipe.bard, recipe.block_merge, recipe.processor = parse_bard_settings(bard or {}), None, processor
+        recipe._build_layout(model)
+        recipe.loss_fn = recipe.build_loss()
+        recipe.callbacks = CallbackList(list(callbacks))
+        return recipe
 
     def _log_memory_savers(self, model: torch.nn.Module) -> None:
         """Say what NeMo applied for ``distributed.activation_checkpointing`` and ``peft`` (and fail if asked-for
@@ -226,41 +245,15 @@ class BardRecipeBase(BardNeMoRecipe):
             sched.step(steps_into_stage)
 
     # ---------------------------------------------------------------------- batches
-    def build_block_batch(self, batch: dict[str, Any], step: int, microbatch: int, grad_acc: int) -> dict[str, Any]:
-        """Lay out one processor micro-batch at the current block size with deterministic noise."""
+    def build_block_batch(self, batch: dict[str, Any], step: int, microbatch: int, grad_acc: int) -> BlockBatch:
+        """Lay out one processor micro-batch at the current block size with deterministic noise (a placeholder with
+        no loss position when all its samples were dropped, so this rank still runs the step's collectives)."""
         n = int(batch["prefix_lens"].shape[0])
         lbs = int(self.cfg.get("step_scheduler.local_batch_size", 1))
         dp_rank, dp_size = self.dp_rank(), self.dp_size()
         seeds = [noise_seed(self.noise_seed, step, dp_rank, dp_size, lbs, grad_acc, microbatch, i) for i in range(n)]
-        fake_media = self.fake_media_for(batch)
-        built = self.layout.build(batch, seeds, self.model_parts[0].rope_positions, fake_media,
-                                  device=self.dist_env.device)
-        if built["num_samples"] == 0:
-            built = self.placeholder_batch(built, fake_media)
-        return built
-
-    def placeholder_batch(self, dropped: dict[str, Any], fake_media: list[FakeMedia]) -> dict[str, Any]:
-        """A micro-batch whose samples were all dropped (counted): one block of padding with no loss position, so
-        this rank still runs the forward and backward the other data-parallel ranks run (FSDP collectives)."""
-        pad = self.layout.pad_token_id
-        stub = {"prefix_ids": torch.tensor([[pad]]), "prefix_lens": torch.tensor([1]),
-                "mm_token_type_ids": torch.zeros(1, 1, dtype=torch.long), "response_ids": torch.tensor([[pad]]),
-                "response_lens": torch.tensor([1]), "n_images_per_sample": torch.tensor([0]),
-                "n_videos_per_sample": torch.tensor([0]), "rows": torch.tensor([-1])}
-        layout = dataclasses.replace(self.layout, max_length=None)
-        built = layout.build(stub, [0], self.model_parts[0].rope_positions, fake_media, device=self.dist_env.device)
-        built["loss_mask"] = torch.zeros_like(built["loss_mask"])
-        built["targets"] = torch.full_like(built["targets"], -100)
-        built["loss_weights"] = torch.zeros_like(built["loss_weights"])
-        built["mask_rates"] = torch.zeros_like(built["mask_rates"])
-        built.update(num_samples=0, num_loss_tokens=0, num_loss_samples=0, num_dropped=dropped["num_dropped"],
-                     num_skipped=dropped["num_skipped"])
-        return built
-
-    def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
-        device = self.dist_env.device
-        return {k: (batch[k].to(device, non_blocking=True) if isinstance(batch[k], torch.Tensor) else batch[k])
-                for k in MODEL_INPUT_KEYS if k in batch}
+        return self.layout.build(batch, seeds, self.model_parts[0].rope_positions, self.fake_media_for(batch),
+                                 device=self.dist_env.device)
 
     def fake_media_for(self, batch: dict[str, Any]) -> list[FakeMedia]:
         """Fake image/video items so this micro-batch runs the vision tower whenever another DP rank's does.
@@ -274,14 +267,14 @@ class BardRecipeBase(BardNeMoRecipe):
         config = self.model_parts[0].config
         return [FakeMedia.for_model(config, m + 1) for m in range(2) if glob[m] and not local[m]]
 
-    def denominators(self, built: list[dict[str, Any]]) -> dict[str, float]:
+    def denominators(self, built: list[BlockBatch]) -> dict[str, float]:
         """Global sample / token counts of the optimizer step (all DP ranks, all micro-batches)."""
-        local = torch.tensor([sum(b["num_loss_samples"] for b in built), sum(b["num_loss_tokens"] for b in built)],
+        local = torch.tensor([sum(b.num_loss_samples for b in built), sum(b.num_loss_tokens for b in built)],
                              dtype=torch.long)
         total = self.dp_allreduce(local)
         return {"samples": float(total[0]), "tokens": float(total[1])}
 
-    def prepare_step(self, batches: list[dict[str, Any]], step: int) -> tuple[list[dict[str, Any]], float]:
+    def prepare_step(self, batches: list[dict[str, Any]], step: int) -> tuple[list[BlockBatch], float]:
         built = [self.build_block_batch(b, step, i, len(batches)) for i, b in enumerate(batches)]
         self.step_counts = self.denominators(built)
         key = "samples" if self.bard.loss.reduction == "sample_mean" else "tokens"
@@ -291,11 +284,11 @@ class BardRecipeBase(BardNeMoRecipe):
     # forward_loss: implemented by the stage recipes (the hook is declared on BardNeMoRecipe)
 
     def step_metrics(
-        self, built: list[dict[str, Any]], batches: list[dict[str, Any]], sums: dict[str, float]
+        self, built: list[BlockBatch], batches: list[dict[str, Any]], sums: dict[str, float]
     ) -> dict[str, float]:
         metrics = {"block_size": self.block_size, "num_samples": self.step_counts["samples"],
                    "num_loss_tokens": self.step_counts["tokens"], **self.summarize_stats(sums)}
-        dropped = sum(b["num_dropped"] for b in built) + sum(int(b.get("num_skipped", 0)) for b in batches)
+        dropped = sum(b.num_dropped for b in built) + sum(int(b.get("num_skipped", 0)) for b in batches)
         if dropped:
             metrics["num_dropped_samples"] = dropped
         return metrics
@@ -316,7 +309,7 @@ class BardRecipeBase(BardNeMoRecipe):
     def validation_loss(self, batch: dict[str, Any], index: int) -> tuple[torch.Tensor, float]:
         """Validation with fixed noise (seeded by batch index); token-weighted."""
         b = self.build_block_batch(batch, step=-1 - index, microbatch=0, grad_acc=1)
-        tokens = float(b["num_loss_tokens"])
-        denominator = tokens if self.bard.loss.reduction == "token_mean" else float(b["num_loss_samples"])
+        tokens = float(b.num_loss_tokens)
+        denominator = tokens if self.bard.loss.reduction == "token_mean" else float(b.num_loss_samples)
         loss, _ = self.forward_loss(self.model_parts[0], b, denominator=denominator, is_train=False)
         return loss.double().cpu() * tokens, tokens

@@ -6,10 +6,10 @@ model with the block size growing on the ``block_merge`` schedule (4 -> 8 -> 16 
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 
+from nemo_bard.data.layout import BlockBatch
 from nemo_bard.integrations.nemo import run_main
 from nemo_bard.loss.denoise import MaskedDenoisingLoss
 from nemo_bard.recipes.base import BardRecipeBase
@@ -27,20 +27,17 @@ class BardPBMRecipe(BardRecipeBase):
         return MaskedDenoisingLoss(self.bard.loss.reduction, self.bard.loss.fp32_upcast)
 
     def forward_loss(
-        self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
+        self, model: torch.nn.Module, batch: BlockBatch, denominator: float, is_train: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        inputs = self._model_inputs(batch)
-        loss_mask = batch["loss_mask"].to(self.dist_env.device)
-        out = model(**inputs, logits_mask=loss_mask)
+        loss_mask = batch.loss_mask
+        out = model(**batch.inputs, logits_mask=loss_mask)
         sample_ids = loss_mask.nonzero()[:, 0]
-        res = self.loss_fn(
-            out.logits, batch["targets"].to(loss_mask.device)[loss_mask],
-            batch["loss_weights"].to(loss_mask.device)[loss_mask], sample_ids, int(loss_mask.shape[0]), denominator,
-        )
+        res = self.loss_fn(out.logits, batch.targets[loss_mask], batch.loss_weights[loss_mask], sample_ids,
+                           int(loss_mask.shape[0]), denominator)
         stats = {
             "num_correct": res.num_correct.double(),
             "num_positions": res.num_positions.double(),
-            "t_sum": batch["mask_rates"][batch["loss_mask"]].double().sum(),
+            "t_sum": batch.mask_rates[loss_mask].double().sum(),
         }
         return res.loss, stats
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from nemo_bard.data.layout import BlockBatch
 from nemo_bard.integrations.nemo import ScopedModuleOffloading, build_frozen_model, run_main
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
 from nemo_bard.recipes.base import BardRecipeBase
@@ -68,26 +69,23 @@ class BardSWDRecipe(BardRecipeBase):
                     self.student_block, self.teacher_block, self.kd.top_k, self.kd.direction,
                     self.kd.ce_weight, self.kd.kd_weight)
 
-    def teacher_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+    def teacher_inputs(self, batch: BlockBatch) -> dict[str, Any]:
         """The student's tokens, positions and media with the attention mask rebuilt at the teacher block size."""
-        inputs = self._model_inputs(batch)
-        inputs["attention_mask"] = self.layout.mask(  # same backend, device and compilation as the student's
-            batch["prefix_lens"], batch["resp_lens"], int(batch["input_ids"].shape[1]), self.teacher_block,
-            device=self.dist_env.device,
-        )
-        return inputs
+        mask = self.layout.mask(batch.prefix_lens, batch.resp_lens, batch.seq_len, self.teacher_block,
+                                device=self.dist_env.device)  # same backend, device and compilation as the student's
+        return {**batch.inputs, "attention_mask": mask}
 
     def forward_loss(
-        self, model: torch.nn.Module, batch: dict[str, Any], denominator: float, is_train: bool
+        self, model: torch.nn.Module, batch: BlockBatch, denominator: float, is_train: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss_mask = batch["loss_mask"].to(self.dist_env.device)
+        loss_mask = batch.loss_mask
         offload = ScopedModuleOffloading(self.teacher_model, enabled=True) if self.offload_teacher else nullcontext()
         with offload, torch.no_grad():
             t_logits = self.teacher_model(**self.teacher_inputs(batch), logits_mask=loss_mask).logits
             values, indices = teacher_topk(t_logits, self.kd.top_k)
             del t_logits
-        s_logits = model(**self._model_inputs(batch), logits_mask=loss_mask).logits
-        targets = batch["targets"].to(loss_mask.device)[loss_mask]
+        s_logits = model(**batch.inputs, logits_mask=loss_mask).logits
+        targets = batch.targets[loss_mask]
         ce_sum = F.cross_entropy(s_logits.float(), targets, reduction="sum")
         kd = self.loss_fn(s_logits, values, indices, denominator)
         loss = self.kd.ce_weight * ce_sum / max(denominator, 1.0) + self.kd.kd_weight * kd.loss
@@ -99,7 +97,7 @@ class BardSWDRecipe(BardRecipeBase):
                 "top1_agree_sum": kd.top1_agree_sum.double(),
                 "num_correct": (s_logits.argmax(-1) == targets).sum().double(),
                 "num_positions": torch.tensor(float(targets.numel()), dtype=torch.float64),
-                "t_sum": batch["mask_rates"][batch["loss_mask"]].double().sum(),
+                "t_sum": batch.mask_rates[loss_mask].double().sum(),
             }
         return loss, stats
 
