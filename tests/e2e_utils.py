@@ -197,7 +197,7 @@ def fixed_masked_ce(model_dir: Path, data_path: Path, block_size: int = 4, rows:
     from nemo_bard.data.collate import bard_collate_fn
     from nemo_bard.data.datasets import BardChatDataset
     from nemo_bard.data.layout import BlockLayout
-    from nemo_bard.data.noise import NoiseConfig
+    from nemo_bard.schema import NoiseSettings
 
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -205,7 +205,7 @@ def fixed_masked_ce(model_dir: Path, data_path: Path, block_size: int = 4, rows:
     batch = bard_collate_fn([ds[i] for i in range(len(ds))], processor)
     im_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     layout = BlockLayout(block_size, model.config.mask_token_id, im_end,
-                         noise=NoiseConfig("uniform_sample", 0.5, 0.5))
+                         noise=NoiseSettings(type="uniform_sample", min_rate=0.5, max_rate=0.5))
     b = layout.build(batch, list(range(len(ds))), model.rope_positions)
     logits = model(**b.inputs, logits_mask=b.loss_mask).logits
     return torch.nn.functional.cross_entropy(logits, b.targets[b.loss_mask]).item()

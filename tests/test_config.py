@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from nemo_bard.recipes.config import BardConfigError, parse_bard_settings, parse_sections
@@ -54,3 +56,19 @@ def test_assignment_is_validated():
 def test_schema_module_is_light():
     out = run_python("import sys, nemo_bard.recipes.config; print('torch' in sys.modules, 'nemo_automodel' in sys.modules)")
     assert out.split() == ["False", "False"]
+
+
+def test_a_recipe_config_is_checked_once_per_process(monkeypatch, tmp_path):
+    """The front end checks a config before any heavy import; the recipe's pre-flight then gets the same typed
+    sections without running the checks again. A changed config is checked again."""
+    import nemo_bard.recipes.config as config
+
+    calls = []
+    monkeypatch.setattr(config, "check_paths", lambda cfg, checksums=False: calls.append(checksums))
+    monkeypatch.setattr(config, "_checked", {})
+    cfg = {"bard": {"max_length": 256, "verify_checksums": True}, "step_scheduler": {"max_steps": 4}}
+    first = config.check_recipe_config(cfg)
+    second = config.check_recipe_config(json.loads(json.dumps(cfg)))  # an equal config, e.g. re-read by the recipe
+    assert calls == [True] and first == second and first is not second  # each caller gets its own copy
+    config.check_recipe_config({**cfg, "bard": {"max_length": 512, "verify_checksums": False}})
+    assert calls == [True, False]

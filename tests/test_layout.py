@@ -10,12 +10,14 @@ import torch
 
 from nemo_bard.attention.masks import dense_mask, training_token_meta
 from nemo_bard.data.layout import BlockLayout, select_samples
-from nemo_bard.data.noise import NoiseConfig, sample_block_rates, sample_noise
+from nemo_bard.data.noise import sample_block_rates, sample_noise
+from nemo_bard.schema import NoiseSettings
 from nemo_bard.loss.denoise import MaskedDenoisingLoss
+from nemo_bard.schema import LossSettings
 from tests.test_masks import HAND_BLOCK_CAUSAL
 
 MASK, PAD = 7, 99
-ALL_MASKED = NoiseConfig(type="uniform_sample", min_rate=1.0, max_rate=1.0)
+ALL_MASKED = NoiseSettings(type="uniform_sample", min_rate=1.0, max_rate=1.0)
 
 
 def text_rope(ids, mask2d, mm, image_grid_thw=None, video_grid_thw=None):
@@ -97,7 +99,7 @@ def test_select_samples_drops_media_rows():
 
 
 def test_noise_is_stratified_and_deterministic():
-    cfg = NoiseConfig()
+    cfg = NoiseSettings()
     for seed in range(50):
         n = 1 + seed % 7
         t = sample_block_rates(n, cfg, torch.Generator().manual_seed(seed))
@@ -116,21 +118,24 @@ def test_noise_is_stratified_and_deterministic():
 
 
 def test_noise_mask_frequency_matches_rate():
-    t, masked = sample_noise(torch.tensor([4000]), 4000, 4000, [11], NoiseConfig())
+    t, masked = sample_noise(torch.tensor([4000]), 4000, 4000, [11], NoiseSettings())
     assert abs(masked.float().mean().item() - t[0, 0].item()) < 0.03
 
 
 def test_swd_noise_masks_at_least_one_token():
-    cfg = NoiseConfig(type="uniform_sample", min_rate=0.0, max_rate=0.0)
+    cfg = NoiseSettings(type="uniform_sample", min_rate=0.0, max_rate=0.0)
     _, masked = sample_noise(torch.tensor([4, 8]), 4, 8, [1, 2], cfg)
     assert masked.sum(-1).tolist() == [1, 1]
 
 
 def test_noise_config_errors():
-    with pytest.raises(ValueError, match="min_rate"):
-        NoiseConfig(min_rate=0.5, max_rate=0.1)
-    with pytest.raises(ValueError, match="noise.type"):
-        NoiseConfig(type="gaussian")
+    from nemo_bard.errors import BardConfigError
+    from nemo_bard.recipes.config import parse_bard_settings
+
+    with pytest.raises(ValueError, match="min_rate=0.5 exceeds max_rate=0.1"):
+        NoiseSettings(min_rate=0.5, max_rate=0.1)
+    with pytest.raises(BardConfigError, match=r"bard\.noise\.type"):  # the section's model names the key
+        parse_bard_settings({"noise": {"type": "gaussian"}})
 
 
 def _hand_case():
@@ -147,16 +152,16 @@ def test_denoise_loss_hand_computed_two_samples():
     ce_b = math.log(2 + math.e)
     ce_c = math.log(3)
     expected = ((ce_a * 1.0 + ce_b * 2.0) / 2 + (ce_c * 0.5) / 1) / 2
-    out = MaskedDenoisingLoss("sample_mean")(logits, targets, weights, sample_ids, 2, global_denominator=2)
+    out = MaskedDenoisingLoss(LossSettings(reduction="sample_mean"))(logits, targets, weights, sample_ids, 2, global_denominator=2)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     assert out.num_correct.item() == 1
-    tok = MaskedDenoisingLoss("token_mean")(logits, targets, weights, sample_ids, 2, global_denominator=3)
+    tok = MaskedDenoisingLoss(LossSettings(reduction="token_mean"))(logits, targets, weights, sample_ids, 2, global_denominator=3)
     assert tok.loss.item() == pytest.approx((ce_a + 2 * ce_b + 0.5 * ce_c) / 3, rel=1e-6)
 
 
 def test_two_micro_batches_equal_one_big_batch():
     logits, targets, weights, sample_ids = _hand_case()
-    fn = MaskedDenoisingLoss("sample_mean")
+    fn = MaskedDenoisingLoss(LossSettings(reduction="sample_mean"))
     big = fn(logits, targets, weights, sample_ids, 2, global_denominator=2).loss
     (g_big,) = torch.autograd.grad(big, logits)
     # micro-batch 1 holds sample 0, micro-batch 2 holds sample 1; both normalise by the global count
@@ -169,7 +174,7 @@ def test_two_micro_batches_equal_one_big_batch():
 
 def test_loss_positions_match_model_side_mask():
     """The layout's kinds/blocks agree with the mask module's own layout for the same lengths."""
-    layout = BlockLayout(block_size=4, mask_token_id=MASK, pad_token_id=PAD, noise=NoiseConfig())
+    layout = BlockLayout(block_size=4, mask_token_id=MASK, pad_token_id=PAD, noise=NoiseSettings())
     batch = processor_batch([[1, 2, 3, 4, 5], [6, 7]], [list(range(20, 29)), [30, 31]])
     out = layout.build(batch, [5, 6], text_rope)
     kind, block = training_token_meta(out.prefix_lens, out.resp_lens, 4, out.inputs["input_ids"].shape[1])

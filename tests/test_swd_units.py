@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from nemo_bard.attention.masks import dense_mask, training_token_meta
 from nemo_bard.data.layout import BlockLayout
-from nemo_bard.data.noise import NoiseConfig
+from nemo_bard.schema import NoiseSettings
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
 from nemo_bard.recipes.config import BardConfigError, parse_bard_settings
 from nemo_bard.recipes.swd import BardSWDRecipe, check_teacher_student
@@ -66,7 +66,7 @@ def test_gradients_flow_only_into_the_student():
 
 
 def test_teacher_sees_student_tokens_and_positions_with_teacher_block_mask():
-    layout = BlockLayout(block_size=8, mask_token_id=7, pad_token_id=99, noise=NoiseConfig("uniform_sample", 0.1, 0.5))
+    layout = BlockLayout(block_size=8, mask_token_id=7, pad_token_id=99, noise=NoiseSettings(type="uniform_sample", min_rate=0.1, max_rate=0.5))
     batch = layout.build(processor_batch([[1, 2, 3], [4, 5, 6, 7, 8]], [list(range(20, 31)), [30, 31]]), [1, 2],
                          text_rope)
     recipe = BardSWDRecipe.__new__(BardSWDRecipe)
@@ -134,3 +134,27 @@ def test_flex_backend_preflight_on_cpu():
         recipe._check_mask_backend()
     recipe.bard = parse_bard_settings({"mask_backend": "dense"})
     recipe._check_mask_backend()  # dense needs nothing
+
+
+def test_swd_refuses_a_loss_reduction_it_would_not_use(tiny_bard_dir):
+    """SWD normalises by loss positions: an explicit ``bard.loss.reduction: sample_mean`` is refused with one line
+    naming the key (it was silently rewritten before); left unset, the stage's own rule applies."""
+    from types import SimpleNamespace
+
+    from nemo_bard.recipes.config import parse_sections
+    from nemo_bard.recipes.swd import BardSWDRecipe
+
+    paths = {"model": {"pretrained_model_name_or_path": str(tiny_bard_dir)},
+             "teacher_model": {"pretrained_model_name_or_path": str(tiny_bard_dir)}}
+    for loss, error in (({"reduction": "sample_mean"}, True), ({"reduction": "token_mean"}, False), ({}, False)):
+        recipe = BardSWDRecipe.__new__(BardSWDRecipe)
+        recipe.cfg = SimpleNamespace(get=lambda key, default=None: paths.get(key, default))
+        recipe.sections = parse_sections({"bard": {"loss": loss}})
+        recipe.bard = recipe.sections.bard
+        if error:
+            with pytest.raises(BardConfigError, match=r"^bard\.loss\.reduction=sample_mean: SWD .* set "
+                                                      r"bard\.loss\.reduction: token_mean or remove the key$"):
+                recipe.check_sections()
+        else:
+            recipe.check_sections()
+            assert recipe.reduction() == "token_mean" and recipe.bard.block_size == 4

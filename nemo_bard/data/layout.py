@@ -16,12 +16,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 
-from nemo_bard.attention.masks import CLEAN_ATTENTION_MODES, token_meta_mask, training_token_meta
-from nemo_bard.data.noise import NoiseConfig, sample_noise
+from nemo_bard.attention.masks import CleanAttention, token_meta_mask, training_token_meta
+from nemo_bard.data.noise import sample_noise
+from nemo_bard.schema import NoiseSettings
 
 logger = logging.getLogger(__name__)
 MEDIA = (("pixel_values", "image_grid_thw", "n_images_per_sample"),
@@ -107,7 +108,8 @@ def select_samples(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
 
 @dataclass
 class BlockLayout:
-    """Builds BARD training batches at the current ``block_size``.
+    """Builds BARD training batches at the current ``block_size``. The recipes build it from the validated
+    ``bard:`` section (``BardSettings``); it does not check its values again.
 
     Args:
         block_size: B (changed live by ``BlockMergeCallback``).
@@ -126,20 +128,12 @@ class BlockLayout:
     mask_token_id: int
     pad_token_id: int
     max_length: int | None = None
-    noise: NoiseConfig = field(default_factory=NoiseConfig)
-    clean_attention: str = "block_causal"
-    mask_backend: str = "dense"
+    noise: NoiseSettings = field(default_factory=NoiseSettings)
+    clean_attention: CleanAttention = "block_causal"
+    mask_backend: Literal["dense", "flex"] = "dense"
     pad_weight: float = 0.5
     min_loss_t: float | None = None
     flex_compile: bool = False
-
-    def __post_init__(self) -> None:
-        if self.clean_attention not in CLEAN_ATTENTION_MODES:
-            raise ValueError(f"bard.clean_attention={self.clean_attention!r}; use one of {CLEAN_ATTENTION_MODES}")
-        if self.mask_backend not in ("dense", "flex"):
-            raise ValueError(f"bard.mask_backend={self.mask_backend!r}; use 'dense' or 'flex'")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
 
     def response_lengths(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded response lengths R (multiples of B, truncated to fit) and a keep-mask for droppable samples."""

@@ -8,37 +8,12 @@ vectorised; the only Python loop is over samples.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 
-NoiseType = Literal["stratified_blocks", "uniform_sample"]
+from nemo_bard.schema import NoiseSettings
 
 
-@dataclass(frozen=True)
-class NoiseConfig:
-    """Noise prior.
-
-    ``stratified_blocks`` (PBM, §5): u_i ~ U(0,1) clamped to [min_rate, max_rate], t_i = (u_i + i) / N over
-    the sample's N response blocks, shuffled across blocks; each token of block i is masked with prob. t_i.
-    ``uniform_sample`` (SWD, §8): one rate t ~ U(min_rate, max_rate) per sample; at least one token masked.
-    """
-
-    type: NoiseType = "stratified_blocks"
-    min_rate: float = 0.001
-    max_rate: float = 1.0
-
-    def __post_init__(self) -> None:
-        if self.type not in ("stratified_blocks", "uniform_sample"):
-            raise ValueError(f"bard.noise.type={self.type!r}; use 'stratified_blocks' or 'uniform_sample'")
-        if not 0.0 <= self.min_rate <= self.max_rate <= 1.0:
-            raise ValueError(
-                f"bard.noise: need 0 <= min_rate <= max_rate <= 1, got min_rate={self.min_rate}, max_rate={self.max_rate}"
-            )
-
-
-def sample_block_rates(num_blocks: int, cfg: NoiseConfig, gen: torch.Generator) -> torch.Tensor:
+def sample_block_rates(num_blocks: int, cfg: NoiseSettings, gen: torch.Generator) -> torch.Tensor:
     """Mask rates t for one sample's blocks, ``[num_blocks]`` float64."""
     if cfg.type == "uniform_sample":
         t = cfg.min_rate + (cfg.max_rate - cfg.min_rate) * torch.rand(1, generator=gen, dtype=torch.float64)
@@ -49,7 +24,7 @@ def sample_block_rates(num_blocks: int, cfg: NoiseConfig, gen: torch.Generator) 
 
 
 def sample_noise(
-    resp_lens: torch.Tensor, block_size: int, width: int, seeds: list[int], cfg: NoiseConfig
+    resp_lens: torch.Tensor, block_size: int, width: int, seeds: list[int], cfg: NoiseSettings
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token mask rates and mask decisions for a batch.
 

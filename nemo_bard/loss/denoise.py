@@ -13,14 +13,13 @@ Inputs are already gathered at the loss positions (the model computes logits onl
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-Reduction = Literal["sample_mean", "token_mean"]
-
+from nemo_bard.schema import LossSettings
 
 class DenoiseLossOutput(NamedTuple):
     """Loss plus detached statistics for logging."""
@@ -36,14 +35,12 @@ def per_sample_counts(sample_ids: torch.Tensor, num_samples: int) -> torch.Tenso
 
 
 class MaskedDenoisingLoss(nn.Module):
-    """1/t-weighted cross-entropy at masked noisy positions."""
+    """1/t-weighted cross-entropy at masked noisy positions, as ``settings`` (``bard.loss``) say."""
 
-    def __init__(self, reduction: Reduction = "sample_mean", fp32_upcast: bool = True) -> None:
+    def __init__(self, settings: LossSettings | None = None) -> None:
         super().__init__()
-        if reduction not in ("sample_mean", "token_mean"):
-            raise ValueError(f"bard.loss.reduction={reduction!r}; use 'sample_mean' or 'token_mean'")
-        self.reduction = reduction
-        self.fp32_upcast = fp32_upcast
+        settings = settings or LossSettings()
+        self.reduction, self.fp32_upcast = settings.reduction, settings.fp32_upcast
 
     def forward(
         self,

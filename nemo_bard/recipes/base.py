@@ -24,7 +24,6 @@ import torch
 from nemo_bard.callbacks.base import BardCallback, CallbackList
 from nemo_bard.callbacks.block_merge import BlockMergeCallback
 from nemo_bard.data.layout import BlockBatch, BlockLayout, FakeMedia
-from nemo_bard.data.noise import NoiseConfig
 from nemo_bard.errors import DiskFullError
 from nemo_bard.integrations.nemo import (
     BardNeMoRecipe,
@@ -37,10 +36,9 @@ from nemo_bard.integrations.nemo import (
 from nemo_bard.recipes.config import (
     BardConfigError,
     BardSections,
-    check_paths,
-    check_training_setup,
+    CHECKED_KEYS,
+    check_recipe_config,
     parse_bard_settings,
-    parse_sections,
     to_plain,
 )
 from nemo_bard.rundir import disk_full_message
@@ -59,13 +57,10 @@ class BardRecipeBase(BardNeMoRecipe):
     # -------------------------------------------------------------------- pre-flight
     def preflight(self) -> None:
         """Config, data and loss checks that must fail before the model loads (stages extend)."""
-        self.sections = parse_sections({k: to_plain(self.cfg.get(k, None)) for k in ("bard", "block_merge", "kd")})
+        plain = {k: to_plain(self.cfg.get(k, None)) for k in CHECKED_KEYS}
+        self.sections = check_recipe_config({k: v for k, v in plain.items() if v is not None})
         self.bard = self.sections.bard
         self.check_sections()
-        plain = {k: to_plain(self.cfg.get(k, None)) for k in ("loss_fn", "distributed", "block_merge", "step_scheduler",
-                                                               "dataset", "model", "teacher_model")}
-        check_training_setup(plain)
-        check_paths(plain, checksums=self.bard.verify_checksums)  # model and SWD teacher verified before loading
         self._check_mask_backend()
         check_peft_and_checkpointing(to_plain(self.cfg.get("peft", None)), to_plain(self.cfg.get("distributed", None)),
                                      self.cfg.get("quantization", None), cuda=torch.cuda.is_available())
@@ -75,6 +70,10 @@ class BardRecipeBase(BardNeMoRecipe):
 
     def check_sections(self) -> None:
         """Stage-specific section checks (the PBM refuses ``kd:``, the SWD ``block_merge:``)."""
+
+    def reduction(self) -> str:
+        """How the step's loss is normalised: ``sample_mean`` or ``token_mean`` (``bard.loss.reduction``)."""
+        return self.bard.loss.reduction
 
     def build_loss(self) -> torch.nn.Module:
         """The stage's loss module (installed as NeMo's ``loss_fn``)."""
@@ -141,7 +140,7 @@ class BardRecipeBase(BardNeMoRecipe):
                        else self.bard.block_size or int(model.config.block_size))
         self.layout = BlockLayout(
             block_size=first_block, mask_token_id=mask_id, pad_token_id=pad_id, max_length=self.bard.max_length,
-            noise=NoiseConfig(**self.bard.noise.model_dump()), clean_attention=self.bard.clean_attention,
+            noise=self.bard.noise, clean_attention=self.bard.clean_attention,
             mask_backend=self.bard.mask_backend, pad_weight=self.bard.loss.pad_weight,
             min_loss_t=self.bard.loss.min_t, flex_compile=self.bard.flex_compile,
         )
@@ -277,7 +276,7 @@ class BardRecipeBase(BardNeMoRecipe):
     def prepare_step(self, batches: list[dict[str, Any]], step: int) -> tuple[list[BlockBatch], float]:
         built = [self.build_block_batch(b, step, i, len(batches)) for i, b in enumerate(batches)]
         self.step_counts = self.denominators(built)
-        key = "samples" if self.bard.loss.reduction == "sample_mean" else "tokens"
+        key = "samples" if self.reduction() == "sample_mean" else "tokens"
         return built, self.step_counts[key]
 
     # ------------------------------------------------------------------- the step
@@ -310,6 +309,6 @@ class BardRecipeBase(BardNeMoRecipe):
         """Validation with fixed noise (seeded by batch index); token-weighted."""
         b = self.build_block_batch(batch, step=-1 - index, microbatch=0, grad_acc=1)
         tokens = float(b.num_loss_tokens)
-        denominator = tokens if self.bard.loss.reduction == "token_mean" else float(b.num_loss_samples)
+        denominator = tokens if self.reduction() == "token_mean" else float(b.num_loss_samples)
         loss, _ = self.forward_loss(self.model_parts[0], b, denominator=denominator, is_train=False)
         return loss.double().cpu() * tokens, tokens

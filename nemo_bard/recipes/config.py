@@ -10,47 +10,18 @@ validate a config before any heavy import.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from nemo_bard.callbacks.block_merge import parse_schedule
 from nemo_bard.errors import BardConfigError, UserError
+from nemo_bard.schema import LossSettings, NoiseSettings, Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class NoiseSettings(_Section):
-    """``bard.noise``: ``stratified_blocks`` (PBM: per-block rates t_i = (u_i + i) / N over the sample's N
-    response blocks) or ``uniform_sample`` (SWD: one rate per sample); rates are clamped to
-    ``[min_rate, max_rate]``."""
-
-    type: Literal["stratified_blocks", "uniform_sample"] = "stratified_blocks"
-    min_rate: float = Field(0.001, ge=0.0, le=1.0)
-    max_rate: float = Field(1.0, ge=0.0, le=1.0)
-
-    @model_validator(mode="after")
-    def _ordered(self) -> "NoiseSettings":
-        if self.min_rate > self.max_rate:
-            raise ValueError(f"min_rate={self.min_rate} exceeds max_rate={self.max_rate}")
-        return self
-
-
-class LossSettings(_Section):
-    """``bard.loss``: ``sample_mean`` (per-sample mean, summed, over the global sample count of the optimizer
-    step) or ``token_mean``; ``min_t`` clamps t inside the 1/t weight; response padding is weighted by
-    ``pad_weight``."""
-
-    reduction: Literal["sample_mean", "token_mean"] = "sample_mean"
-    min_t: float | None = Field(None, gt=0.0, le=1.0)
-    pad_weight: float = Field(0.5, ge=0.0)
-    fp32_upcast: bool = True
-
-
-class BardSettings(_Section):
+class BardSettings(Section):
     """``bard:`` section.
 
     ``block_size``: training block size when no ``block_merge`` schedule is given (default: the model
@@ -89,14 +60,14 @@ class BardSettings(_Section):
         return self
 
 
-class ScheduleStage(_Section):
+class ScheduleStage(Section):
     """One ``block_merge.schedule`` entry."""
 
     block_size: int = Field(ge=1)
     steps: int = Field(ge=1)
 
 
-class BlockMergeSettings(_Section):
+class BlockMergeSettings(Section):
     """``block_merge:`` (PBM): the block-size schedule and what happens at each stage boundary."""
 
     schedule: list[ScheduleStage] = Field(min_length=1)
@@ -111,7 +82,7 @@ class BlockMergeSettings(_Section):
         return self
 
 
-class KDSettings(_Section):
+class KDSettings(Section):
     """``kd:`` (SWD): top-k distillation from the frozen anchor (reference: top-16 forward KL, weights 1.0 / 0.5).
 
     ``teacher_block_size`` defaults to the teacher checkpoint's recorded ``block_size``.
@@ -125,7 +96,7 @@ class KDSettings(_Section):
     teacher_block_size: int | None = Field(None, ge=1)
 
 
-class BardSections(_Section):
+class BardSections(Section):
     """The three BARD sections of a recipe config (each optional; ``bard:`` gets its defaults)."""
 
     bard: BardSettings = Field(default_factory=BardSettings)
@@ -319,17 +290,32 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
     return b_s, b_t
 
 
+# The top-level keys of a recipe config that check_recipe_config reads.
+CHECKED_KEYS = ("bard", "block_merge", "kd", "loss_fn", "distributed", "step_scheduler", "dataset", "model",
+                "teacher_model")
+_checked: dict[str, BardSections] = {}
+
+
 def check_recipe_config(cfg: dict[str, Any]) -> BardSections:
     """Every check of a (plain dict) BARD recipe config that needs no model, torch or NeMo: the sections'
-    schema, the training setup and the files. Front ends run it before any heavy import."""
-    sections = parse_sections(cfg)
-    check_training_setup(cfg)
-    check_paths(cfg)
-    student, teacher = _get(cfg, "model.pretrained_model_name_or_path"), _get(cfg, "teacher_model.pretrained_model_name_or_path")
-    if student is not None and teacher is not None:
-        kd = sections.kd.teacher_block_size if sections.kd is not None else None
-        check_teacher_student(str(student), str(teacher), sections.bard.block_size, kd, hub=False)
-    return sections
+    schema, the training setup and the files (model and teacher weights with their recorded sha256 when
+    ``bard.verify_checksums``); returns the typed sections.
+
+    Each config is checked once per process: the command line front end runs this before any heavy import, and
+    the recipe's pre-flight (which also serves NeMo-style launches) gets the same sections without checking them
+    again."""
+    key = json.dumps({k: cfg.get(k) for k in CHECKED_KEYS}, sort_keys=True, default=str)
+    if key not in _checked:
+        sections = parse_sections(cfg)
+        check_training_setup(cfg)
+        check_paths(cfg, checksums=sections.bard.verify_checksums)
+        student = _get(cfg, "model.pretrained_model_name_or_path")
+        teacher = _get(cfg, "teacher_model.pretrained_model_name_or_path")
+        if student is not None and teacher is not None:
+            kd = sections.kd.teacher_block_size if sections.kd is not None else None
+            check_teacher_student(str(student), str(teacher), sections.bard.block_size, kd, hub=False)
+        _checked[key] = sections
+    return _checked[key].model_copy(deep=True)
 
 
 def parse_bard_settings(raw: dict[str, Any] | None) -> BardSettings:
@@ -354,6 +340,7 @@ __all__ = [
     "BardSettings",
     "BlockMergeSettings",
     "check_paths",
+    "CHECKED_KEYS",
     "check_recipe_config",
     "check_teacher_student",
     "check_training_setup",

@@ -24,7 +24,7 @@ class BardPBMRecipe(BardRecipeBase):
             raise BardConfigError("kd is an SWD setting; remove it from the PBM config")
 
     def build_loss(self) -> MaskedDenoisingLoss:
-        return MaskedDenoisingLoss(self.bard.loss.reduction, self.bard.loss.fp32_upcast)
+        return MaskedDenoisingLoss(self.bard.loss)
 
     def forward_loss(
         self, model: torch.nn.Module, batch: BlockBatch, denominator: float, is_train: bool

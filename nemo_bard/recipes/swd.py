@@ -52,9 +52,13 @@ class BardSWDRecipe(BardRecipeBase):
             self.bard.block_size, self.kd.teacher_block_size,
         )
         self.bard.block_size = self.student_block
-        if self.bard.loss.reduction != "token_mean":
-            logger.info("SWD reduces CE and KD as a token mean over loss positions")
-            self.bard.loss.reduction = "token_mean"
+        if "reduction" in self.bard.loss.model_fields_set and self.bard.loss.reduction != "token_mean":
+            raise BardConfigError(f"bard.loss.reduction={self.bard.loss.reduction}: SWD normalises its CE and KD "
+                                  "losses by the loss positions (token_mean); set bard.loss.reduction: token_mean "
+                                  "or remove the key")
+
+    def reduction(self) -> str:
+        return "token_mean"
 
     def build_loss(self) -> TopKDistillationLoss:
         return TopKDistillationLoss(self.kd.top_k, self.kd.temperature, self.kd.direction)
