@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from nemo_bard.errors import DiskFullError, UserError, run_reported
-from nemo_bard.models.paths import ModelPathError, read_model_config
 from nemo_bard.models.constants import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MASK_TOKEN
+from nemo_bard.models.paths import ModelPathError, read_model_config
 from nemo_bard.models.verify import verify_model_dir
 from nemo_bard.rundir import COMPLETE_MARKER, atomic_directory, disk_full_message
 
@@ -73,6 +74,7 @@ def _tokenizer_vocab(src: Path) -> dict[str, int]:
     ``tokenizer.json``, so a bad mask id is refused without importing transformers)."""
     _has_tokenizer(src)
     if (src / "tokenizer.json").is_file():
+        # transformers / tokenizers load after the arguments and files are checked (~8 s for transformers)
         from tokenizers import Tokenizer
 
         try:
@@ -85,6 +87,7 @@ def _tokenizer_vocab(src: Path) -> dict[str, int]:
 def _load_tokenizer(src: Path) -> Any:
     """The source tokenizer (transformers ``AutoTokenizer``); a clear error when it is missing or unreadable."""
     _has_tokenizer(src)
+    # transformers: ~8 s, after the arguments are checked
     from transformers import AutoTokenizer
 
     try:
@@ -133,6 +136,7 @@ def plan_mask_token(vocab: dict[str, int], mask_token_id: int | None, vocab_size
 
 def add_mask_token(tokenizer: Any, tokens: list[str], mask_token_id: int) -> None:
     """Add the reserved fillers and ``<|mask|>`` (special, not normalised) with the tokenizer API."""
+    # see _tokenizer_vocab
     from tokenizers import AddedToken
 
     def added(content: str) -> AddedToken:
@@ -171,6 +175,7 @@ def convert(
     tokenizer = _load_tokenizer(src)
     if new_tokens:
         add_mask_token(tokenizer, new_tokens, mask_token_id)
+    # transformers' Qwen3-VL stack: after the checks
     from nemo_bard.models.configuration_bard_vl import BardVLConfig
 
     try:
@@ -208,7 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
     if args.debug:
-        import os
 
         os.environ["NEMO_BARD_DEBUG"] = "1"
 

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> dict:
     """Load, decode, print; returns the statistics dict."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    import nemo_bard  # noqa: F401  registers bard_vl
+    import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
     from nemo_bard.generation import block_diffusion_generate
     from nemo_bard.data.media import VideoSampling
     from nemo_bard.generation.inputs import build_inputs, load_image, load_video, user_conversation

@@ -133,7 +133,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model and build ``(app, scheduler)`` (the scheduler is not started)."""
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
 
-    import nemo_bard  # noqa: F401  registers bard_vl
+    import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
     from nemo_bard.generation.decode import stop_ids
     from nemo_bard.generation.engine import DecodeEngine, batch_bucket
     from nemo_bard.generation.inputs import build_inputs

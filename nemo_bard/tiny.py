@@ -18,6 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import (
+    GenerationConfig,
+    PreTrainedTokenizerFast,
+    Qwen2VLImageProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
+)
 
 from nemo_bard.models.constants import MASK_TOKEN
 
@@ -89,9 +99,6 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(bpe_vocab: int = 320):
     """Train the byte-level BPE and wrap it as a fast HF tokenizer with the Qwen specials + ``<|mask|>``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.normalizer = normalizers.NFC()
     # Qwen2/3 split pattern: letters, single digits, punctuation runs, whitespace.
@@ -128,8 +135,6 @@ def build_tokenizer(bpe_vocab: int = 320):
 
 def build_processor(tokenizer, min_pixels: int = 32 * 32, max_pixels: int = 256 * 256):
     """Qwen3-VL processor with small image bounds (a 64x64 image becomes 4 visual tokens)."""
-    from transformers import Qwen2VLImageProcessor, Qwen3VLProcessor, Qwen3VLVideoProcessor
-
     common = dict(patch_size=16, temporal_patch_size=2, merge_size=2, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     image_processor = Qwen2VLImageProcessor(size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **common)
     video_processor = Qwen3VLVideoProcessor(
@@ -144,8 +149,6 @@ def build_processor(tokenizer, min_pixels: int = 32 * 32, max_pixels: int = 256 
 
 def build_config(tokenizer, preset: TinyPreset):
     """A Qwen3-VL config sized by ``preset`` with the tokenizer's special-token ids."""
-    from transformers import Qwen3VLConfig
-
     vocab = ((len(tokenizer) + 31) // 32) * 32  # a few unused rows, as in Qwen's 151,936-row embedding
     ids = tokenizer.convert_tokens_to_ids
     cfg = Qwen3VLConfig(
@@ -172,8 +175,6 @@ def build_config(tokenizer, preset: TinyPreset):
 
 def write_tiny_model(out_dir: str | Path, preset: str = "test", seed: int = 0) -> Path:
     """Write a tiny AR Qwen3-VL directory (weights, config, processor, tokenizer) to ``out_dir``."""
-    from transformers import GenerationConfig, Qwen3VLForConditionalGeneration
-
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     out = Path(out_dir)

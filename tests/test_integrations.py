@@ -5,7 +5,6 @@ optimizer step."""
 from __future__ import annotations
 
 import json
-import time
 import types
 from types import SimpleNamespace
 
@@ -90,10 +89,10 @@ def test_version_pin_fails_loudly_and_env_downgrades_to_warning(monkeypatch):
 # ------------------------------------------------------------------------------- CPU patches
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only behaviour")
 def test_cpu_patches_are_scoped_and_reentrant():
-    import torch.distributed.run as torchrun
-
     import nemo_automodel._transformers.auto_model as auto_model
     import nemo_automodel.recipes.vlm.finetune as vlm_finetune
+    import torch.distributed.run as torchrun
+
     from nemo_bard.integrations.cpu import cpu_patches
 
     def targets():
@@ -157,6 +156,7 @@ def pbm_config(data, **changes) -> dict:
 
 def preflight(cfg: dict):
     from nemo_automodel.components.config.loader import ConfigNode
+
     from nemo_bard.recipes.pbm import BardPBMRecipe
 
     recipe = BardPBMRecipe(ConfigNode(cfg))

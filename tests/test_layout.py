@@ -11,9 +11,8 @@ import torch
 from nemo_bard.attention.masks import dense_mask, training_token_meta
 from nemo_bard.data.layout import BlockLayout, select_samples
 from nemo_bard.data.noise import sample_block_rates, sample_noise
-from nemo_bard.schema import NoiseSettings
 from nemo_bard.loss.denoise import MaskedDenoisingLoss
-from nemo_bard.schema import LossSettings
+from nemo_bard.schema import LossSettings, NoiseSettings
 from tests.test_masks import HAND_BLOCK_CAUSAL
 
 MASK, PAD = 7, 99

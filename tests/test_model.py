@@ -121,9 +121,9 @@ def test_default_2d_mask_is_block_causal_prompt_mask(tiny_bard_model):
 
 
 def test_auto_classes_load_bard_dir(tiny_bard_dir, tiny_ar_dir):
+    from nemo_automodel import NeMoAutoModelForImageTextToText
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from nemo_automodel import NeMoAutoModelForImageTextToText
     from nemo_bard import BardVLConfig, BardVLForConditionalGeneration
     from nemo_bard.integrations.cpu import cpu_patches
     from nemo_bard.integrations.nemo import NeMoBardVLForConditionalGeneration

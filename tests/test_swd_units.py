@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from nemo_bard.attention.masks import dense_mask, training_token_meta
 from nemo_bard.data.layout import BlockLayout
-from nemo_bard.schema import NoiseSettings
 from nemo_bard.loss.kd import TopKDistillationLoss, teacher_topk
 from nemo_bard.recipes.config import BardConfigError, parse_bard_settings
 from nemo_bard.recipes.swd import BardSWDRecipe, check_teacher_student
+from nemo_bard.schema import NoiseSettings
 from tests.test_layout import processor_batch, text_rope
 
 

@@ -26,14 +26,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
+from nemo_bard.bench.decode import prompt_batch
 from nemo_bard.errors import run_reported
+from nemo_bard.eval.evaluate import load_samples, stop_ids
+from nemo_bard.eval.metrics import exact_match
+from nemo_bard.generation import block_diffusion_generate
+from nemo_bard.generation.inputs import build_inputs
 
 
 def answer_agreement(a: Any, la: Any, b: Any, lb: Any) -> tuple[int, float]:
     """``(identical rows, token agreement)`` of two batches of answers ``[rows, T]`` with lengths ``[rows]``
     (tokens compared up to the longer answer of each row; positions past both answers are not counted)."""
-    import torch
-
     width = max(a.shape[1], b.shape[1])
     a, b = (torch.nn.functional.pad(t, (0, width - t.shape[1]), value=-1) for t in (a, b))
     span = torch.maximum(la, lb)
@@ -45,10 +52,6 @@ def answer_agreement(a: Any, la: Any, b: Any, lb: Any) -> tuple[int, float]:
 
 def _batches(processor: Any, data: str | None, rows: int, batch_size: int) -> tuple[list[dict], list[str] | None]:
     """Encoded prompt batches and, with ``data``, the references."""
-    from nemo_bard.bench.decode import prompt_batch
-    from nemo_bard.eval.evaluate import load_samples
-    from nemo_bard.generation.inputs import build_inputs
-
     if data is None:
         return [prompt_batch(processor, rows)], None
     samples = load_samples(data, limit=rows)
@@ -62,13 +65,6 @@ def agreement(model_dir: str, rows: int = 8, max_new_tokens: int = 32, engines: 
               threshold: float = 0.9, device: str | None = None, data: str | None = None,
               batch_size: int = 8) -> dict:
     """fp32 vs bf16 decoding of ``model_dir`` on ``rows`` prompts; a dict per engine plus the setting."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import nemo_bard  # noqa: F401  (registers bard_vl)
-    from nemo_bard.eval.evaluate import stop_ids
-    from nemo_bard.eval.metrics import exact_match
-    from nemo_bard.generation import block_diffusion_generate
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     processor = AutoProcessor.from_pretrained(model_dir)

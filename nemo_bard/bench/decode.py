@@ -31,6 +31,20 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
+from nemo_bard.bench.presets import build_preset, num_parameters
+from nemo_bard.convert import convert
+from nemo_bard.generation import ar_generate, block_diffusion_generate
+from nemo_bard.generation.inputs import build_inputs, user_conversation
+from nemo_bard.generation.points import ENGINES, parse_points
+from nemo_bard.models.loading import resolve_device_dtype
+from nemo_bard.tiny import write_tiny_model
+
 logger = logging.getLogger(__name__)
 
 PROMPTS = [
@@ -47,9 +61,6 @@ PROMPTS = [
 
 def synthetic_image(seed: int, size: int = 64):
     """A deterministic picture of coloured squares and a number (no files, no network)."""
-    import numpy as np
-    from PIL import Image, ImageDraw
-
     rng = np.random.default_rng(seed)
     img = Image.new("RGB", (size, size), tuple(int(c) for c in rng.integers(0, 255, 3)))
     draw = ImageDraw.Draw(img)
@@ -62,8 +73,6 @@ def synthetic_image(seed: int, size: int = 64):
 
 def prompt_batch(processor, batch_size: int) -> dict:
     """The benchmark's prompts for one batch (cycled), tokenised with left padding."""
-    from nemo_bard.generation.inputs import build_inputs, user_conversation
-
     items = [PROMPTS[i % len(PROMPTS)] for i in range(batch_size)]
     return build_inputs(processor, [user_conversation(text, [synthetic_image(10 * i + j) for j in range(n)])
                                     for i, (text, n) in enumerate(items)])
@@ -71,9 +80,6 @@ def prompt_batch(processor, batch_size: int) -> dict:
 
 def tiny_models(root: Path, block_size: int) -> tuple[Path, Path]:
     """Write the tiny random AR Qwen3-VL and its bard_vl conversion under ``root``."""
-    from nemo_bard.convert import convert
-    from nemo_bard.tiny import write_tiny_model
-
     ar = write_tiny_model(root / "ar", preset="test", seed=0)
     return convert(ar, root / "bard", block_size=block_size), ar
 
@@ -115,12 +121,7 @@ def _median_runs(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, A
 
 def load_models(args: argparse.Namespace, device, dtype, block_size: int, tmp: Path):
     """``(ar, bard, processor, description)`` from --preset, --model/--ar-model, or the tiny test model."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    import nemo_bard  # noqa: F401  registers bard_vl
-
     if args.preset:
-        from nemo_bard.bench.presets import build_preset, num_parameters
 
         ar, bard, processor = build_preset(args.preset, device, dtype, block_size)
         return ar, bard, processor, f"preset {args.preset} ({num_parameters(bard) / 1e9:.2f} B parameters, random)"
@@ -134,12 +135,6 @@ def load_models(args: argparse.Namespace, device, dtype, block_size: int, tmp: P
 
 def run(args: argparse.Namespace) -> dict:
     """Run the benchmark; returns the report (also printed as a table by :func:`main`)."""
-    import torch
-
-    from nemo_bard.generation import ar_generate, block_diffusion_generate
-    from nemo_bard.generation.points import parse_points
-    from nemo_bard.models.loading import resolve_device_dtype
-
     points = parse_points(args.points)
     if not points or any(p.is_ar for p in points):
         raise SystemExit("nemo_bard.bench.decode: --points lists block-diffusion points BLOCK:STEPS:THRESHOLD")
@@ -245,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nemo_bard.generation.points import ENGINES
 
     args = build_parser().parse_args(argv)
     err = None
@@ -255,7 +249,6 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not (Path(path) / "config.json").is_file():
             err = f"{flag} {path}: no config.json (not a checkpoint directory)"
     if args.engine is None:
-        import torch
 
         args.engine = ",".join(ENGINES[::-1]) if torch.cuda.is_available() else "eager,static"
     bad = [e for e in args.engine.split(",") if e.strip() and e.strip() not in ENGINES]

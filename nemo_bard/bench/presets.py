@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import AutoModelForImageTextToText, GenerationConfig, Qwen3VLConfig
+
+import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
+from nemo_bard.models import BardVLConfig
+from nemo_bard.tiny import build_processor, build_tokenizer
 
 
 @dataclass(frozen=True)
@@ -46,10 +51,6 @@ PRESETS: dict[str, ShapePreset] = {
 
 def preset_config(name: str, tokenizer: Any, block_size: int = 32):
     """``(AR Qwen3VLConfig, BardVLConfig)`` of preset ``name`` with the tokenizer's special-token ids."""
-    from transformers import Qwen3VLConfig
-
-    from nemo_bard.models import BardVLConfig
-
     if name not in PRESETS:
         raise ValueError(f"--preset {name!r} is not one of {', '.join(PRESETS)}")
     p = PRESETS[name]
@@ -79,11 +80,6 @@ def preset_config(name: str, tokenizer: Any, block_size: int = 32):
 @torch.no_grad()
 def build_preset(name: str, device: str | torch.device, dtype: torch.dtype, block_size: int = 32):
     """``(ar_model, bard_model, processor)``: random weights of preset ``name`` on ``device``, shared by both models."""
-    from transformers import AutoModelForImageTextToText, GenerationConfig
-
-    import nemo_bard.models  # noqa: F401  (registers bard_vl)
-    from nemo_bard.tiny import build_processor, build_tokenizer
-
     tokenizer = build_tokenizer()
     processor = build_processor(tokenizer)
     ar_cfg, bard_cfg = preset_config(name, tokenizer, block_size)

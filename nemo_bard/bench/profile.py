@@ -19,19 +19,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity
+
+from nemo_bard.bench.decode import load_models, prompt_batch
+from nemo_bard.generation import block_diffusion_generate
+from nemo_bard.generation.engine import DecodeEngine
+from nemo_bard.generation.points import parse_points
+from nemo_bard.models.loading import resolve_device_dtype
+
 
 def profile(preset: str | None = "qwen3vl_2b", batch: int = 1, point: str = "32:4:0.9", max_new_tokens: int = 64,
             engine: str = "static", top: int = 15, device: str | None = None, dtype: str | None = None) -> dict:
     """Profile ``engine`` on ``preset`` (default: the tiny test models); returns the report."""
-    import torch
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity
-
-    from nemo_bard.bench.decode import load_models, prompt_batch
-    from nemo_bard.generation import block_diffusion_generate
-    from nemo_bard.generation.engine import DecodeEngine
-    from nemo_bard.generation.points import parse_points
-    from nemo_bard.models.loading import resolve_device_dtype
 
     (p,) = parse_points(point)
     dev, dt = resolve_device_dtype(device, dtype)

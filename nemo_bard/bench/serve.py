@@ -36,6 +36,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+import numpy as np
+
+from nemo_bard.bench.decode import PROMPTS, synthetic_image, tiny_models
+from nemo_bard.bench.presets import build_preset
+from nemo_bard.data.media import load_image
+from nemo_bard.eval.evaluate import load_samples
+from nemo_bard.eval.metrics import exact_match, wilson_interval
+from nemo_bard.models.loading import resolve_device_dtype
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -57,7 +67,6 @@ class ServerProcess:
     """``python -m nemo_bard.serve`` in a subprocess on a free loopback port (stopped with SIGTERM)."""
 
     def __init__(self, model: str, flags: list[str], log: Path, start_timeout: float = 600.0) -> None:
-        import httpx
 
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -107,8 +116,6 @@ def _data_url(image: Any) -> str:
 
 def openai_messages(turns: list[dict]) -> list[dict]:
     """Chat turns with loaded images (a dataset row's prompt) as OpenAI messages with data URLs."""
-    from nemo_bard.data.media import load_image
-
     out = []
     for turn in turns:
         content = turn["content"]
@@ -130,13 +137,11 @@ def openai_messages(turns: list[dict]) -> list[dict]:
 def load_prompts(data: str | None, root_dir: str | None, limit: int) -> list[tuple[list[dict], str | None]]:
     """``[(messages, reference or None)]`` from a chat dataset, or synthetic image prompts."""
     if data:
-        from nemo_bard.eval.evaluate import load_samples
 
         samples = load_samples(data, root_dir, limit=limit)
         if not samples:
             raise SystemExit(f"nemo_bard.bench.serve: --data {data} has no rows")
         return [(openai_messages(s.prompt), s.reference) for s in samples]
-    from nemo_bard.bench.decode import PROMPTS, synthetic_image
 
     return [(openai_messages([{"role": "user", "content": [{"type": "image", "image": synthetic_image(10 * i + j)}
                                                            for j in range(n)] + [{"type": "text", "text": text}]}]),
@@ -183,8 +188,6 @@ async def closed_loop(url: str, model: str, prompts: list, concurrency: int, req
                       duration: float | None, max_tokens: int, extra: dict, timeout: float) -> tuple[list, float]:
     """``concurrency`` clients sending requests back to back until ``requests`` are done (or ``duration``
     seconds passed); returns the records (with each prompt's index) and the wall time."""
-    import httpx
-
     counter = iter(range(10**9))
     records: list = []
     t0 = time.perf_counter()
@@ -212,10 +215,6 @@ async def closed_loop(url: str, model: str, prompts: list, concurrency: int, req
 
 def summarize(records: list[dict], wall: float, prompts: list) -> dict:
     """Per-level statistics of one server (see the module docstring)."""
-    import numpy as np
-
-    from nemo_bard.eval.metrics import exact_match
-
     ok = [r for r in records if r["error"] is None and r["first"] is not None]
     tokens = sum(r["tokens"] for r in ok)
     ttft = np.array([r["first"] - r["start"] for r in ok]) if ok else np.array([float("nan")])
@@ -239,7 +238,6 @@ def summarize(records: list[dict], wall: float, prompts: list) -> dict:
     }
     refs = [(r, prompts[r["prompt"]][1]) for r in ok if prompts[r["prompt"]][1] is not None]
     if refs:
-        from nemo_bard.eval.metrics import wilson_interval
 
         hits = sum(exact_match(r["text"], ref) for r, ref in refs)
         out["exact_match"] = hits / len(refs)
@@ -249,6 +247,7 @@ def summarize(records: list[dict], wall: float, prompts: list) -> dict:
 
 def write_plot(report: dict, path: Path) -> None:
     """Output tokens/s against p50 latency per server, one point per concurrency level."""
+    # optional dependency (the [demo] extra); ~1.1 s to import
     import matplotlib
 
     matplotlib.use("Agg")
@@ -287,9 +286,6 @@ def table(report: dict) -> str:
 
 def _preset_dirs(args: argparse.Namespace, root: Path) -> tuple[str, str]:
     """Write the preset's random AR and BARD models (and processor) to ``root``."""
-    from nemo_bard.bench.presets import build_preset
-    from nemo_bard.models.loading import resolve_device_dtype
-
     _, dtype = resolve_device_dtype(args.device, args.dtype)
     ar, bard, processor = build_preset(args.preset, "cpu", dtype, args.block_size)
     for name, model in (("ar", ar), ("bard", bard)):
@@ -308,7 +304,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.preset:
         args.model, args.ar_model = _preset_dirs(args, root)
     elif args.model is None or args.ar_model is None:
-        from nemo_bard.bench.decode import tiny_models
 
         bard, ar = tiny_models(root, 4)
         args.model, args.ar_model = str(bard), str(ar)

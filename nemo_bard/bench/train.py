@@ -50,7 +50,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
+from PIL import Image
+
+from nemo_bard.bench.presets import build_preset, num_parameters
+from nemo_bard.data.collate import bard_collate_fn
+from nemo_bard.integrations.nemo import (
+    MaskedCrossEntropy,  # NeMo's VLM SFT loss
+    apply_activation_checkpointing,
+    checkpointed_modules,
+)
+from nemo_bard.models.loading import resolve_device_dtype
+from nemo_bard.models.modeling_bard_vl import text_attn_implementation
+from nemo_bard.recipes.pbm import BardPBMRecipe
+from nemo_bard.tiny import build_processor, build_tokenizer  # the processor of every preset
 
 VARIANTS = ("ar", "bard_dense", "bard_flex", "ar_ac", "bard_dense_ac", "bard_flex_ac")
 DEFAULT_VARIANTS = "ar,bard_dense,bard_flex,bard_dense_ac,bard_flex_ac"
@@ -75,8 +89,6 @@ def _single_token_words(tokenizer) -> list[str]:
 
 
 def _rows(n: int, prompt_words: int, response_words: int, words: list[str], seed: int) -> list[dict]:
-    import numpy as np
-    from PIL import Image
 
     rng, rnd = np.random.default_rng(seed), random.Random(seed)
     rows = []
@@ -95,8 +107,6 @@ def processor_batch(processor, batch_size: int, prompt_tokens: int, response_tok
     """A collated batch (``bard_collate_fn``) of rows with one 224x224 image, exactly ``prompt_tokens`` prompt
     tokens (chat template and image placeholders included) and ``response_tokens`` response tokens (incl.
     ``<|im_end|>``) each, when the lengths leave room for the template."""
-    from nemo_bard.data.collate import bard_collate_fn
-
     words = _single_token_words(processor.tokenizer)
     probe = bard_collate_fn(_rows(1, 1, 1, words, seed), processor)  # template + image overhead of 1 + 1 words
     p_words = max(prompt_tokens - int(probe["prefix_lens"][0]) + 1, 1)
@@ -127,8 +137,6 @@ class Bench:
     """The models, the batch and the step of every variant, in one process."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from nemo_bard.bench.presets import build_preset, num_parameters
-        from nemo_bard.models.loading import resolve_device_dtype
 
         self.args = args
         self.device, self.dtype = resolve_device_dtype(args.device, "auto")  # bf16 on CUDA, fp32 on CPU
@@ -144,7 +152,6 @@ class Bench:
 
     # ----------------------------------------------------------------------------- steps
     def ar_step(self) -> tuple[Callable[[], torch.Tensor], dict]:
-        from nemo_bard.integrations.nemo import MaskedCrossEntropy  # NeMo's VLM SFT loss
 
         batch = {k: v.to(self.device) for k, v in ar_inputs(self.pre, self.processor.tokenizer.pad_token_id).items()}
         labels = batch.pop("labels")
@@ -160,9 +167,6 @@ class Bench:
 
     def bard_step(self, backend: str) -> tuple[Callable[[], torch.Tensor], dict]:
         """The PBM recipe's own step pieces (``prepare_step``: layout, noise, mask; ``forward_loss``)."""
-        from nemo_bard.models.modeling_bard_vl import text_attn_implementation
-        from nemo_bard.recipes.pbm import BardPBMRecipe
-
         self.bard.set_attn_implementation(FLEX_ATTENTION if backend == "flex" else "sdpa")
         want = "flex_attention" if backend == "flex" else "sdpa"
         if text_attn_implementation(self.bard) != want:
@@ -180,7 +184,6 @@ class Bench:
                       "dropped": built.num_dropped}
 
     def apply_activation_checkpointing(self) -> None:
-        from nemo_bard.integrations.nemo import apply_activation_checkpointing, checkpointed_modules
 
         if not self.ac_applied:
             self.ar = apply_activation_checkpointing(self.ar)
@@ -369,7 +372,6 @@ def main(argv: list[str] | None = None) -> dict:
             if "peak_rss_gb" in r:
                 r["peak_gb"] = r["peak_rss_gb"] - base
         memory = "peak RSS above a build-only process"
-    from nemo_bard.tiny import build_processor, build_tokenizer  # the processor of every preset
 
     pre = bench.pre if bench is not None else processor_batch(
         build_processor(build_tokenizer()), args.batch_size, args.prompt_tokens, args.response_tokens)

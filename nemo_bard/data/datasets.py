@@ -94,6 +94,7 @@ def _first_bad_json_line(paths: Iterable[Path]) -> str | None:
 def _read_jsonl(paths: list[Path]):
     """JSON Lines file(s) as one ``datasets.Dataset`` (``load_dataset("json")``); a bad line is an error naming
     its file and line."""
+    # Hugging Face datasets: ~2 s; front ends import this module before checking their arguments
     from datasets import load_dataset
     from datasets.exceptions import DatasetGenerationError
 
@@ -112,6 +113,7 @@ def _read_jsonl(paths: list[Path]):
 
 def _load_saved(path: Path):
     """A ``save_to_disk`` directory as a Dataset or DatasetDict; a 0-row dataset is an error naming it."""
+    # see _read_jsonl
     from datasets import load_from_disk
 
     try:
@@ -139,6 +141,7 @@ def open_source(path: str | Path | list, split: str | None = None):
             paths[0] / "dataset_dict.json"
         ).exists():
             return _read_jsonl(sorted(paths[0].glob("*.jsonl")))
+        # see _read_jsonl
         from datasets import DatasetDict
 
         ds = _load_saved(paths[0])

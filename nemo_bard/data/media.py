@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 MAX_ASPECT_RATIO = 200  # Qwen2-VL / Qwen3-VL processors refuse images whose long side exceeds 200x the short one
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -67,8 +68,6 @@ def load_image(ref: Any, root_dir: str | os.PathLike | None = None):
 
     :class:`MediaError` names the file when it is missing or unreadable, or when its shape is one the processor
     refuses (:func:`check_image_shape`)."""
-    from PIL import Image
-
     if isinstance(ref, Image.Image):
         return check_image_shape(ref, "image").convert("RGB")
     if isinstance(ref, np.ndarray):
@@ -129,6 +128,7 @@ class VideoSampling:
 
     def indices(self, total_frames: int, video_fps: float) -> np.ndarray:
         """Sampled frame indices of a ``total_frames``-frame clip recorded at ``video_fps``."""
+        # transformers: ~8 s; front ends import this module before checking their arguments
         from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
         from transformers.video_utils import VideoMetadata
 
@@ -167,6 +167,7 @@ class Video:
 
 def require_video_decoder(name: str = "video files") -> None:
     """Raise :class:`VideoDecoderMissing` unless PyAV is importable."""
+    # see VideoSampling.indices
     from transformers.utils import is_av_available
 
     if not is_av_available():
@@ -217,6 +218,7 @@ def video_source(ref: Any, root_dir: str | os.PathLike | None = None) -> VideoSo
 
 def load_video(ref: Any, sampling: VideoSampling | None = None, root_dir: str | os.PathLike | None = None) -> Video:
     """Decode the sampled frames of a video (any form :func:`video_source` accepts, or a :class:`Video`)."""
+    # see VideoSampling.indices
     from transformers.video_utils import VideoMetadata
 
     if isinstance(ref, Video):
@@ -246,6 +248,7 @@ def _decode_av(src: VideoSource, sampling: VideoSampling) -> Video:
     that are neither sampled nor referenced (e.g. most H.264 B-frames) are not decoded, and only the
     sampled frames are converted to RGB.
     """
+    # optional dependency (the [video] extra)
     import av
     from transformers.video_utils import VideoMetadata
 

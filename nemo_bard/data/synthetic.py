@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+from datasets import Dataset
 from PIL import Image
+
+from nemo_bard.data.media import require_video_decoder
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40),
            "black": (20, 20, 20), "white": (235, 235, 235)}
@@ -30,11 +34,8 @@ def write_video(path: str | Path, frames: np.ndarray | list, fps: float = 8, **c
     FFmpeg build has no H.264 encoder). ``codec_options`` go to the encoder (e.g. ``g="5"``: a keyframe
     every 5 frames).
     """
-    from fractions import Fraction
-
-    from nemo_bard.data.media import require_video_decoder
-
     require_video_decoder("writing video files")
+    # optional dependency (the [video] extra)
     import av
 
     path = Path(path)
@@ -110,7 +111,6 @@ def write_synthetic_dataset(
                 f.write(json.dumps(row) + "\n")
         return path
     if fmt == "arrow":
-        from datasets import Dataset
 
         table = Dataset.from_list([{**r, "messages": json.dumps(r["messages"])} for r in data])
         path = out / "train_arrow"

@@ -86,7 +86,7 @@ def load_model(
     """
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
 
-    import nemo_bard  # noqa: F401  (registers bard_vl with the Auto classes)
+    import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
 
     from nemo_bard.models.loading import resolve_device_dtype
 

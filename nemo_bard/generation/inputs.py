@@ -11,8 +11,9 @@ from typing import Any, Sequence
 import torch
 
 from nemo_bard.data import media
+from nemo_bard.data.collate import conversation_media, decode_videos
+from nemo_bard.data.datasets import DataError
 from nemo_bard.data.media import Video, VideoSampling, video_processor_kwargs
-
 
 PROCESSOR_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
                   "video_grid_thw", "mm_token_type_ids")
@@ -63,9 +64,6 @@ def build_inputs(
     processor's — or already decoded :class:`~nemo_bard.data.media.Video`). A video that cannot be
     decoded raises :class:`nemo_bard.data.datasets.DataError` naming ``where[i]`` (e.g. the row) and the file.
     """
-    from nemo_bard.data.collate import conversation_media, decode_videos
-    from nemo_bard.data.datasets import DataError
-
     sampling = sampling or VideoSampling.from_processor(getattr(processor, "video_processor", None))
     decoded = []
     for i, conv in enumerate(conversations):

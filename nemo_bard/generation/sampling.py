@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import torch
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from nemo_bard.generation.points import REMASKING_STRATEGIES
 
@@ -48,12 +54,6 @@ def sample_tokens(
     if temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
 
         warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
         if top_k is not None and top_k > 0:

@@ -30,11 +30,13 @@ import dataclasses
 import functools
 import importlib
 import logging
+import sys
 import threading
 from contextlib import ExitStack, contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.distributed.run as torchrun
 
 from nemo_bard.integrations import check_version
 
@@ -95,7 +97,6 @@ def _distributed_on_cpu(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _patch_targets() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-    import torch.distributed.run as torchrun
 
     auto_model = importlib.import_module("nemo_automodel._transformers.auto_model")
     vlm_finetune = importlib.import_module("nemo_automodel.recipes.vlm.finetune")
@@ -140,10 +141,10 @@ def cpu_patches() -> Iterator[bool]:
 def run_nemo_app(config: str, extra: list[str]) -> int:
     """Hand the YAML ``config`` (and NeMo-style ``extra`` arguments) to NeMo AutoModel's own ``automodel`` app in
     this process, inside :func:`cpu_patches`; returns its exit code."""
-    import sys
+    # NeMo's app and the model classes load when a run starts, not when the CLI imports this module
+    from nemo_automodel.cli import app
 
     import nemo_bard.models.modeling_bard_vl  # noqa: F401  registers bard_vl before NeMo reads a config.json
-    from nemo_automodel.cli import app
 
     argv = sys.argv
     sys.argv = ["automodel", str(config), *extra]

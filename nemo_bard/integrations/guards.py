@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from nemo_bard.errors import TrainingDiverged
 from nemo_bard.integrations import check_version
 
 check_version("nemo_automodel")
@@ -130,8 +131,6 @@ class NonFiniteGuard:
         """Count the step; returns metrics to log. Raises ``TrainingDiverged`` after too many non-finite steps in a
         row, :class:`EmptyTraining` after too many empty ones (``skipped_rows`` / ``dropped_rows``: this step's rows
         lost to unreadable media / to ``bard.max_length``, summed over ranks)."""
-        from nemo_bard.errors import TrainingDiverged
-
         decision, self._decision = self._decision, None
         self.first_step = step if self.first_step is None else self.first_step
         if decision == "empty":

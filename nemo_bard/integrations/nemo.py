@@ -45,6 +45,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+from nemo_automodel.components._peft.lora import LinearLoRA, PeftConfig
+from nemo_automodel.components._peft.module_matcher import ModuleMatcher
+from nemo_automodel.components.distributed.config import FSDP2Config
+from nemo_automodel.components.distributed.model_parallelizer import _parallelize_unsharded_fsdp2
+from nemo_automodel.recipes.dllm.train_ft import corruption_sample_seed
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from nemo_bard.integrations import check_version
@@ -60,19 +66,19 @@ from nemo_automodel.components.datasets.vlm.loader import VlmDataloaderBuild, Vl
 from nemo_automodel.components.distributed.utils import get_sync_ctx  # noqa: E402
 from nemo_automodel.components.loggers.metric_logger import MetricsSample  # noqa: E402
 from nemo_automodel.components.loss.masked_ce import MaskedCrossEntropy  # noqa: E402
-from nemo_automodel.components.training.utils import ScopedModuleOffloading  # noqa: E402
 from nemo_automodel.components.models.qwen3_vl.model import (  # noqa: E402
     Qwen3VLForConditionalGeneration as NeMoQwen3VLForConditionalGeneration,
 )
+from nemo_automodel.components.training.utils import ScopedModuleOffloading  # noqa: E402
 from nemo_automodel.recipes._typed_config import RecipeConfig  # noqa: E402
 from nemo_automodel.recipes.vlm.finetune import FinetuneRecipeForVLM, build_model  # noqa: E402
 
 from nemo_bard.callbacks.base import CallbackList  # noqa: E402
-from nemo_bard.errors import BardConfigError, DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
-from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
 from nemo_bard.data.collate import decode_videos  # noqa: E402
 from nemo_bard.data.layout import BlockBatch  # noqa: E402
 from nemo_bard.data.media import VideoSampling  # noqa: E402
+from nemo_bard.errors import BardConfigError, DiskFullError, RunStopped, TrainingDiverged, run_reported  # noqa: E402
+from nemo_bard.integrations.cpu import cpu_patches  # noqa: E402
 from nemo_bard.integrations.guards import EmptyTraining, NonFiniteGuard, StopSignals, all_finite  # noqa: E402
 from nemo_bard.models.constants import ARCHITECTURE_ALIASES  # noqa: E402
 from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration  # noqa: E402
@@ -605,8 +611,6 @@ def build_frozen_model(cfg_model: Any, *, seed: int, distributed_setup: Any, dev
 
 def noise_seed(base: int, step: int, dp_rank: int, dp_size: int, lbs: int, grad_acc: int, mb: int, i: int) -> int:
     """Topology-independent per-sample noise seed (NeMo's dLLM corruption seed, shifted by the BARD seed)."""
-    from nemo_automodel.recipes.dllm.train_ft import corruption_sample_seed
-
     return corruption_sample_seed(base, step, dp_rank, dp_size, lbs, grad_acc, mb, i)
 
 
@@ -633,8 +637,6 @@ def check_peft_and_checkpointing(peft: dict | None, distributed: dict | None, qu
         )
     if peft is None:
         return
-    from nemo_automodel.components._peft.lora import PeftConfig
-    from nemo_automodel.components._peft.module_matcher import ModuleMatcher
 
     if not isinstance(peft, dict):
         raise BardConfigError(f"peft must be a mapping (e.g. peft=lora), got {peft!r}")
@@ -664,8 +666,6 @@ def check_peft_and_checkpointing(peft: dict | None, distributed: dict | None, qu
 
 def checkpointed_modules(model: torch.nn.Module) -> int:
     """Sub-modules NeMo wrapped for activation checkpointing (or decoder layers under HF's own checkpointing)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-
     wrapped = sum(isinstance(m, CheckpointWrapper) for m in model.modules())
     if not wrapped and getattr(model, "is_gradient_checkpointing", False):
         wrapped = sum(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())
@@ -677,9 +677,6 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> torch.nn.Module:
     at world size 1 with ``distributed.activation_checkpointing: true`` (NeMo's Qwen3-VL parallelizer; the
     attention and MLP of every vision block and decoder layer re-run in backward). For the benchmarks, which
     build plain (transformers) models."""
-    from nemo_automodel.components.distributed.config import FSDP2Config
-    from nemo_automodel.components.distributed.model_parallelizer import _parallelize_unsharded_fsdp2
-
     setup = SimpleNamespace(strategy_config=FSDP2Config(activation_checkpointing=True),
                             activation_checkpointing=True, reapply_trainability=None)
     return _parallelize_unsharded_fsdp2(model, setup, parallelizer=NeMoQwen3VLForConditionalGeneration.parallelizer)
@@ -696,8 +693,6 @@ def merge_lora_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]
     ``W + (alpha / dim) * B @ A`` in fp32, cast back to ``W``'s dtype; the adapter tensors are dropped. The
     model itself is not changed (training goes on with its adapters). An empty ``state`` (the ranks that do
     not write) stays empty."""
-    from nemo_automodel.components._peft.lora import LinearLoRA
-
     if not state:
         return state
     out = dict(state)

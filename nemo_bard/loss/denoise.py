@@ -21,6 +21,7 @@ from torch import nn
 
 from nemo_bard.schema import LossSettings
 
+
 class DenoiseLossOutput(NamedTuple):
     """Loss plus detached statistics for logging."""
 

@@ -20,8 +20,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from nemo_bard.models.constants import BARD_ARCHITECTURE
+from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration
 from nemo_bard.rundir import atomic_directory, remove_stale_temporaries
 
 logger = logging.getLogger(__name__)
@@ -31,8 +33,6 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict (a collective under FSDP2: call on every rank)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=opts)
 
@@ -53,8 +53,6 @@ def save_bard_dir(
     memory for a second copy), sharded at ``max_shard_size``; an existing ``out_dir`` is replaced only
     once the new one is complete.
     """
-    from nemo_bard.models.modeling_bard_vl import BardVLForConditionalGeneration
-
     out = Path(out_dir)
     remove_stale_temporaries(out)
     with torch.device("meta"):

@@ -31,7 +31,6 @@ from transformers.models.qwen3_vl.modeling_qwen3_vl import (
     Qwen3VLForConditionalGeneration,
     Qwen3VLTextModel,
 )
-
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 
 from nemo_bard.attention.masks import additive_mask, prefill_mask

@@ -33,10 +33,11 @@ from nemo_bard.integrations.nemo import (
     noise_seed,
     training_dataset,
 )
+from nemo_bard.models.export import export_hf, full_state_dict
 from nemo_bard.recipes.config import (
+    CHECKED_KEYS,
     BardConfigError,
     BardSections,
-    CHECKED_KEYS,
     check_recipe_config,
     parse_bard_settings,
     to_plain,
@@ -195,8 +196,6 @@ class BardRecipeBase(BardNeMoRecipe):
         """Export the student as an HF ``bard_vl`` directory (collective; rank 0 writes), atomically and sharded at
         ``bard.export_max_shard_size``; with LoRA the adapters are merged into the exported weights; refused when
         the weights are not finite."""
-        from nemo_bard.models.export import export_hf, full_state_dict
-
         stages = self.block_merge.stages if self.block_merge is not None else []
         start = next((s.start for s in stages if s.block_size == block_size), 0)  # the stage (or run) exported
         self.check_trained_since(start, f"the export {out_dir} was not written")

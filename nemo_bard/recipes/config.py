@@ -17,7 +17,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from nemo_bard.callbacks.block_merge import parse_schedule
-from nemo_bard.errors import BardConfigError, UserError
+from nemo_bard.errors import BardConfigError
+from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
+from nemo_bard.models.paths import ModelPathError, read_model_config
+from nemo_bard.models.verify import verify_model_dir
 from nemo_bard.schema import LossSettings, NoiseSettings, Section
 
 
@@ -187,9 +190,6 @@ def check_paths(cfg: dict[str, Any], checksums: bool = False) -> None:
     """Files the run needs: the dataset path(s), the model directory (a bard_vl checkpoint whose safetensors
     files are intact: :func:`~nemo_bard.models.verify.verify_model_dir`, with their recorded sha256 when
     ``checksums``) and, for SWD, the teacher directory. Local paths only; Hub ids are left to the loaders."""
-    from nemo_bard.models.paths import read_model_config
-    from nemo_bard.models.verify import verify_model_dir
-
     data = _get(cfg, "dataset.path")
     for p in data if isinstance(data, (list, tuple)) else [data] if data is not None else []:
         if not os.path.exists(str(p)):
@@ -224,6 +224,7 @@ def _tokenizer_vocab(path: str) -> dict[str, int] | None:
     tok = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok):
         return None
+    # this module stays free of torch/transformers: front ends validate configs with it in ~0.2 s
     from tokenizers import Tokenizer
 
     try:
@@ -238,9 +239,6 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
     bard_vl, same vocabulary, tokenizer and mask id, teacher block size dividing the student's. Returns
     (student B, teacher B). A Hugging Face Hub id is read with transformers' ``get_config_dict`` when ``hub``, else
     the check is left to a later call (returns None); local directories need neither torch nor transformers."""
-    from nemo_bard.models.paths import ModelPathError, read_model_config
-    from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
-
     cfgs = {}
     for role, path in (("student", student_path), ("teacher", teacher_path)):
         key = "paths.student (model" if role == "student" else "paths.teacher (teacher_model"
@@ -252,6 +250,7 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
         if cfg is None:  # a Hugging Face Hub id
             if not hub:
                 return None
+            # transformers: ~8 s, only for a Hub id
             from transformers import PreTrainedConfig
 
             try:

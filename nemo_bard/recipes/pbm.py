@@ -6,7 +6,6 @@ model with the block size growing on the ``block_merge`` schedule (4 -> 8 -> 16 
 
 from __future__ import annotations
 
-
 import torch
 
 from nemo_bard.data.layout import BlockBatch
@@ -48,6 +47,6 @@ def main(config_path: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import nemo_bard  # noqa: F401  (absolute import: registers bard_vl when run as a script)
+    import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
 
     main()

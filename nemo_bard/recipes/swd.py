@@ -127,6 +127,6 @@ def main(config_path: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    import nemo_bard  # noqa: F401  (absolute import: registers bard_vl when run as a script)
+    import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
 
     main()

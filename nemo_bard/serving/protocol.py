@@ -14,6 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
+from nemo_bard.data.media import MediaError, load_image
+
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
 MAX_ASPECT_RATIO = 200  # Qwen3-VL's image processor refuses more
@@ -170,10 +174,6 @@ def media_bytes_or_path(url: Any, param: str, policy: MediaPolicy) -> dict:
 
 def load_request_image(ref: dict, param: str) -> Any:
     """A PIL image, or :class:`RequestError` naming ``param`` when it is unreadable or out of bounds."""
-    from PIL import Image
-
-    from nemo_bard.data.media import MediaError, load_image
-
     try:
         image = load_image(ref)
     except (MediaError, Image.DecompressionBombError) as exc:
