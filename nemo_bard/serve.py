@@ -175,7 +175,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
         def make_session() -> Any:
             return BlockDiffusionSession(engine, rows=rows, capacity=capacity, block_size=block,
                                          schedule=step_schedule(block, steps), mask_token_id=mask_id, stops=stops,
-                                         pad=pad, strategy=strategy, threshold=tau)
+                                         pad=pad, strategy=strategy, threshold=tau, stream_prefix=True)
         logging.getLogger(__name__).info("decoding: B%d S%d %s tau %g, %d rows x %d slots", block, steps, strategy,
                                          tau, rows, capacity)
     else:

@@ -81,6 +81,33 @@ def test_session_api_steps_and_collects_blocks(tiny_bard_model, tiny_processor):
     session.close()
 
 
+def test_streamed_prefixes_are_the_same_tokens_sooner(sharp_model, tiny_processor):
+    """``stream_prefix`` returns a block's leading decided positions after each forward (what the server streams):
+    the same tokens as block by block, every token at the same forward or earlier, and some strictly earlier."""
+    enc = encode(tiny_processor, PROMPTS[:3])
+    engine = DecodeEngine.for_model(sharp_model)
+    inputs = model_inputs(engine.device, **enc)
+    kw = dict(rows=4, capacity=128, block_size=8, schedule=[1] * 8, mask_token_id=sharp_model.config.mask_token_id,
+              stops=[], pad=0, strategy=DYNAMIC, threshold=0.9)
+    runs = {}
+    for stream in (False, True):
+        session = BlockDiffusionSession(engine, stream_prefix=stream, **kw)
+        session.add([RowRequest(i, 20) for i in range(3)], inputs)
+        when: dict[int, list[int]] = {i: [] for i in range(3)}  # the forward at which each token was returned
+        tokens: dict[int, list[int]] = {i: [] for i in range(3)}
+        while session.running:
+            session.step()
+            for key, new in session.collect():
+                tokens[key] += new
+                when[key] += [session.num_forwards] * len(new)
+        runs[stream] = (tokens, when, session.num_forwards)
+        session.close()
+    (blocks, at_block_end, forwards), (streamed, streamed_at, streamed_forwards) = runs[False], runs[True]
+    assert streamed == blocks and forwards == streamed_forwards and all(len(t) == 20 for t in blocks.values())
+    pairs = [(s, b) for i in range(3) for s, b in zip(streamed_at[i], at_block_end[i])]
+    assert all(s <= b for s, b in pairs) and any(s < b for s, b in pairs)
+
+
 def test_ar_engine_batch_equals_each_alone_and_hf(tiny_ar_dir, tiny_processor):
     from transformers import AutoModelForImageTextToText
 
