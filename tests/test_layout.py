@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nemo_bard.attention.masks import dense_mask, training_token_meta
-from nemo_bard.data.layout import BlockLayout, select_samples
+from nemo_bard.data.layout import BlockLayout, collated_batch, select_samples
 from nemo_bard.data.noise import sample_block_rates, sample_noise
 from nemo_bard.loss.denoise import MaskedDenoisingLoss
 from nemo_bard.schema import LossSettings, NoiseSettings
@@ -26,19 +26,10 @@ def text_rope(ids, mask2d, mm, image_grid_thw=None, video_grid_thw=None):
 
 
 def processor_batch(prefixes, responses):
-    pmax, rmax = max(map(len, prefixes)), max(map(len, responses))
-    prefix_ids = torch.zeros(len(prefixes), pmax, dtype=torch.long)
-    response_ids = torch.full((len(responses), rmax), -1, dtype=torch.long)
-    for i, (p, r) in enumerate(zip(prefixes, responses)):
+    prefix_ids = torch.zeros(len(prefixes), max(map(len, prefixes)), dtype=torch.long)
+    for i, p in enumerate(prefixes):
         prefix_ids[i, : len(p)] = torch.tensor(p)
-        response_ids[i, : len(r)] = torch.tensor(r)
-    return {
-        "prefix_ids": prefix_ids, "prefix_lens": torch.tensor([len(p) for p in prefixes]),
-        "mm_token_type_ids": torch.zeros_like(prefix_ids), "response_ids": response_ids,
-        "response_lens": torch.tensor([len(r) for r in responses]),
-        "n_images_per_sample": torch.zeros(len(prefixes), dtype=torch.long),
-        "n_videos_per_sample": torch.zeros(len(prefixes), dtype=torch.long), "num_skipped": 0,
-    }
+    return collated_batch(prefix_ids, torch.tensor([len(p) for p in prefixes]), responses)
 
 
 def test_single_sample_layout_by_hand():
@@ -151,10 +142,12 @@ def test_denoise_loss_hand_computed_two_samples():
     ce_b = math.log(2 + math.e)
     ce_c = math.log(3)
     expected = ((ce_a * 1.0 + ce_b * 2.0) / 2 + (ce_c * 0.5) / 1) / 2
-    out = MaskedDenoisingLoss(LossSettings(reduction="sample_mean"))(logits, targets, weights, sample_ids, 2, global_denominator=2)
+    sample_mean = MaskedDenoisingLoss(LossSettings(reduction="sample_mean"))
+    out = sample_mean(logits, targets, weights, sample_ids, 2, global_denominator=2)
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
     assert out.num_correct.item() == 1
-    tok = MaskedDenoisingLoss(LossSettings(reduction="token_mean"))(logits, targets, weights, sample_ids, 2, global_denominator=3)
+    token_mean = MaskedDenoisingLoss(LossSettings(reduction="token_mean"))
+    tok = token_mean(logits, targets, weights, sample_ids, 2, global_denominator=3)
     assert tok.loss.item() == pytest.approx((ce_a + 2 * ce_b + 0.5 * ce_c) / 3, rel=1e-6)
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from nemo_bard.data.datasets import DataError
+from nemo_bard.data.layout import collated_batch
 from nemo_bard.data.media import MediaError, Video, VideoSampling, load_video, video_processor_kwargs
 from nemo_bard.integrations.hf import video_timestamps
 
@@ -253,23 +254,12 @@ def bard_collate_fn(
             rows, texts, resp, media = ([x[i] for i in keep] for x in (rows, texts, resp, media))
             enc = encode()
 
-    r_max = max((len(r) for r in resp), default=0)
-    response_ids = torch.full((len(resp), r_max), -1, dtype=torch.long)
-    for i, r in enumerate(resp):
-        response_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
     n = len(rows)
-    batch: dict[str, Any] = {
-        "prefix_ids": enc["input_ids"][:n],
-        "prefix_lens": enc["attention_mask"][:n].sum(-1),
-        "mm_token_type_ids": enc.get("mm_token_type_ids", torch.zeros_like(enc["input_ids"]))[:n],
-        "response_ids": response_ids,
-        "response_lens": torch.tensor([len(r) for r in resp], dtype=torch.long),
-        "n_images_per_sample": torch.tensor([len(m[0]) for m in media], dtype=torch.long),
-        "n_videos_per_sample": torch.tensor([len(m[1]) for m in media], dtype=torch.long),
-        "num_skipped": num_skipped,
-        "rows": torch.tensor([ex.get("row", -1) for ex in rows], dtype=torch.long),
-    }
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        if key in enc:
-            batch[key] = enc[key]
-    return batch
+    return collated_batch(
+        enc["input_ids"][:n], enc["attention_mask"][:n].sum(-1), resp,
+        mm_token_type_ids=enc.get("mm_token_type_ids", torch.zeros_like(enc["input_ids"]))[:n],
+        media={k: enc[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+               if k in enc},
+        n_images=[len(m[0]) for m in media], n_videos=[len(m[1]) for m in media],
+        rows=[ex.get("row", -1) for ex in rows], num_skipped=num_skipped,
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 
@@ -81,6 +81,30 @@ class FakeMedia:
         dim = vc.in_channels * vc.temporal_patch_size * vc.patch_size**2
         token = config.image_token_id if modality == 1 else config.video_token_id
         return cls(modality, int(token), torch.zeros(merge * merge, dim), torch.tensor([[1, merge, merge]]))
+
+
+def collated_batch(prefix_ids: torch.Tensor, prefix_lens: torch.Tensor, responses: Sequence[Sequence[int]], *,
+                   mm_token_type_ids: torch.Tensor | None = None, media: Mapping[str, torch.Tensor] | None = None,
+                   n_images: Sequence[int] | None = None, n_videos: Sequence[int] | None = None,
+                   rows: Sequence[int] | None = None, num_skipped: int = 0) -> dict[str, Any]:
+    """A collated micro-batch, the mapping :meth:`BlockLayout.build` reads (the collate's output; the one place its
+    keys are spelled): right-padded prompt ids and lengths, their ``mm_token_type_ids`` (default: all text), the
+    response ids (padded with -1) and lengths, the processor's media tensors (``pixel_values``, ``image_grid_thw``,
+    ``pixel_values_videos``, ``video_grid_thw``) with the images and videos per sample, the dataset rows (-1:
+    none) and the count of rows the collate skipped."""
+    n = len(responses)
+    response_ids = torch.full((n, max((len(r) for r in responses), default=0)), -1, dtype=torch.long)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+    count = lambda values: torch.tensor(list(values) if values is not None else [0] * n, dtype=torch.long)  # noqa: E731
+    return {
+        "prefix_ids": prefix_ids, "prefix_lens": prefix_lens,
+        "mm_token_type_ids": torch.zeros_like(prefix_ids) if mm_token_type_ids is None else mm_token_type_ids,
+        "response_ids": response_ids, "response_lens": torch.tensor([len(r) for r in responses], dtype=torch.long),
+        "n_images_per_sample": count(n_images), "n_videos_per_sample": count(n_videos),
+        "rows": torch.tensor(list(rows) if rows is not None else [-1] * n, dtype=torch.long),
+        "num_skipped": num_skipped, **(media or {}),
+    }
 
 
 def select_samples(batch: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
@@ -251,10 +275,7 @@ class BlockLayout:
         all dropped still runs, so that it takes part in the forward and backward the other data-parallel ranks
         run (FSDP collectives). ``num_samples`` is 0; the drop counts are carried."""
         pad = self.pad_token_id
-        one = {"prefix_ids": torch.tensor([[pad]]), "prefix_lens": torch.tensor([1]),
-               "mm_token_type_ids": torch.zeros(1, 1, dtype=torch.long), "response_ids": torch.tensor([[pad]]),
-               "response_lens": torch.tensor([1]), "n_images_per_sample": torch.tensor([0]),
-               "n_videos_per_sample": torch.tensor([0]), "rows": torch.tensor([-1])}
+        one = collated_batch(torch.tensor([[pad]]), torch.tensor([1]), [[pad]])
         built = dataclasses.replace(self, max_length=None).build(one, [0], rope_fn, fake_media, device)
         return dataclasses.replace(
             built, targets=torch.full_like(built.targets, -100), loss_mask=torch.zeros_like(built.loss_mask),
