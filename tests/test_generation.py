@@ -479,3 +479,12 @@ def test_a_block_ends_when_the_positions_it_returns_are_decided(engine, tiny_bar
         handle.remove()
     assert full.num_forwards == 16 and short.num_forwards == 2 and short.row_forwards.tolist() == [2]
     assert short.sequences[0].tolist() == full.sequences[0, :2].tolist()
+
+
+def test_a_mistyped_processor_output_is_refused_not_ignored(tiny_bard_model, tiny_processor):
+    """The processor's outputs travel as one mapping; a key the decoder does not read is an error naming it (an
+    image passed as ``pixel_value`` would otherwise be decoded as a text-only prompt)."""
+    enc = dict(encode(tiny_processor, PROMPTS[:1]))
+    enc["pixel_value"] = torch.zeros(1)
+    with pytest.raises(TypeError, match="unexpected processor output 'pixel_value'; the decoder reads input_ids"):
+        block_diffusion_generate(tiny_bard_model, **enc, max_new_tokens=4)

@@ -18,18 +18,15 @@ def ar_generate(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.LongTensor | None = None,
-    pixel_values_videos: torch.Tensor | None = None,
-    video_grid_thw: torch.LongTensor | None = None,
-    mm_token_type_ids: torch.Tensor | None = None,
     *,
     max_new_tokens: int,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     engine: str = "static",
+    **processor_outputs: torch.Tensor | None,
 ) -> GenerationOutput:
-    """Greedy AR decoding of left-padded prompts; one forward per generated token (TPF 1).
+    """Greedy AR decoding of left-padded prompts; one forward per generated token (TPF 1). ``processor_outputs``:
+    the processor's other outputs (media, ``mm_token_type_ids``) as one mapping.
 
     ``engine="static"`` (or ``compiled`` / ``eager``) runs it on the decoding loop of block diffusion
     (:class:`~nemo_bard.generation.session.ARSession`: causal prompt prefill, then one-token steps on the same
@@ -41,8 +38,7 @@ def ar_generate(
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     stops, pad = special_token_ids(model, eos_token_id, None, pad_token_id)
     device = model.device
-    inputs = model_inputs(device, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                          video_grid_thw, mm_token_type_ids)
+    inputs = model_inputs(device, input_ids=input_ids, attention_mask=attention_mask, **processor_outputs)
     batch = input_ids.shape[0]
     if engine != "hf":
         dec = DecodeEngine.for_model(model, engine)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 
 from nemo_bard.generation.engine import DecodeEngine, batch_bucket
+from nemo_bard.generation.inputs import PROCESSOR_KEYS
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import check_engine
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, step_schedule
@@ -81,11 +82,6 @@ def block_diffusion_generate(
     model: torch.nn.Module,
     input_ids: torch.LongTensor,
     attention_mask: torch.Tensor | None = None,
-    pixel_values: torch.Tensor | None = None,
-    image_grid_thw: torch.LongTensor | None = None,
-    pixel_values_videos: torch.Tensor | None = None,
-    video_grid_thw: torch.LongTensor | None = None,
-    mm_token_type_ids: torch.Tensor | None = None,
     *,
     max_new_tokens: int = 1024,
     block_size: int | None = None,
@@ -102,12 +98,14 @@ def block_diffusion_generate(
     streamer: Any | Callable[[int, list[int]], None] | None = None,
     fuse_commit: bool = True,
     engine: "str | DecodeEngine" = "static",
+    **processor_outputs: torch.Tensor | None,
 ) -> GenerationOutput:
     """Block-diffusion decoding of (left- or right-) padded prompts; see the module docstring.
 
     Args:
-        input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-            mm_token_type_ids: the processor's outputs for a batch of prompts.
+        input_ids, attention_mask, **processor_outputs: the processor's outputs for a batch of prompts, as one
+            mapping (``model.generate(**processor(...))``): ``pixel_values``, ``image_grid_thw``,
+            ``pixel_values_videos``, ``video_grid_thw``, ``mm_token_type_ids``.
         max_new_tokens: response budget; ``ceil(max_new_tokens / B)`` blocks at most.
         block_size: B (default ``model.config.block_size``).
         denoising_steps: S, the most steps per block (default B, clamped to ``[1, B]``).
@@ -137,8 +135,7 @@ def block_diffusion_generate(
     stops, pad = special_token_ids(model, eos_token_id, stop_token_ids, pad_token_id)
     device = model.device
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    inputs = model_inputs(device, input_ids, attention_mask, pixel_values, image_grid_thw, pixel_values_videos,
-                          video_grid_thw, mm_token_type_ids)
+    inputs = model_inputs(device, input_ids=input_ids, attention_mask=attention_mask, **processor_outputs)
     ids, am = inputs["input_ids"], inputs["attention_mask"]
     stream = _Streamer(streamer, ids.shape[0], ids[:, am[0].bool()])
     dec = engine if isinstance(engine, DecodeEngine) else DecodeEngine.for_model(model, engine)
@@ -156,14 +153,18 @@ def block_diffusion_generate(
     return out
 
 
-def model_inputs(device: torch.device, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
-                 mm_token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-    """The processor's outputs on ``device`` (an all-ones attention mask when none is given)."""
-    ids = input_ids.to(device)
-    am = (torch.ones_like(ids) if attention_mask is None else attention_mask.to(device)).long()
-    media = dict(pixel_values=pixel_values, image_grid_thw=image_grid_thw, pixel_values_videos=pixel_values_videos,
-                 video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids)
-    return {"input_ids": ids, "attention_mask": am, **{k: v.to(device) if v is not None else None
-                                                       for k, v in media.items()}}
+def model_inputs(device: torch.device, **processor_outputs: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
+    """The processor's outputs (:data:`~nemo_bard.generation.inputs.PROCESSOR_KEYS`) on ``device``, every key
+    present (None when not given; an all-ones attention mask when none is given). An unknown key is a
+    ``TypeError`` naming it."""
+    unknown = sorted(set(processor_outputs) - set(PROCESSOR_KEYS))
+    if unknown:
+        raise TypeError(f"unexpected processor output {unknown[0]!r}; the decoder reads {', '.join(PROCESSOR_KEYS)}")
+    out = {k: (v.to(device) if v is not None else None) for k in PROCESSOR_KEYS
+           for v in [processor_outputs.get(k)]}
+    if out["input_ids"] is None:
+        raise TypeError("input_ids is required")
+    if out["attention_mask"] is None:
+        out["attention_mask"] = torch.ones_like(out["input_ids"])
+    out["attention_mask"] = out["attention_mask"].long()
+    return out
