@@ -65,7 +65,7 @@ def test_pooled_decode_speed_ranks_by_forwards_and_ties_go_to_the_careful_point(
 def test_grid_paired_difference_and_merged_rows():
     grid = default_grid(16)
     assert [p.label for p in grid[:3]] == ["B16 S16 t1 static", "B16 S8 t1 static", "B16 S4 t1 static"]
-    assert len(grid) == 13 and {p.denoising_steps for p in grid[3:]} == {16, 8}
+    assert len(grid) == 8 and {p.denoising_steps for p in grid[3:]} == {16}
     assert len(default_grid(1)) == 1 + 5  # S = 1 only
 
     def preds(bits):

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune = ap.add_argument_group("--tune: choose the model's decoding point against its AR model")
     tune.add_argument("--tune", action="store_true",
                       help="search a grid of decoding points (--points, default: static S = B, B/2, B/4 and dynamic "
-                           "S = B, B/2 at tau 0.95..0.5) on --data and store the choice in --model")
+                           "S = B at tau 0.95, 0.9, 0.8, 0.7, 0.5) on --data and store the choice in --model")
     tune.add_argument("--ar-model", default=None, help="the AR model to measure against (same tokenizer)")
     tune.add_argument("--tolerance", type=float, default=1.0,
                       help="exact-match percentage points the point may lose against AR (default 1.0)")
