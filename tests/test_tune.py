@@ -67,6 +67,9 @@ def test_grid_paired_difference_and_merged_rows():
     assert [p.label for p in grid[:3]] == ["B16 S16 t1 static", "B16 S8 t1 static", "B16 S4 t1 static"]
     assert len(grid) == 8 and {p.denoising_steps for p in grid[3:]} == {16}
     assert len(default_grid(1)) == 1 + 5  # S = 1 only
+    from nemo_bard.eval.tune import speed_bound
+
+    assert [speed_bound(p) for p in grid[:4]] == [1.0, 2.0, 4.0, float("inf")]  # static: B/S tokens per forward
 
     def preds(bits):
         return [{"exact_match": float(b), "char_accuracy": 1.0, "position_accuracy": 1.0} for b in bits]
@@ -149,7 +152,8 @@ def test_generate_serve_eval_and_lmms_default_to_the_stored_point(tiny_bard_dir,
     assert [p.label for p in model_default_points(model, 4)] == ["B4 S4 t1", "B4 S2 t0.7 dynamic"]
     assert [p.label for p in model_default_points(tiny_bard_dir, 4)] == ["B4 S4 t1", "B4 S4 t0.9"]
     assert BardLmmsModel(str(model)).point == DecodePoint(4, 2, 0.7, "dynamic")
-    assert BardLmmsModel(str(model), confidence_threshold=1.0, denoising_steps=4).point == DecodePoint(4, 4, 1.0, "static")
+    explicit = BardLmmsModel(str(model), confidence_threshold=1.0, denoising_steps=4)
+    assert explicit.point == DecodePoint(4, 4, 1.0, "static")
 
 
 # ------------------------------------------------------------------------------------------ --tune runs
@@ -189,6 +193,8 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
     assert evidence["chosen"]["n"] == 6 and "ar_model" in evidence and "date" in evidence
     stored = read_decoding_defaults(model).point(4)
     assert stored is not None and f"chose {stored.label}" in out
+    statuses = [c["status"] for c in evidence["candidates"]]
+    assert statuses.count("chosen") == 1 and len(statuses) == 3
     assert json.loads((model / GENERATION_CONFIG).read_text())["eos_token_id"] == json.loads(before)["eos_token_id"]
 
 

@@ -8,9 +8,11 @@ its own block size (:func:`default_grid`: static at S = B, B/2, B/4; dynamic at 
 and keeps the fastest point (by ``objective``) whose exact match is at least AR's minus ``tolerance`` percentage
 points (:func:`choose`). Decode speed is ranked by each point's forwards times the decode time per forward pooled
 over all points (:func:`pool_decode_speed`: same shapes, same cost per forward), which a busy machine disturbs far
-less than each point's own timing; ties go to the more accurate, then the more careful point. Compute is saved by successive halving: every point first decodes the first slice of
-the rows; a point whose paired interval of (exact match - AR's) on that slice lies wholly below ``-tolerance`` is
-dropped (95 % jointly over the grid, :func:`drop_z`); the others decode the remaining rows fastest first, and the first one that stays
+less than each point's own timing; ties go to the more accurate, then the more careful point.
+
+Compute is saved by successive halving: every point first decodes the first slice of the rows; a point whose
+paired interval of (exact match - AR's) on that slice lies wholly below ``-tolerance`` is dropped (95 % jointly
+over the grid, :func:`drop_z`); the others decode the remaining rows fastest first, and the first one that stays
 within the tolerance on all rows ends the search (slower points are not needed). Prompts are built by the
 processor once and reused by every point. The chosen point is written to ``DIR/generation_config.json``
 (:func:`nemo_bard.generation.defaults.write_decoding_point`; the previous file is kept as
@@ -126,9 +128,24 @@ def choose(rows: Sequence[dict], ar: dict, tolerance: float, objective: str = OB
     """The row with the highest :func:`speed` among those evaluated on all of AR's rows and within ``tolerance``
     points of AR's exact match; ties go to the more accurate, then the more careful (higher tau, more steps)
     point. None when no row qualifies."""
-    ok = [r for r in rows if r["n"] == ar["n"] and speed(r, objective) > -math.inf
+    ok = [r for r in rows if r.get("n") == ar["n"] and speed(r, objective) > -math.inf
           and within_tolerance(r, ar, tolerance)]
     return max(ok, key=lambda r: (speed(r, objective), r["accuracy"], *_careful(r)), default=None)
+
+
+def speed_bound(point: DecodePoint) -> float:
+    """The most tokens per forward ``point`` can reach: B/S for the static strategy (exactly B/S per step), no
+    bound (inf) for the dynamic one. Points whose bound cannot beat a point already within the tolerance are
+    not run."""
+    if point.remasking_strategy == "low_confidence_static":
+        return point.block_size / (point.denoising_steps or point.block_size)
+    return math.inf
+
+
+def _bound_value(row: dict, objective: str) -> float:
+    """A row's speed in the units of :func:`speed_bound`: tokens per batched forward (what the pooled decode rate
+    ranks by) or tokens per forward per sequence."""
+    return row["tokens_per_forward"] if objective == "tokens_per_forward" else row["tokens_per_batch_forward"]
 
 
 def pool_decode_speed(rows: Sequence[dict]) -> float | None:
@@ -193,6 +210,9 @@ def tune_table(ar: dict, candidates: Sequence[dict], objective: str = OBJECTIVES
 
     lines.append(line("AR", ar, "–", "reference"))
     for r in candidates:
+        if "n" not in r:
+            lines.append(f"| {r['point']} | 0 | – | – | – | – | – | – | {r['status']} |")
+            continue
         d, (lo, hi) = r["delta"], r["delta_ci95"]
         delta = f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" if not math.isnan(d) else "–"
         lines.append(line(r["point"], r, delta, r["status"]))
@@ -234,7 +254,8 @@ def check_same_tokenizer(model_dir: str | Path, ar_dir: str | Path) -> None:
     if ours is None or theirs is None:
         from transformers import AutoTokenizer
 
-        ours, theirs = AutoTokenizer.from_pretrained(model_dir).get_vocab(), AutoTokenizer.from_pretrained(ar_dir).get_vocab()
+        ours = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+        theirs = AutoTokenizer.from_pretrained(ar_dir).get_vocab()
     for tok, i in sorted(theirs.items(), key=lambda kv: kv[1]):
         if ours.get(tok) != i:
             here = "is missing" if tok not in ours else f"is id {ours[tok]}"
@@ -396,44 +417,60 @@ def tune(
     cache: dict = {}
     warm(loaded, sampling, grid[0])
     rows: dict[DecodePoint, dict] = {}
-    for i, point in enumerate(grid, 1):
-        r = run_point(loaded, dev[:n1], point, cache, sampling)
-        r["point"] = point.label
-        r["delta"], r["delta_ci95"] = paired_difference(r, ar, n1)
-        rows[point] = r
-        say(f"[{i}/{len(grid)}] {point.label}: exact match {_pct(r['accuracy'])} % ({100 * r['delta']:+.1f} vs AR) "
-            f"on {n1} rows, TPF {r['tokens_per_forward']:.2f}, decode {_speed(r['decode_tokens_per_second'])} tokens/s")
-    survivors = []
     z_drop = drop_z(len(grid))
-    for point, r in rows.items():
-        if n1 < n and paired_difference(r, ar, n1, z_drop)[1][1] < -tolerance / 100.0:
-            r["status"] = f"dropped after {n1} rows"
-        else:
-            survivors.append(point)
-    pool_decode_speed(list(rows.values()))
-    survivors.sort(key=lambda p: (speed(rows[p], objective), rows[p]["accuracy"], *_careful(rows[p])), reverse=True)
-    if n1 < n:
-        say(f"{len(grid) - len(survivors)} points dropped (difference to AR below -{tolerance:g} points on the first "
-            f"{n1} rows with 95 % confidence over all {len(grid)} points); the others decode the remaining {n - n1} "
-            "rows, fastest first")
-    chosen = None
-    for point in survivors:
-        r = rows[point]
-        if n1 < n:
-            r = merge_rows(r, run_point(loaded, dev[n1:], point, cache, sampling))
+    best: float | None = None  # the value (in bound units) of the fastest point within the tolerance so far
+    pending = sorted(grid, key=lambda p: -speed_bound(p))
+    done = 0
+    while pending:
+        bound = speed_bound(pending[0])
+        group = [p for p in pending if speed_bound(p) == bound]
+        pending = pending[len(group):]
+        if best is not None and bound <= best:
+            for p in [*group, *pending]:
+                rows[p] = {"point": p.label, "status": f"not run (at most {bound:g} tokens per forward)"}
+            break
+        for point in group:  # first rung
+            done += 1
+            r = run_point(loaded, dev[:n1], point, cache, sampling)
             r["point"] = point.label
+            r["delta"], r["delta_ci95"] = paired_difference(r, ar, n1)
             rows[point] = r
-        r["delta"], r["delta_ci95"] = paired_difference(r, ar)
-        ok = within_tolerance(r, ar, tolerance)
-        r["status"] = "within tolerance" if ok else "below tolerance"
-        if n1 < n:
-            say(f"{point.label}: exact match {_pct(r['accuracy'])} % ({100 * r['delta']:+.1f} vs AR) on {n} rows -> "
-                f"{r['status']}")
-        if ok and n1 < n:
-            break  # every point left is slower on the first slice
-    for point in survivors:
-        rows[point].setdefault("status", "not needed (a faster point qualified)")
-    candidates = list(rows.values())
+            say(f"[{done}/{len(grid)}] {point.label}: exact match {_pct(r['accuracy'])} % ({100 * r['delta']:+.1f} vs "
+                f"AR) on {n1} rows, TPF {r['tokens_per_forward']:.2f}, decode "
+                f"{_speed(r['decode_tokens_per_second'])} tokens/s")
+        survivors = []
+        for point in group:
+            if n1 < n and paired_difference(rows[point], ar, n1, z_drop)[1][1] < -tolerance / 100.0:
+                rows[point]["status"] = f"dropped after {n1} rows"
+            else:
+                survivors.append(point)
+        if n1 < n and len(survivors) < len(group):
+            say(f"{len(group) - len(survivors)} dropped: below -{tolerance:g} points vs AR on the first {n1} rows "
+                f"(95 % jointly over the {len(grid)} points)")
+        pool_decode_speed([r for r in rows.values() if "n" in r])
+        survivors.sort(key=lambda p: (speed(rows[p], objective), rows[p]["accuracy"], *_careful(rows[p])),
+                       reverse=True)
+        for point in survivors:  # the rest of the rows, fastest first, until one is within the tolerance
+            r = rows[point]
+            if best is not None and _bound_value(r, objective) <= best:
+                break
+            if n1 < n:
+                r = merge_rows(r, run_point(loaded, dev[n1:], point, cache, sampling))
+                r["point"] = point.label
+                rows[point] = r
+            r["delta"], r["delta_ci95"] = paired_difference(r, ar)
+            ok = within_tolerance(r, ar, tolerance)
+            r["status"] = "within tolerance" if ok else "below tolerance"
+            if n1 < n:
+                say(f"{point.label}: exact match {_pct(r['accuracy'])} % ({100 * r['delta']:+.1f} vs AR) on {n} rows "
+                    f"-> {r['status']}")
+            if ok:
+                best = max(best or 0.0, _bound_value(r, objective))
+                if n1 < n:
+                    break  # the points left in this group were slower on the first rows
+    for r in rows.values():
+        r.setdefault("status", "not needed (a faster point qualified)")
+    candidates = [rows[p] for p in grid]
     per_forward = pool_decode_speed(candidates)
     chosen = choose(candidates, ar, tolerance, objective)
     if chosen is not None:
@@ -455,10 +492,10 @@ def tune(
     }
     result = TuneResult(result_point, ar, candidates, chosen, tolerance, objective, "", evidence, wall)
     if chosen is None:
-        best = max(candidates, key=lambda r: (r["n"], r["accuracy"]))
+        top = max((r for r in candidates if "n" in r), key=lambda r: (r["n"], r["accuracy"]))
         result.message = (
             f"no decoding point is within {tolerance:g} points of AR's exact match {_pct(ar['accuracy'])} % on {label} "
-            f"(best: {best['point']} at {_pct(best['accuracy'])} % on {best['n']} rows); nothing was written to "
+            f"(best: {top['point']} at {_pct(top['accuracy'])} % on {top['n']} rows); nothing was written to "
             f"{Path(model_dir) / GENERATION_CONFIG}: raise --tolerance or train the model further")
         return result
     what = (f"{result_point.label}: exact match {_pct(chosen['accuracy'])} % vs AR {_pct(ar['accuracy'])} % on {n} "

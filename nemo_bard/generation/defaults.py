@@ -86,7 +86,8 @@ def _check(path: Path, key: str, value: Any) -> Any:
         return value
     if key == "remasking_strategy":
         if value not in STRATEGY_ALIASES:
-            raise DefaultsError(f"{path}: {key} is {value!r}, not one of {', '.join(sorted(set(STRATEGY_ALIASES.values())))}; {fix}")
+            names = ", ".join(sorted(set(STRATEGY_ALIASES.values())))
+            raise DefaultsError(f"{path}: {key} is {value!r}, not one of {names}; {fix}")
         return STRATEGY_ALIASES[value]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and 0 <= value <= 1):
         raise DefaultsError(f"{path}: {key} is {value!r}, not a number in [0, 1]; {fix}")
