@@ -171,8 +171,9 @@ def dev_data(tmp_path_factory):
 def _tune(model, ar, data, *extra):
     from nemo_bard.eval.__main__ import main
 
+    out = [] if "--out-dir" in extra else ["--out-dir", ""]
     return main(["--tune", "--model", str(model), "--ar-model", str(ar), "--data", str(data), "--max-new-tokens",
-                 "6", "--batch-size", "2", "--no-progress", "--out-dir", "", *extra])
+                 "6", "--batch-size", "2", "--no-progress", *out, *extra])
 
 
 def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_dir, tiny_ar_dir, dev_data,
@@ -185,8 +186,11 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
     assert "| AR | 6 |" in out and "| chosen |" in out and "--dry-run: nothing written" in out
     assert (model / GENERATION_CONFIG).read_text() == before and not (model / EVIDENCE_FILE).exists()
 
-    assert _tune(model, tiny_ar_dir, dev_data, "--points", "4:4:1.0,4:2:0.9,4:1:1.0", "--first-slice", "2") == 0
+    assert _tune(model, tiny_ar_dir, dev_data, "--points", "4:4:1.0,4:2:0.9,4:1:1.0", "--first-slice", "2",
+                 "--out-dir", str(tmp_path / "report")) == 0
     out = capsys.readouterr().out
+    reported = json.loads((tmp_path / "report" / "results.json").read_text())["results"]
+    assert reported[0]["kind"] == "ar" and 2 <= len(reported) <= 4  # AR and the points that ran
     evidence = json.loads((model / EVIDENCE_FILE).read_text())
     assert (model / (GENERATION_CONFIG + BACKUP_SUFFIX)).read_text() == before
     assert evidence["rows"] == 6 and evidence["dataset"] == str(dev_data) and evidence["ar"]["n"] == 6

@@ -6,7 +6,7 @@
 
 A ``bard_vl`` model is evaluated at every point ``BLOCK:STEPS:THRESHOLD[:static|dynamic]``
 (strategy default: static when THRESHOLD >= 1.0, else dynamic; default points: the checkpoint's
-block size at 1.0 and 0.9); a ``qwen3_vl`` model (or any model with ``--ar``) with the AR
+block size at 1.0 and at the point its directory stores (``--tune``), else 0.9); a ``qwen3_vl`` model (or any model with ``--ar``) with the AR
 baseline. All rows land in one results.json / results.md / results.png under ``--out-dir``,
 with tokens/s relative to the AR row when there is one.
 
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base of relative image paths (default: the dataset dir, or its parent)")
     ap.add_argument("--split", default=None, help="split name when --data holds a DatasetDict")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
-    ap.add_argument("--points", default=None, help="comma-separated BLOCK:STEPS:THRESHOLD[:static|dynamic]")
+    ap.add_argument("--points", default=None,
+                    help="comma-separated BLOCK:STEPS:THRESHOLD[:static|dynamic] (with --tune: the grid searched)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out-dir", default="eval_results", help="where results.{json,md,png} go (default ./eval_results)")
@@ -94,8 +95,9 @@ def run_tune(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(result.table(), end="")
-    if args.out_dir and not args.dry_run:
-        paths = write_report([result.ar, *result.candidates], args.out_dir, title="--tune candidates")
+    if args.out_dir and not args.dry_run:  # the points that ran (a point left out has no row)
+        paths = write_report([result.ar, *(r for r in result.candidates if "n" in r)], args.out_dir,
+                             title="--tune candidates")
         print(f"json: {paths['json']}")
     print(f"tuning took {result.wall_time:.1f} s")
     if result.point is None:
