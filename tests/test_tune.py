@@ -193,7 +193,7 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
     assert reported[0]["kind"] == "ar" and 2 <= len(reported) <= 4  # AR and the points that ran
     evidence = json.loads((model / EVIDENCE_FILE).read_text())
     assert (model / (GENERATION_CONFIG + BACKUP_SUFFIX)).read_text() == before
-    assert evidence["rows"] == 6 and evidence["dataset"] == str(dev_data) and evidence["ar"]["n"] == 6
+    assert evidence["rows"] == 6 and evidence["dataset"] == str(dev_data.resolve()) and evidence["ar"]["n"] == 6
     assert evidence["chosen"]["n"] == 6 and "ar_model" in evidence and "date" in evidence
     stored = read_decoding_defaults(model).point(4)
     assert stored is not None and f"chose {stored.label}" in out

@@ -427,7 +427,7 @@ def tune(
         pending = pending[len(group):]
         if best is not None and bound <= best:
             for p in [*group, *pending]:
-                rows[p] = {"point": p.label, "status": f"not run (at most {bound:g} tokens per forward)"}
+                rows[p] = {"point": p.label, "status": f"not run (at most {speed_bound(p):g} tokens per forward)"}
             break
         for point in group:  # first rung
             done += 1
@@ -481,7 +481,7 @@ def tune(
         "point": None if result_point is None else {
             "block_size": result_point.block_size, "denoising_steps": result_point.denoising_steps,
             "remasking_strategy": result_point.remasking_strategy, "confidence_threshold": result_point.threshold},
-        "dataset": label, "rows": n, "first_slice_rows": n1, "tolerance_points": tolerance, "objective": objective,
+        "dataset": str(Path(label).resolve()) if data_name is None and Path(label).exists() else label, "rows": n, "first_slice_rows": n1, "tolerance_points": tolerance, "objective": objective,
         "model": str(Path(model_dir).resolve()), "ar_model": str(Path(ar_model_dir).resolve()),
         "ar": _summary(ar), "chosen": None if chosen is None else _summary(chosen),
         "candidates": [_summary(r) for r in candidates],
