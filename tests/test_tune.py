@@ -156,6 +156,18 @@ def test_generate_serve_eval_and_lmms_default_to_the_stored_point(tiny_bard_dir,
     assert explicit.point == DecodePoint(4, 4, 1.0, "static")
 
 
+def test_a_bad_stored_point_is_one_line_in_generate_and_serve(tiny_bard_dir, tmp_path, capsys):
+    from nemo_bard import generate, serve
+
+    model = tmp_path / "m"
+    shutil.copytree(tiny_bard_dir, model)
+    (model / GENERATION_CONFIG).write_text(json.dumps({"confidence_threshold": "high"}))
+    assert generate.main(["--model", str(model), "--prompt", "p"]) == 2
+    assert serve.main(["--model", str(model), "--port", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(f"{GENERATION_CONFIG}: confidence_threshold is 'high'" in line for line in err)
+
+
 # ------------------------------------------------------------------------------------------ --tune runs
 
 
