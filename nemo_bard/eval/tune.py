@@ -143,8 +143,8 @@ def speed_bound(point: DecodePoint) -> float:
 
 
 def _bound_value(row: dict, objective: str) -> float:
-    """A row's speed in the units of :func:`speed_bound`: tokens per batched forward (what the pooled decode rate
-    ranks by) or tokens per forward per sequence."""
+    """A row's speed in the units the search bounds: tokens per batched forward (what the pooled decode rate ranks
+    by; a static point makes at most B/S times the batch size) or tokens per forward per sequence (at most B/S)."""
     return row["tokens_per_forward"] if objective == "tokens_per_forward" else row["tokens_per_batch_forward"]
 
 
@@ -419,15 +419,19 @@ def tune(
     rows: dict[DecodePoint, dict] = {}
     z_drop = drop_z(len(grid))
     best: float | None = None  # the value (in bound units) of the fastest point within the tolerance so far
-    pending = sorted(grid, key=lambda p: -speed_bound(p))
+    def bound_of(p: DecodePoint) -> float:  # in _bound_value's units
+        return speed_bound(p) * (1 if objective == "tokens_per_forward" else batch_size)
+
+    pending = sorted(grid, key=lambda p: -bound_of(p))
     done = 0
     while pending:
-        bound = speed_bound(pending[0])
-        group = [p for p in pending if speed_bound(p) == bound]
+        bound = bound_of(pending[0])
+        group = [p for p in pending if bound_of(p) == bound]
         pending = pending[len(group):]
         if best is not None and bound <= best:
             for p in [*group, *pending]:
-                rows[p] = {"point": p.label, "status": f"not run (at most {speed_bound(p):g} tokens per forward)"}
+                rows[p] = {"point": p.label, "status": f"not run (at most {speed_bound(p):g} tokens per forward and "
+                                                      "sequence: slower than the chosen point)"}
             break
         for point in group:  # first rung
             done += 1
