@@ -176,7 +176,7 @@ def dev_data(tmp_path_factory):
     from nemo_bard.data.digits import write_digits_dataset
 
     root = tmp_path_factory.mktemp("tune_digits")
-    write_digits_dataset(root, train=6, test=0, seed=3, min_digits=3, max_digits=4)
+    write_digits_dataset(root, train=4, test=0, seed=3, min_digits=3, max_digits=4)
     return root / "train"
 
 
@@ -185,7 +185,7 @@ def _tune(model, ar, data, *extra):
 
     out = [] if "--out-dir" in extra else ["--out-dir", ""]
     return main(["--tune", "--model", str(model), "--ar-model", str(ar), "--data", str(data), "--max-new-tokens",
-                 "6", "--batch-size", "2", "--no-progress", *out, *extra])
+                 "4", "--batch-size", "2", "--no-progress", *out, *extra])
 
 
 def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_dir, tiny_ar_dir, dev_data,
@@ -193,9 +193,9 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
     model = tmp_path / "m"
     shutil.copytree(tiny_bard_dir, model)
     before = (model / GENERATION_CONFIG).read_text()
-    assert _tune(model, tiny_ar_dir, dev_data, "--first-slice", "2", "--dry-run") == 0
+    assert _tune(model, tiny_ar_dir, dev_data, "--first-slice", "2", "--dry-run", "--points", "4:4:0.9,4:2:0.5") == 0
     out = capsys.readouterr().out
-    assert "| AR | 6 |" in out and "| chosen |" in out and "--dry-run: nothing written" in out
+    assert "| AR | 4 |" in out and "| chosen |" in out and "--dry-run: nothing written" in out
     assert (model / GENERATION_CONFIG).read_text() == before and not (model / EVIDENCE_FILE).exists()
 
     assert _tune(model, tiny_ar_dir, dev_data, "--points", "4:4:1.0,4:2:0.9,4:1:1.0", "--first-slice", "2",
@@ -205,8 +205,8 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
     assert reported[0]["kind"] == "ar" and 2 <= len(reported) <= 4  # AR and the points that ran
     evidence = json.loads((model / EVIDENCE_FILE).read_text())
     assert (model / (GENERATION_CONFIG + BACKUP_SUFFIX)).read_text() == before
-    assert evidence["rows"] == 6 and evidence["dataset"] == str(dev_data.resolve()) and evidence["ar"]["n"] == 6
-    assert evidence["chosen"]["n"] == 6 and "ar_model" in evidence and "date" in evidence
+    assert evidence["rows"] == 4 and evidence["dataset"] == str(dev_data.resolve()) and evidence["ar"]["n"] == 4
+    assert evidence["chosen"]["n"] == 4 and "ar_model" in evidence and "date" in evidence
     stored = read_decoding_defaults(model).point(4)
     assert stored is not None and f"chose {stored.label}" in out
     statuses = [c["status"] for c in evidence["candidates"]]
@@ -221,7 +221,7 @@ def test_no_point_within_the_tolerance_says_so_and_writes_nothing(tiny_bard_dir,
     # references = the AR model's own answers: AR scores 100 %, the untrained block decoder less
     from datasets import load_from_disk
 
-    ar_rows = evaluate(tiny_ar_dir, load_samples(dev_data), max_new_tokens=6, batch_size=2, progress=False,
+    ar_rows = evaluate(tiny_ar_dir, load_samples(dev_data), max_new_tokens=4, batch_size=2, progress=False,
                        warmup=False)[0]["predictions"]
     table = load_from_disk(str(dev_data))
     data = tmp_path / "dev.jsonl"
