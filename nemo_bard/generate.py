@@ -60,9 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(ap, "prompt", required=True, help="user text")
     _flag(ap, "system", default=None, help="optional system message")
     _flag(ap, "block-size", type=int, default=None, help="block size B (default: the checkpoint's)")
-    _flag(ap, "denoising-steps", type=int, default=None, help="max denoising steps per block S (default B)")
-    _flag(ap, "confidence-threshold", type=float, default=0.9, help="tau of the dynamic strategy (default 0.9)")
-    _flag(ap, "remasking-strategy", default="low_confidence_dynamic", metavar="|".join(STRATEGY_NAMES))
+    _flag(ap, "denoising-steps", type=int, default=None,
+          help="max denoising steps per block S (default: the model directory's, else B)")
+    _flag(ap, "confidence-threshold", type=float, default=None,
+          help="tau of the dynamic strategy (default: the model directory's, else 0.9)")
+    _flag(ap, "remasking-strategy", default=None, metavar="|".join(STRATEGY_NAMES),
+          help="default: the model directory's, else static at tau >= 1 and dynamic below")
     _flag(ap, "temperature", type=float, default=0.0, help="0 = greedy (default); finite, >= 0")
     _flag(ap, "top-k", type=int, default=None, help="sample among the k most likely tokens (0 = off)")
     _flag(ap, "top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
@@ -115,7 +118,7 @@ def check_names(args: argparse.Namespace) -> None:
 
     for flag, value, valid in (("--engine", args.engine, ENGINES),
                                ("--remasking-strategy", args.remasking_strategy, REMASKING_STRATEGIES)):
-        if value not in valid:
+        if value is not None and value not in valid:
             raise UsageError(f"{flag} {value!r} is not one of {', '.join(valid)}")
 
 
@@ -140,7 +143,7 @@ def check_args(args: argparse.Namespace) -> dict:
                         ("--max-new-tokens", args.max_new_tokens), ("--video-max-frames", args.video_max_frames)):
         if value is not None and value < 1:
             raise UsageError(f"{flag} must be >= 1, got {value}")
-    if not 0.0 <= args.confidence_threshold <= 1.0:
+    if args.confidence_threshold is not None and not 0.0 <= args.confidence_threshold <= 1.0:
         raise UsageError(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
     recorded = cfg.get("block_size")
     if args.block_size is not None and recorded is not None and args.block_size != recorded:
@@ -150,6 +153,22 @@ def check_args(args: argparse.Namespace) -> dict:
             file=sys.stderr,
         )
     return cfg
+
+
+def apply_model_defaults(args: argparse.Namespace, cfg: dict) -> None:
+    """Fill the decoding flags left unset from the model directory's ``generation_config.json`` (its stored point,
+    e.g. from ``python -m nemo_bard.eval --tune``), else S = B, tau 0.9; an explicit flag wins, field by field."""
+    from nemo_bard.generation.defaults import DefaultsError, read_decoding_defaults
+
+    try:
+        stored = read_decoding_defaults(args.model)
+    except DefaultsError as exc:
+        raise UsageError(str(exc)) from None
+    from nemo_bard.models.registration import DEFAULT_BLOCK_SIZE
+
+    block = int(args.block_size or cfg.get("block_size") or DEFAULT_BLOCK_SIZE)
+    args.denoising_steps, args.remasking_strategy, args.confidence_threshold = stored.resolve(
+        block, args.denoising_steps, args.remasking_strategy, args.confidence_threshold)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -216,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ[DEBUG_ENV] = "1"
     try:
-        check_args(args)  # no torch import up to here
+        cfg = check_args(args)  # no torch import up to here
         check_names(args)
+        apply_model_defaults(args, cfg)
         from nemo_bard.generation.inputs import InputError
 
         try:

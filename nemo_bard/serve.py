@@ -94,6 +94,13 @@ def check_args(args: argparse.Namespace) -> dict:
         raise ServeError(f"--denoising-steps must be >= 1, got {args.denoising_steps}")
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port must be in [0, 65535], got {args.port}")
+    if args.decoder == "bard":
+        from nemo_bard.generation.defaults import DefaultsError, read_decoding_defaults
+
+        try:
+            read_decoding_defaults(args.model)  # a bad stored default is one line now, not after the model loads
+        except DefaultsError as exc:
+            raise ServeError(str(exc)) from None
     media = args.allowed_local_media_path
     if media is not None and not Path(media).is_dir():
         raise ServeError(f"--allowed-local-media-path {media}: not a directory")
@@ -117,16 +124,14 @@ def check_port(host: str, port: int) -> None:
 
 
 def decoding_defaults(model: Any, args: argparse.Namespace) -> tuple[int, int, str, float]:
-    """(block size, denoising steps, remasking strategy, tau): flags, else generation_config.json, else B, B,
-    dynamic, 0.9."""
-    gen = getattr(model, "generation_config", None)
+    """(block size, denoising steps, remasking strategy, tau): each flag, else the model directory's
+    ``generation_config.json`` (:mod:`nemo_bard.generation.defaults`), else B, dynamic, 0.9."""
+    from nemo_bard.generation.defaults import read_decoding_defaults
+
     block = int(model.config.block_size)
-    steps = args.denoising_steps or getattr(gen, "denoising_steps", None) or block
-    strategy = args.remasking_strategy or getattr(gen, "remasking_strategy", None) or "low_confidence_dynamic"
-    tau = args.confidence_threshold
-    if tau is None:
-        tau = getattr(gen, "confidence_threshold", None)
-    return block, min(int(steps), block), strategy, 0.9 if tau is None else float(tau)
+    steps, strategy, tau = read_decoding_defaults(args.model).resolve(
+        block, args.denoising_steps, args.remasking_strategy, args.confidence_threshold)
+    return block, steps, strategy, tau
 
 
 def build_server(args: argparse.Namespace) -> tuple[Any, Any]:

@@ -4,6 +4,7 @@
 
 Python API: :func:`evaluate` (one model, several decoding points -> result rows) and
 :func:`write_report` (rows of any number of models -> one JSON / markdown table / plot).
+:func:`nemo_bard.eval.tune.tune` (``--tune``) picks and stores a model's decoding point against its AR model.
 The lmms-eval model plugin lives in :mod:`nemo_bard.eval.lmms`.
 """
 
@@ -21,6 +22,7 @@ from nemo_bard.eval.evaluate import (
 )
 from nemo_bard.eval.metrics import aggregate, char_accuracy, exact_match, levenshtein, position_accuracy, score
 from nemo_bard.eval.report import markdown_table, plot, write_report
+from nemo_bard.eval.tune import TuneError, TuneResult
 
 __all__ = [
     "DecodePoint",
@@ -41,5 +43,7 @@ __all__ = [
     "plot",
     "position_accuracy",
     "score",
+    "TuneError",
+    "TuneResult",
     "write_report",
 ]

@@ -6,9 +6,16 @@
 
 A ``bard_vl`` model is evaluated at every point ``BLOCK:STEPS:THRESHOLD[:static|dynamic]``
 (strategy default: static when THRESHOLD >= 1.0, else dynamic; default points: the checkpoint's
-block size at 1.0 and 0.9); a ``qwen3_vl`` model (or any model with ``--ar``) with the AR
+block size at 1.0 and at the point its directory stores (``--tune``), else 0.9); a ``qwen3_vl`` model (or any model with ``--ar``) with the AR
 baseline. All rows land in one results.json / results.md / results.png under ``--out-dir``,
 with tokens/s relative to the AR row when there is one.
+
+    python -m nemo_bard.eval --tune --model DIR --data DEV --ar-model AR [--tolerance 1.0]
+        [--objective decode_tokens_per_second|tokens_per_forward] [--points GRID] [--dry-run]
+
+``--tune`` picks the fastest decoding point of the bard_vl model whose exact match on the dev split is within
+``--tolerance`` percentage points of the AR model's and stores it in ``DIR/generation_config.json``
+(:mod:`nemo_bard.eval.tune`); ``generate``, ``eval``, the lmms-eval model and ``serve`` then default to it.
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="base of relative image paths (default: the dataset dir, or its parent)")
     ap.add_argument("--split", default=None, help="split name when --data holds a DatasetDict")
     ap.add_argument("--limit", type=int, default=None, help="evaluate the first N rows")
-    ap.add_argument("--points", default=None, help="comma-separated BLOCK:STEPS:THRESHOLD[:static|dynamic]")
+    ap.add_argument("--points", default=None,
+                    help="comma-separated BLOCK:STEPS:THRESHOLD[:static|dynamic] (with --tune: the grid searched)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--out-dir", default="eval_results", help="where results.{json,md,png} go (default ./eval_results)")
@@ -49,7 +57,54 @@ def build_parser() -> argparse.ArgumentParser:
                     help="most frames per video (default: the processor's)")
     ap.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up call")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    tune = ap.add_argument_group("--tune: choose the model's decoding point against its AR model")
+    tune.add_argument("--tune", action="store_true",
+                      help="search a grid of decoding points (--points, default: static S = B, B/2, B/4 and dynamic "
+                           "S = B at tau 0.95, 0.9, 0.8, 0.7, 0.5) on --data and store the choice in --model")
+    tune.add_argument("--ar-model", default=None, help="the AR model to measure against (same tokenizer)")
+    tune.add_argument("--tolerance", type=float, default=1.0,
+                      help="exact-match percentage points the point may lose against AR (default 1.0)")
+    tune.add_argument("--objective", default="decode_tokens_per_second",
+                      choices=("decode_tokens_per_second", "tokens_per_forward"), help="what 'fastest' means")
+    tune.add_argument("--first-slice", type=int, default=None,
+                      help="rows every point decodes first (default: a quarter, at least 64)")
+    tune.add_argument("--dry-run", action="store_true", help="print the choice, write nothing to --model")
     return ap
+
+
+def run_tune(args: argparse.Namespace) -> int:
+    """``--tune``: one model, one AR model; prints the table and the choice (exit 2 when no point qualifies)."""
+    from nemo_bard.data.datasets import DataError
+    from nemo_bard.data.media import VideoDecoderMissing
+    from nemo_bard.errors import UserError
+    from nemo_bard.eval.report import write_report
+    from nemo_bard.eval.tune import tune
+    from nemo_bard.models.verify import CheckpointCorrupt
+
+    try:
+        if len(args.model) != 1:
+            raise UserError(f"--tune takes one --model (the bard_vl model to tune), got {len(args.model)}")
+        if not args.ar_model:
+            raise UserError("--tune needs --ar-model: the AR model whose exact match the chosen point must keep")
+        result = tune(args.model[0], args.data, args.ar_model, tolerance=args.tolerance, objective=args.objective,
+                      points=args.points, dry_run=args.dry_run, first_slice=args.first_slice, root_dir=args.root_dir,
+                      split=args.split, limit=args.limit, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, engine=args.engine,
+                      progress=not args.no_progress)
+    except (UserError, DataError, VideoDecoderMissing, CheckpointCorrupt, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(result.table(), end="")
+    if args.out_dir and not args.dry_run:  # the points that ran (a point left out has no row)
+        paths = write_report([result.ar, *(r for r in result.candidates if "n" in r)], args.out_dir,
+                             title="--tune candidates")
+        print(f"json: {paths['json']}")
+    print(f"tuning took {result.wall_time:.1f} s")
+    if result.point is None:
+        print(f"error: {result.message}", file=sys.stderr)
+        return 2
+    print(result.message)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.tune:
+        return run_tune(args)
+    for flag in ("ar_model", "dry_run", "first_slice"):
+        if getattr(args, flag):
+            print(f"error: --{flag.replace('_', '-')} goes with --tune", file=sys.stderr)
+            return 2
     from nemo_bard.eval.evaluate import evaluate, load_samples, parse_points
     from nemo_bard.eval.report import markdown_table, write_report
 

@@ -112,6 +112,20 @@ def load_model(
                        engine if engine == "hf" else check_engine(engine))
 
 
+def model_default_points(model_dir: str | Path, block_size: int) -> list[DecodePoint]:
+    """Points evaluated when none are given: tau 1.0 (one token per forward) and the model directory's stored
+    point (``generation_config.json``, e.g. from ``--tune``), else tau 0.9, at the checkpoint's block size."""
+    from nemo_bard.generation.defaults import read_decoding_defaults
+
+    stored = read_decoding_defaults(model_dir).point(block_size)
+    if stored is None:
+        return default_points(block_size)
+    first = default_points(block_size)[0]
+    same = (stored.denoising_steps, stored.threshold, stored.remasking_strategy) == (
+        first.denoising_steps, first.threshold, first.remasking_strategy)
+    return [stored] if same else [first, stored]
+
+
 # ------------------------------------------------------------------------------------------ data
 
 
@@ -256,10 +270,12 @@ def evaluate_point(
     max_new_tokens: int = 64,
     progress: bool | Callable[[str, int, int], None] = True,
     sampling: VideoSampling | None = None,
+    inputs_cache: dict | None = None,
 ) -> dict:
     """Evaluate one decoding point; returns a result row (see :func:`evaluate`).
 
-    ``sampling``: video frame sampling (default: the processor's).
+    ``sampling``: video frame sampling (default: the processor's). ``inputs_cache``: a dict shared by calls on
+    the same model and samples; each batch's processor outputs are built once and reused by later points.
     """
     from tqdm.auto import tqdm
 
@@ -271,7 +287,12 @@ def evaluate_point(
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     report = progress if callable(progress) else None
     for batch in tqdm(batches, desc=name, unit="batch", disable=report is not None or not progress, leave=False):
-        inputs = build_inputs(loaded.processor, [s.prompt for s in batch], sampling, [s.where for s in batch])
+        key = tuple((s.where, s.row) for s in batch)
+        inputs = None if inputs_cache is None else inputs_cache.get(key)
+        if inputs is None:
+            inputs = build_inputs(loaded.processor, [s.prompt for s in batch], sampling, [s.where for s in batch])
+            if inputs_cache is not None:
+                inputs_cache[key] = inputs
         out = generate_batch(loaded, inputs, point, max_new_tokens)
         texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         tokens += int(out.lengths.sum())
@@ -344,7 +365,8 @@ def evaluate(
         model: checkpoint directory (or a :class:`LoadedModel`).
         data: chat dataset path (save_to_disk dir, .jsonl) or already loaded samples.
         points: decoding points for a ``bard_vl`` model (``"B:S:tau[:strategy]"``, comma-separated or a
-            list); default: the checkpoint's block size at tau 1.0 and 0.9. Ignored for AR models.
+            list); default: the checkpoint's block size at tau 1.0 and at the point its directory stores
+            (``generation_config.json``, written by ``--tune``), else tau 0.9. Ignored for AR models.
         root_dir, split, limit: see :func:`load_samples`.
         batch_size, max_new_tokens: generation batch and response budget.
         name: model label in the rows (default: the directory name).
@@ -375,7 +397,7 @@ def evaluate(
             logger.warning("%s is evaluated with the AR baseline; decoding points %s are ignored", loaded.path, points)
         todo = [DecodePoint()]
     else:
-        todo = parse_points(points) or default_points(int(loaded.model.config.block_size))
+        todo = parse_points(points) or model_default_points(loaded.path, int(loaded.model.config.block_size))
     sampling = VideoSampling.from_processor(getattr(loaded.processor, "video_processor", None), fps=video_fps,
                                             max_frames=video_max_frames)
     if warmup:

@@ -34,10 +34,11 @@ class BardLmmsModel:
 
     Model args (``--model_args k=v,...``):
         pretrained: checkpoint directory (a released ``Bard-VL-*`` or a converted/trained one).
-        block_size, denoising_steps: B and S (default: the checkpoint's ``block_size``, S = B).
-        confidence_threshold: tau (default 1.0: one token per forward with S = B, the accuracy setting).
-        remasking_strategy: ``static``/``dynamic`` (or the full names); default static for tau >= 1.0,
-            dynamic otherwise.
+        block_size: B (default: the checkpoint's ``block_size``).
+        denoising_steps, confidence_threshold, remasking_strategy: S, tau and ``static``/``dynamic`` (or the full
+            names). Each defaults to the checkpoint directory's stored point (``generation_config.json``, written
+            by ``python -m nemo_bard.eval --tune``), else S = B, tau 1.0 (one token per forward, the accuracy
+            setting); an unset strategy is static for tau >= 1.0 and dynamic below.
         max_new_tokens: response budget; overrides the task's ``max_new_tokens`` when given.
         batch_size: prompts per generation call (default 1).
         device, dtype: default cuda (``cuda:$LOCAL_RANK``) when available else cpu; bf16 on CUDA, fp32 on CPU.
@@ -59,7 +60,7 @@ class BardLmmsModel:
         pretrained: str,
         block_size: int | None = None,
         denoising_steps: int | None = None,
-        confidence_threshold: float = 1.0,
+        confidence_threshold: float | None = None,
         remasking_strategy: str | None = None,
         max_new_tokens: int | None = None,
         batch_size: int | str = 1,
@@ -88,9 +89,13 @@ class BardLmmsModel:
         self.loaded = load_model(pretrained, force_ar=_as_bool(ar), device=device, dtype=dtype, engine=engine)
         self._device = torch.device(device)
         if self.loaded.kind == "bard":
+            from nemo_bard.generation.defaults import read_decoding_defaults
+
             bs = int(block_size or self.loaded.model.config.block_size)
-            steps = int(denoising_steps or bs)
-            self.point = DecodePoint(bs, min(max(steps, 1), bs), float(confidence_threshold), remasking_strategy)
+            steps, strategy, tau = read_decoding_defaults(pretrained).resolve(
+                bs, None if denoising_steps is None else int(denoising_steps), remasking_strategy,
+                None if confidence_threshold is None else float(confidence_threshold), fallback_threshold=1.0)
+            self.point = DecodePoint(bs, steps, tau, strategy.removeprefix("low_confidence_"))
         else:
             if block_size is not None or denoising_steps is not None:
                 logger.warning("nemo_bard: %s is decoded autoregressively; block/step settings are ignored", pretrained)
