@@ -164,7 +164,7 @@ def apply_model_defaults(args: argparse.Namespace, cfg: dict) -> None:
         stored = read_decoding_defaults(args.model)
     except DefaultsError as exc:
         raise UsageError(str(exc)) from None
-    from nemo_bard.models.registration import DEFAULT_BLOCK_SIZE
+    from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE
 
     block = int(args.block_size or cfg.get("block_size") or DEFAULT_BLOCK_SIZE)
     args.denoising_steps, args.remasking_strategy, args.confidence_threshold = stored.resolve(

@@ -1,4 +1,4 @@
-"""The seam to NeMo AutoModel and transformers: lazy registration, NeMo-free inference, version pins,
+"""The seam to NeMo AutoModel and transformers: registration, NeMo-free inference, version pins,
 scoped CPU patches, pre-flight checks, the training dataloader and the training step on NeMo's own
 optimizer step."""
 
