@@ -23,10 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
+from nemo_bard.data.media import VideoDecoderMissing, VideoSampling, require_video_decoder
 from nemo_bard.errors import DEBUG_ENV, UserError, report
+from nemo_bard.generation.defaults import DefaultsError, read_decoding_defaults
+from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
+from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE
+from nemo_bard.models.loading import DTYPES, resolve_device_dtype
 from nemo_bard.models.paths import ModelPathError, read_model_config
 from nemo_bard.models.verify import verify_model_dir
 
@@ -48,8 +54,6 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (imports neither torch nor the generation package)."""
-    from nemo_bard.models.loading import DTYPES
-
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.generate", description=__doc__.splitlines()[0])
     _flag(ap, "model", required=True, help="bard_vl checkpoint directory")
     _flag(ap, "image", action="append", default=[], help="image file (repeatable)")
@@ -114,8 +118,6 @@ def check_sampling(args: argparse.Namespace) -> None:
 
 def check_names(args: argparse.Namespace) -> None:
     """``--engine`` and ``--remasking-strategy`` against the decoder's own lists (imports the generation package)."""
-    from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
-
     for flag, value, valid in (("--engine", args.engine, ENGINES),
                                ("--remasking-strategy", args.remasking_strategy, REMASKING_STRATEGIES)):
         if value is not None and value not in valid:
@@ -131,7 +133,6 @@ def check_args(args: argparse.Namespace) -> dict:
             if not Path(p).exists():
                 raise UsageError(f"{flag} {p}: file not found; pass the path of an existing {flag[2:]}")
     if any(Path(p).is_file() for p in args.video):
-        from nemo_bard.data.media import VideoDecoderMissing, require_video_decoder
 
         try:
             require_video_decoder()
@@ -158,13 +159,10 @@ def check_args(args: argparse.Namespace) -> dict:
 def apply_model_defaults(args: argparse.Namespace, cfg: dict) -> None:
     """Fill the decoding flags left unset from the model directory's ``generation_config.json`` (its stored point,
     e.g. from ``python -m nemo_bard.eval --tune``), else S = B, tau 0.9; an explicit flag wins, field by field."""
-    from nemo_bard.generation.defaults import DefaultsError, read_decoding_defaults
-
     try:
         stored = read_decoding_defaults(args.model)
     except DefaultsError as exc:
         raise UsageError(str(exc)) from None
-    from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE
 
     block = int(args.block_size or cfg.get("block_size") or DEFAULT_BLOCK_SIZE)
     args.denoising_steps, args.remasking_strategy, args.confidence_threshold = stored.resolve(
@@ -173,14 +171,12 @@ def apply_model_defaults(args: argparse.Namespace, cfg: dict) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Load, decode, print; returns the statistics dict."""
+    # the model stack (torch, transformers: ~8 s) loads once the arguments and files are checked
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
     from nemo_bard.generation import block_diffusion_generate
-    from nemo_bard.data.media import VideoSampling
     from nemo_bard.generation.inputs import build_inputs, load_image, load_video, user_conversation
-
-    from nemo_bard.models.loading import resolve_device_dtype
 
     try:
         device, dtype = resolve_device_dtype(args.device, args.dtype)
@@ -197,6 +193,7 @@ def run(args: argparse.Namespace) -> dict:
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
 
+    # see run's imports above
     from transformers import TextStreamer
 
     tokenizer = processor.tokenizer
@@ -231,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors, printed as one line)."""
     args = build_parser().parse_args(argv)
     if args.debug:
-        import os
 
         os.environ[DEBUG_ENV] = "1"
     try:

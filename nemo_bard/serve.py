@@ -23,11 +23,16 @@ import argparse
 import contextlib
 import logging
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any, Iterator
 
 from nemo_bard.errors import UserError, report
+from nemo_bard.generation.defaults import DefaultsError, read_decoding_defaults
+from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
+from nemo_bard.models.loading import DTYPES
+from nemo_bard.models.paths import ModelPathError, read_model_config
 
 
 class ServeError(UserError):
@@ -35,8 +40,6 @@ class ServeError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nemo_bard.generation.points import ENGINES, REMASKING_STRATEGIES
-    from nemo_bard.models.loading import DTYPES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.serve", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a bard_vl checkpoint directory (with --decoder ar: a Qwen3-VL one)")
@@ -71,8 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> dict:
     """Validate options before any heavy import; returns the model's config.json."""
-    from nemo_bard.models.paths import ModelPathError, read_model_config
-
     try:
         cfg = read_model_config(args.model, "--model", "pass a model directory")
     except ModelPathError as exc:
@@ -95,7 +96,6 @@ def check_args(args: argparse.Namespace) -> dict:
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port must be in [0, 65535], got {args.port}")
     if args.decoder == "bard":
-        from nemo_bard.generation.defaults import DefaultsError, read_decoding_defaults
 
         try:
             read_decoding_defaults(args.model)  # a bad stored default is one line now, not after the model loads
@@ -110,8 +110,6 @@ def check_args(args: argparse.Namespace) -> dict:
 
 def check_port(host: str, port: int) -> None:
     """Refuse a --host/--port that cannot be bound before the model loads (one line, not uvicorn's late error)."""
-    import socket
-
     if port == 0:
         return
     try:
@@ -126,8 +124,6 @@ def check_port(host: str, port: int) -> None:
 def decoding_defaults(model: Any, args: argparse.Namespace) -> tuple[int, int, str, float]:
     """(block size, denoising steps, remasking strategy, tau): each flag, else the model directory's
     ``generation_config.json`` (:mod:`nemo_bard.generation.defaults`), else B, dynamic, 0.9."""
-    from nemo_bard.generation.defaults import read_decoding_defaults
-
     block = int(model.config.block_size)
     steps, strategy, tau = read_decoding_defaults(args.model).resolve(
         block, args.denoising_steps, args.remasking_strategy, args.confidence_threshold)
@@ -136,6 +132,7 @@ def decoding_defaults(model: Any, args: argparse.Namespace) -> tuple[int, int, s
 
 def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     """Load the model and build ``(app, scheduler)`` (the scheduler is not started)."""
+    # the model and server stacks (torch, transformers, FastAPI: ~9 s) load once the arguments, files and port are checked
     from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
 
     import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
@@ -154,7 +151,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
     except ValueError as exc:
         raise ServeError(str(exc)) from None
     if args.threads:
-        import torch
+        import torch  # see the imports above
 
         torch.set_num_threads(args.threads)
     cls = AutoModelForImageTextToText if args.decoder == "bard" else Qwen3VLForConditionalGeneration
@@ -203,6 +200,7 @@ def build_server(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM / SIGINT; returns 0 after a clean drain."""
+    # see build_server
     import uvicorn
 
     app, scheduler = build_server(args)

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # this front end imports its modules where they are needed: a bad argument is answered in ~0.3 s
     from nemo_bard.generation.points import AR_ENGINES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.eval", description=__doc__.splitlines()[0])
@@ -111,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
-        import torch
+        import torch  # ~3.5 s: only when --threads asks for it
 
         torch.set_num_threads(args.threads)
     if args.tune:
@@ -120,8 +122,13 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, flag):
             print(f"error: --{flag.replace('_', '-')} goes with --tune", file=sys.stderr)
             return 2
-    from nemo_bard.eval.evaluate import evaluate, load_samples, parse_points
-    from nemo_bard.eval.report import markdown_table, write_report
+    # rows, points and model paths are checked before the evaluation stack (torch, transformers: ~8 s) is imported
+    from nemo_bard.data.datasets import DataError
+    from nemo_bard.data.media import VideoDecoderMissing
+    from nemo_bard.eval.samples import load_samples
+    from nemo_bard.generation.points import parse_points
+    from nemo_bard.models.paths import ModelPathError, read_model_config
+    from nemo_bard.models.verify import CheckpointCorrupt
 
     names = args.name or []
     if len(names) > len(args.model):
@@ -132,17 +139,22 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from nemo_bard.data.datasets import DataError
-    from nemo_bard.data.media import VideoDecoderMissing
-    from nemo_bard.models.verify import CheckpointCorrupt
-
+    if "://" not in str(args.data) and not os.path.exists(args.data):
+        print(f"error: --data {args.data} not found; pass a save_to_disk directory, a .jsonl file or a directory of "
+              ".jsonl files", file=sys.stderr)
+        return 2
     try:
         samples = load_samples(args.data, args.root_dir, args.limit, args.split)
         note = samples.skipped_note()
         if not samples:
             print(f"error: no rows to evaluate in {args.data}" + (f": {note}" if note else ""), file=sys.stderr)
             return 2
+        for model_dir in args.model:
+            read_model_config(model_dir, "--model", "pass a model directory (bard_vl or Qwen3-VL)")
         print(f"{len(samples)} samples from {args.data}" + (f" ({note})" if note else ""))
+        from nemo_bard.eval.evaluate import evaluate
+        from nemo_bard.eval.report import markdown_table, write_report
+
         rows = []
         for i, model_dir in enumerate(args.model):
             rows += evaluate(
@@ -151,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup=not args.no_warmup, progress=not args.no_progress, video_fps=args.video_fps,
                 video_max_frames=args.video_max_frames, engine=args.engine,
             )
-    except (DataError, VideoDecoderMissing, CheckpointCorrupt) as exc:
+    except (DataError, VideoDecoderMissing, CheckpointCorrupt, ModelPathError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     paths = write_report(rows, args.out_dir, reference=args.reference, title=args.title)

@@ -24,6 +24,7 @@ through :func:`nemo_bard.generation.ar_generate`. Speed numbers per point:
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -31,11 +32,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
 
+import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
 from nemo_bard.data.media import VideoSampling
 from nemo_bard.eval.metrics import aggregate, score
+from nemo_bard.eval.samples import EvalSample, load_samples
+from nemo_bard.generation import ar_generate, block_diffusion_generate
+from nemo_bard.generation.decode import stop_ids as model_stop_ids
+from nemo_bard.generation.defaults import read_decoding_defaults
 from nemo_bard.generation.inputs import build_inputs
 from nemo_bard.generation.points import DecodePoint, check_engine, default_points, parse_points
+from nemo_bard.models.loading import resolve_device_dtype
+from nemo_bard.models.verify import verify_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +72,6 @@ class LoadedModel:
 
 def model_type(model_dir: str | Path) -> str | None:
     """``model_type`` of a checkpoint directory's config.json."""
-    import json
-
     cfg = Path(model_dir) / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json; --model must be a Hugging Face checkpoint directory")
@@ -84,13 +92,6 @@ def load_model(
     ``dtype`` defaults to bfloat16 on CUDA and float32 on CPU. With ``force_ar`` a ``bard_vl``
     directory is loaded into the causal Qwen3-VL class (its weights decoded autoregressively).
     """
-    from transformers import AutoModelForImageTextToText, AutoProcessor, Qwen3VLForConditionalGeneration
-
-    import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
-
-    from nemo_bard.models.loading import resolve_device_dtype
-
-    from nemo_bard.models.verify import verify_model_dir
 
     path = Path(model_dir)
     mtype = model_type(path)
@@ -115,8 +116,6 @@ def load_model(
 def model_default_points(model_dir: str | Path, block_size: int) -> list[DecodePoint]:
     """Points evaluated when none are given: tau 1.0 (one token per forward) and the model directory's stored
     point (``generation_config.json``, e.g. from ``--tune``), else tau 0.9, at the checkpoint's block size."""
-    from nemo_bard.generation.defaults import read_decoding_defaults
-
     stored = read_decoding_defaults(model_dir).point(block_size)
     if stored is None:
         return default_points(block_size)
@@ -126,106 +125,11 @@ def model_default_points(model_dir: str | Path, block_size: int) -> list[DecodeP
     return [stored] if same else [first, stored]
 
 
-# ------------------------------------------------------------------------------------------ data
-
-
-@dataclass
-class EvalSample:
-    """A prompt (chat turns before the reference answer, media loaded) and its reference."""
-
-    prompt: list[dict]
-    reference: str
-    row: int
-    where: str = ""  # names the row in error messages
-
-
-class EvalSamples(list):
-    """The samples of a dataset, plus where the rows skipped for an empty reference were (``skipped_empty``)."""
-
-    def __init__(self, samples: list[EvalSample] = (), skipped_empty: list[str] | None = None) -> None:
-        super().__init__(samples)
-        self.skipped_empty = list(skipped_empty or [])
-
-    def skipped_note(self) -> str:
-        """One sentence on the skipped rows ("" when none)."""
-        n = len(self.skipped_empty)
-        if not n:
-            return ""
-        return (f"{n} row{'s' if n > 1 else ''} with an empty reference (an 'answer' of \"\" or an assistant turn "
-                f"without text) skipped, not scored (first: {self.skipped_empty[0]})")
-
-
-def _last_assistant(messages: list[dict]) -> int | None:
-    for i in range(len(messages) - 1, -1, -1):
-        if messages[i].get("role") == "assistant":
-            return i
-    return None
-
-
-def _first_relative_media(table: Any, indices: list[int]) -> str | None:
-    import json
-    import os
-
-    for i in indices[:1]:
-        raw = table[i]["messages"]
-        msgs = json.loads(raw) if isinstance(raw, str) else raw
-        for m in msgs:
-            content = m.get("content")
-            if not isinstance(content, list):
-                continue
-            for it in content:
-                ref = it.get("image", it.get("video")) if isinstance(it, dict) else None
-                ref = ref.get("path") if isinstance(ref, dict) else ref
-                if isinstance(ref, str) and not os.path.isabs(ref):
-                    return ref
-    return None
-
-
-def load_samples(
-    data: str | Path,
-    root_dir: str | Path | None = None,
-    limit: int | None = None,
-    split: str | None = None,
-) -> EvalSamples:
-    """Read a chat dataset (save_to_disk dir or JSONL) into prompts + references.
-
-    Without ``root_dir``, relative media paths resolve against the dataset directory, or its parent
-    when they exist only there (the layout of :mod:`nemo_bard.data.digits`). Rows with an empty reference
-    are skipped, counted in ``skipped_empty`` and named in a warning.
-    """
-    from nemo_bard.data.datasets import BardChatDataset, content_text
-
-    ds = BardChatDataset(str(data), root_dir=str(root_dir) if root_dir else None, split=split, max_samples=limit)
-    if root_dir is None:
-        rel = _first_relative_media(ds.table, ds.indices)
-        if rel and not (ds.root_dir / rel).exists() and (ds.root_dir.parent / rel).exists():
-            ds.root_dir = ds.root_dir.parent
-            logger.info("media paths resolve against %s (pass --root-dir to override)", ds.root_dir)
-    samples, skipped = [], []
-    for i in range(len(ds)):
-        item = ds[i]
-        conv = item["conversation"]
-        last = _last_assistant(conv)
-        row = ds.table[item["row"]]
-        answer = row.get("answer") if isinstance(row, dict) else None
-        reference = str(answer) if answer is not None else content_text(conv[last]["content"])
-        if not reference.strip():
-            skipped.append(item["where"] or f"row {item['row']}")
-            continue
-        samples.append(EvalSample(conv[:last], reference.strip(), item["row"], item["where"]))
-    out = EvalSamples(samples, skipped)
-    if skipped:
-        logger.warning("%s: %s", data, out.skipped_note())
-    return out
-
-
 # ----------------------------------------------------------------------------------- generation
 
 
 def stop_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     """Stop ids: the model's eos (generation config, else config) plus the tokenizer's eos."""
-    from nemo_bard.generation.decode import stop_ids as model_stop_ids
-
     return model_stop_ids(model, tokenizer)
 
 
@@ -240,8 +144,6 @@ def generate_batch(
     seed: int | None = None,
 ):
     """One generation call for a batch at ``point`` (greedy unless ``temperature > 0``; AR is always greedy)."""
-    from nemo_bard.generation import ar_generate, block_diffusion_generate
-
     pad = getattr(loaded.tokenizer, "pad_token_id", None)
     stops = stop_ids(loaded.model, loaded.tokenizer)
     if point.is_ar:
@@ -277,8 +179,6 @@ def evaluate_point(
     ``sampling``: video frame sampling (default: the processor's). ``inputs_cache``: a dict shared by calls on
     the same model and samples; each batch's processor outputs are built once and reused by later points.
     """
-    from tqdm.auto import tqdm
-
     name = f"{loaded.name} {point.label}"
     predictions, scores = [], []
     tokens = forwards = row_forwards = 0

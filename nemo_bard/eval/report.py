@@ -86,6 +86,7 @@ def plot(rows: list[dict], path: str | Path, title: str | None = None) -> Path:
     """Accuracy (exact, char) vs tokens/s, one point per row, labelled with its block size and threshold;
     block-diffusion rows coloured by model, AR rows as red stars; the y axis is zoomed on the data. Uses the
     Agg canvas directly (no display, no global backend switch)."""
+    # optional dependency (the [demo] extra); ~1.1 s to import
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

@@ -29,12 +29,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any, Callable, Sequence
 
+from transformers import AutoTokenizer
+
+from nemo_bard.data.datasets import DataError
+from nemo_bard.data.media import VideoSampling
 from nemo_bard.errors import UserError
+from nemo_bard.eval.evaluate import build_inputs, evaluate_point, generate_batch, load_model, load_samples
 from nemo_bard.eval.metrics import Z95, aggregate
 from nemo_bard.generation.defaults import EVIDENCE_FILE, GENERATION_CONFIG, check_writable, write_decoding_point
 from nemo_bard.generation.points import DecodePoint, parse_points
+from nemo_bard.models.paths import read_model_config
 
 OBJECTIVES = ("decode_tokens_per_second", "tokens_per_forward")
 DEFAULT_THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.5)
@@ -87,8 +94,6 @@ def default_grid(block_size: int, thresholds: Sequence[float] = DEFAULT_THRESHOL
 def drop_z(points: int, level: float = 0.95) -> float:
     """Normal quantile of a two-sided ``level`` interval held jointly by ``points`` intervals (Bonferroni), so
     that among many points on a small first slice one unlucky slice rarely drops a good point."""
-    from statistics import NormalDist
-
     return NormalDist().inv_cdf(1 - (1 - level) / (2 * max(1, points)))
 
 
@@ -253,7 +258,6 @@ def check_same_tokenizer(model_dir: str | Path, ar_dir: str | Path) -> None:
     model_dir, ar_dir = Path(model_dir), Path(ar_dir)
     ours, theirs = _vocab(model_dir), _vocab(ar_dir)
     if ours is None or theirs is None:
-        from transformers import AutoTokenizer
 
         ours = AutoTokenizer.from_pretrained(model_dir).get_vocab()
         theirs = AutoTokenizer.from_pretrained(ar_dir).get_vocab()
@@ -267,7 +271,6 @@ def check_same_tokenizer(model_dir: str | Path, ar_dir: str | Path) -> None:
 
 
 def _check_model(path: str | Path, flag: str, want_bard: bool) -> dict:
-    from nemo_bard.models.paths import read_model_config
 
     cfg = read_model_config(path, flag, "pass a local model directory")
     if cfg is None:
@@ -295,8 +298,6 @@ def check_inputs(model_dir: str | Path, ar_model_dir: str | Path, tolerance: flo
 
 
 def _load_dev(data: Any, root_dir: Any, split: str | None, limit: int | None) -> tuple[list, str]:
-    from nemo_bard.data.datasets import DataError
-    from nemo_bard.eval.evaluate import load_samples
 
     fix = ("tuning compares answers with references: give every dev row an 'answer' column or a final assistant "
            "turn with text")
@@ -369,9 +370,6 @@ def tune(
     Returns a :class:`TuneResult`; when no point is within ``tolerance`` its ``point`` is None, its ``message``
     says so and nothing is written. Raises :class:`TuneError` on bad input, before any model loads.
     """
-    from nemo_bard.data.media import VideoSampling
-    from nemo_bard.eval.evaluate import build_inputs, evaluate_point, generate_batch, load_model
-
     say = log or (lambda _msg: None)
     t0 = time.perf_counter()
     cfg = check_inputs(model_dir, ar_model_dir, tolerance, objective, dry_run)

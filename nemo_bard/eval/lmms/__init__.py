@@ -20,6 +20,7 @@ CLASS_PATH = "nemo_bard.eval.lmms.models.nemo_bard.NemoBard"
 
 def lmms_eval_manifest():
     """Entry point payload for lmms-eval's ``lmms_eval.models`` group (a ``ModelManifest``)."""
+    # optional dependency (the [lmms-eval] extra), read only by lmms-eval itself
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_ID, simple_class_path=CLASS_PATH, aliases=("bard_vl",))

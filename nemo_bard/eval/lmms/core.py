@@ -15,9 +15,11 @@ import os
 from typing import Any, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from nemo_bard.data.media import VideoSampling, is_video_path, load_image
 from nemo_bard.eval.evaluate import build_inputs, generate_batch, load_model
+from nemo_bard.generation.defaults import read_decoding_defaults
 from nemo_bard.generation.points import STRATEGY_ALIASES, DecodePoint
 
 logger = logging.getLogger(__name__)
@@ -89,7 +91,6 @@ class BardLmmsModel:
         self.loaded = load_model(pretrained, force_ar=_as_bool(ar), device=device, dtype=dtype, engine=engine)
         self._device = torch.device(device)
         if self.loaded.kind == "bard":
-            from nemo_bard.generation.defaults import read_decoding_defaults
 
             bs = int(block_size or self.loaded.model.config.block_size)
             steps, strategy, tau = read_decoding_defaults(pretrained).resolve(
@@ -192,8 +193,6 @@ class BardLmmsModel:
 
     def generate_until(self, requests: Sequence[Any]) -> list[str]:
         """Answers for ``requests`` (same order); batches requests with equal generation settings."""
-        from tqdm.auto import tqdm
-
         args = [r.args for r in requests]
         results: list[str | None] = [None] * len(args)
         groups: dict[str, list[int]] = {}

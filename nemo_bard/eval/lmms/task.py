@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 from nemo_bard.data.media import VIDEO_SUFFIXES, VideoSource, load_image
+from nemo_bard.eval.evaluate import load_samples
 
 # the task's ``utils.py``: lmms-eval resolves ``!function utils.<name>`` next to the YAML
 _UTILS = ('"""Doc hooks of a nemo-bard chat task (see nemo_bard.eval.lmms.task_utils)."""\n\n'
@@ -66,8 +67,6 @@ def write_task(
     prompt's text (user turns joined by newlines); the answer is the reference of
     :func:`nemo_bard.eval.evaluate.load_samples`.
     """
-    from nemo_bard.eval.evaluate import load_samples
-
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(exist_ok=True)
@@ -104,6 +103,7 @@ def _video_path(src: VideoSource, stem: Path) -> str:
         return str(src.path.resolve())
     stem.parent.mkdir(exist_ok=True)
     if src.data is not None:  # encoded bytes: a file named after its container format
+        # optional dependency (the [video] extra)
         import av
 
         with av.open(io.BytesIO(src.data)) as container:
