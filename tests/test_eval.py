@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from nemo_bard.eval import metrics
-from nemo_bard.eval.evaluate import DecodePoint, evaluate, load_samples, parse_points
+from nemo_bard.eval.evaluation import DecodePoint, evaluate, load_samples, parse_points
 from nemo_bard.eval.report import markdown_table, write_report
 
 ROW_KEYS = {
@@ -335,3 +335,15 @@ def test_lmms_harness_registration():
     assert resolved.class_path == CLASS_PATH and resolved.model_type == "simple"
     cls = registry.get_model_class("nemo_bard")  # imports and validates (subclass of lmms, is_simple)
     assert issubclass(cls, lmms) and registry.resolve("bard_vl").model_id == "nemo_bard"
+
+
+def test_the_package_names_are_the_functions_whatever_was_imported_first():
+    """``nemo_bard.eval`` loads its names on first access; no submodule shadows one of them (a module named like
+    its function would replace the function on the package once imported)."""
+    import nemo_bard.eval.evaluation  # noqa: F401
+    import nemo_bard.eval.samples  # noqa: F401
+    import nemo_bard.eval.tune  # noqa: F401
+    from nemo_bard.eval import evaluate, load_samples, tune, write_report
+
+    assert [f.__module__ for f in (evaluate, load_samples, tune, write_report)] == [
+        "nemo_bard.eval.evaluation", "nemo_bard.eval.samples", "nemo_bard.eval.tune", "nemo_bard.eval.report"]

@@ -129,7 +129,7 @@ def test_a_bad_stored_value_names_the_file_and_the_field(tmp_path, key, value):
 
 def test_generate_serve_eval_and_lmms_default_to_the_stored_point(tiny_bard_dir, tmp_path):
     from nemo_bard import generate, serve
-    from nemo_bard.eval.evaluate import model_default_points
+    from nemo_bard.eval.evaluation import model_default_points
     from nemo_bard.eval.lmms.core import BardLmmsModel
 
     model = tmp_path / "m"
@@ -216,7 +216,7 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
 
 def test_no_point_within_the_tolerance_says_so_and_writes_nothing(tiny_bard_dir, tiny_ar_dir, dev_data, tmp_path,
                                                                    capsys):
-    from nemo_bard.eval.evaluate import evaluate, load_samples
+    from nemo_bard.eval.evaluation import evaluate, load_samples
 
     # references = the AR model's own answers: AR scores 100 %, the untrained block decoder less
     from datasets import load_from_disk

@@ -32,7 +32,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 import nemo_bard.models.modeling_bard_vl  # noqa: F401  (registers bard_vl with the Auto classes)
 from nemo_bard.bench.decode import prompt_batch
 from nemo_bard.errors import run_reported
-from nemo_bard.eval.evaluate import load_samples, stop_ids
+from nemo_bard.eval.evaluation import load_samples, stop_ids
 from nemo_bard.eval.metrics import exact_match
 from nemo_bard.generation import block_diffusion_generate
 from nemo_bard.generation.inputs import build_inputs

@@ -42,7 +42,7 @@ import numpy as np
 from nemo_bard.bench.decode import PROMPTS, synthetic_image, tiny_models
 from nemo_bard.bench.presets import build_preset
 from nemo_bard.data.media import load_image
-from nemo_bard.eval.evaluate import load_samples
+from nemo_bard.eval.evaluation import load_samples
 from nemo_bard.eval.metrics import exact_match, wilson_interval
 from nemo_bard.models.loading import resolve_device_dtype
 

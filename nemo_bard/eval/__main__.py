@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         for model_dir in args.model:
             read_model_config(model_dir, "--model", "pass a model directory (bard_vl or Qwen3-VL)")
         print(f"{len(samples)} samples from {args.data}" + (f" ({note})" if note else ""))
-        from nemo_bard.eval.evaluate import evaluate
+        from nemo_bard.eval.evaluation import evaluate
         from nemo_bard.eval.report import markdown_table, write_report
 
         rows = []

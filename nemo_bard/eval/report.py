@@ -1,4 +1,4 @@
-"""Write evaluation rows (from :func:`nemo_bard.eval.evaluate`) as JSON, a markdown table and a plot.
+"""Write evaluation rows (from :func:`nemo_bard.eval.evaluation`) as JSON, a markdown table and a plot.
 
 ``write_report(rows, out_dir)`` writes
 

@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 from nemo_bard.data.datasets import DataError
 from nemo_bard.data.media import VideoSampling
 from nemo_bard.errors import UserError
-from nemo_bard.eval.evaluate import build_inputs, evaluate_point, generate_batch, load_model, load_samples
+from nemo_bard.eval.evaluation import build_inputs, evaluate_point, generate_batch, load_model, load_samples
 from nemo_bard.eval.metrics import Z95, aggregate
 from nemo_bard.generation.defaults import EVIDENCE_FILE, GENERATION_CONFIG, check_writable, write_decoding_point
 from nemo_bard.generation.points import DecodePoint, parse_points
@@ -354,7 +354,7 @@ def tune(
     Args:
         model_dir: the ``bard_vl`` model directory (written unless ``dry_run``).
         samples: dev rows with reference answers: a dataset path (save_to_disk dir, .jsonl) or loaded
-            :class:`~nemo_bard.eval.evaluate.EvalSample` s. Use a split that is not the one you report on.
+            :class:`~nemo_bard.eval.evaluation.EvalSample` s. Use a split that is not the one you report on.
         ar_model_dir: the AR model it is measured against (same tokenizer).
         tolerance: percentage points of exact match the point may lose against AR.
         objective: ``decode_tokens_per_second`` (default; decode excludes the prompt prefill both pay) or
@@ -362,7 +362,7 @@ def tune(
         points: the grid (``"B:S:tau[:strategy]"`` specs); default :func:`default_grid` at the model's block size.
         first_slice: rows of the first rung (default: a quarter of the rows, at least 64); all rows when it
             covers them.
-        batch_size, max_new_tokens, device, dtype, engine: as in :func:`nemo_bard.eval.evaluate`; speeds are
+        batch_size, max_new_tokens, device, dtype, engine: as in :func:`nemo_bard.eval.evaluation`; speeds are
             those of ``batch_size`` (default 8, as ``python -m nemo_bard.eval``; 1: per-request latency).
         log: receives the progress lines (None: silent).
         data_name: how the evidence names loaded ``samples`` (default: the path, or "samples").

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from nemo_bard.data.media import VideoSampling, is_video_path, load_image
-from nemo_bard.eval.evaluate import build_inputs, generate_batch, load_model
+from nemo_bard.eval.evaluation import build_inputs, generate_batch, load_model
 from nemo_bard.generation.defaults import read_decoding_defaults
 from nemo_bard.generation.points import STRATEGY_ALIASES, DecodePoint
 

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 
 from nemo_bard.data.media import VIDEO_SUFFIXES, VideoSource, load_image
-from nemo_bard.eval.evaluate import load_samples
+from nemo_bard.eval.evaluation import load_samples
 
 # the task's ``utils.py``: lmms-eval resolves ``!function utils.<name>`` next to the YAML
 _UTILS = ('"""Doc hooks of a nemo-bard chat task (see nemo_bard.eval.lmms.task_utils)."""\n\n'
@@ -65,7 +65,7 @@ def write_task(
     Images of each prompt are re-saved under ``out_dir/images``; video files are referenced by absolute
     path (video bytes and frame lists are written under ``out_dir/videos``); the question is the
     prompt's text (user turns joined by newlines); the answer is the reference of
-    :func:`nemo_bard.eval.evaluate.load_samples`.
+    :func:`nemo_bard.eval.evaluation.load_samples`.
     """
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
