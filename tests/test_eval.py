@@ -343,7 +343,7 @@ def test_the_package_names_are_the_functions_whatever_was_imported_first():
     import nemo_bard.eval.evaluation  # noqa: F401
     import nemo_bard.eval.samples  # noqa: F401
     import nemo_bard.eval.tune  # noqa: F401
-    from nemo_bard.eval import evaluate, load_samples, tune, write_report
+    from nemo_bard.eval import TuneResult, evaluate, load_samples, write_report
 
-    assert [f.__module__ for f in (evaluate, load_samples, tune, write_report)] == [
+    assert [f.__module__ for f in (evaluate, load_samples, TuneResult, write_report)] == [
         "nemo_bard.eval.evaluation", "nemo_bard.eval.samples", "nemo_bard.eval.tune", "nemo_bard.eval.report"]

@@ -23,7 +23,7 @@ _WHERE = {
     **dict.fromkeys(("aggregate", "char_accuracy", "exact_match", "levenshtein", "position_accuracy", "score"),
                     "metrics"),
     **dict.fromkeys(("markdown_table", "plot", "write_report"), "report"),
-    **dict.fromkeys(("TuneError", "TuneResult", "tune"), "tune"),
+    **dict.fromkeys(("TuneError", "TuneResult"), "tune"),  # the function: nemo_bard.eval.tune.tune
 }
 
 
