@@ -1,6 +1,6 @@
 """Offline digit-image chat datasets built from scikit-learn's bundled handwritten digit scans.
 
-    python -m nemo_bard.data.digits OUT_DIR [--task read|running_sum] [--train 2000] [--test 200] [--seed 0]
+    python -m nemo_bard.data.digits OUT_DIR [--task read|odd_count] [--train 2000] [--test 200] [--seed 0]
         [--min-digits 4] [--max-digits 12] [--scale 4] [--format arrow|jsonl]
 
 Source: ``sklearn.datasets.load_digits`` (1,797 real 8x8 scans, shipped inside the scikit-learn
@@ -15,11 +15,12 @@ tokenizers, no spaces:
 
 * ``read`` — "Read the digits.": the digit string. Every answer token depends on one image token only,
   so all of them can be written at once.
-* ``running_sum`` — "Write the running sums of the digits, mod 10.": answer token ``j`` is
-  ``(d_1 + ... + d_j) mod 10``. Each token is the previous *answer* token plus one digit, so a token
-  whose predecessor is still undecided cannot be read from the image alone: the answer's tokens depend
-  on each other, which is what committing many tokens at once finds hard. The exact-match ceiling is
-  the same as ``read``'s (one misread digit spoils the answer in both).
+* ``odd_count`` — "Count the odd digits so far.": answer token ``j`` is the number of odd digits among
+  the first ``j`` drawn, mod 10 ("4739" -> "0123"). Written left to right each token is the previous
+  answer token, plus one if digit ``j`` is odd; a token whose predecessor is still undecided needs a count
+  over the image instead. The answer's tokens depend on each other, which is what committing many tokens
+  at once finds hard. (A running sum mod 10 has the same chain, but a tiny random-init model trained on it
+  did not leave chance level in 1,200 steps: a sum token carries no signal until both addends are known.)
 
 Layout of ``OUT_DIR``::
 
@@ -48,7 +49,7 @@ from PIL import Image
 PROMPT = "Read the digits."
 TASKS = {  # task name -> prompt
     "read": PROMPT,
-    "running_sum": "Write the running sums of the digits, mod 10.",
+    "odd_count": "Count the odd digits so far.",
 }
 NUM_SCANS = 1797
 TRAIN_POOL = range(0, 1437)  # first 80 % of the scans
@@ -70,14 +71,14 @@ class DigitSample:
 
 
 def task_answer(task: str, digits: str) -> str:
-    """The answer of ``task`` for an image showing ``digits`` (e.g. running_sum: "4739" -> "4143")."""
+    """The answer of ``task`` for an image showing ``digits`` (e.g. odd_count: "4739" -> "0123")."""
     if task == "read":
         return digits
-    if task == "running_sum":
-        total, out = 0, []
+    if task == "odd_count":
+        count, out = 0, []
         for d in digits:
-            total = (total + int(d)) % 10
-            out.append(str(total))
+            count = (count + int(d) % 2) % 10
+            out.append(str(count))
         return "".join(out)
     raise ValueError(f"task {task!r}: use one of {', '.join(TASKS)}")
 
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.data.digits", description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
     ap.add_argument("--task", default="read", choices=list(TASKS),
-                    help="read: the digits; running_sum: their running sums mod 10 (default read)")
+                    help="read: the digits; odd_count: the odd digits counted so far, mod 10 (default read)")
     ap.add_argument("--train", type=int, default=2000, help="train rows (default 2000)")
     ap.add_argument("--test", type=int, default=200, help="test rows (default 200)")
     ap.add_argument("--seed", type=int, default=0)
