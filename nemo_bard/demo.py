@@ -167,7 +167,7 @@ def comparisons_markdown(comps: list[dict]) -> str:
 
 
 def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> tuple[list[dict], dict]:
-    """Step 7: AR (engine and HF generate), every PBM stage, SWD and the control on the held-out rows;
+    """The evaluation: AR, every PBM stage, SWD and the control on the held-out rows;
     writes ``<out>/report`` (results.* from nemo_bard.eval, comparisons.{json,md})."""
     from nemo_bard.eval import evaluate, load_samples, write_report
 
@@ -175,9 +175,8 @@ def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> t
     # batch size 1: per-request decoding latency, the setting of the paper's speed claim
     samples = load_samples(out / "digits" / "test", out / "digits")
     common = dict(max_new_tokens=MAX_NEW_TOKENS, progress=EvalProgress(every), batch_size=1)
-    runs = [  # (name, model, points, engine); the AR baseline also through Hugging Face generate
+    runs = [  # (name, model, points, engine)
         ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
-        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "hf"),
         ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
         ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
         ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),
@@ -204,7 +203,7 @@ def _title(task: str) -> str:
 
 
 def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRESS_EVERY_S) -> dict:
-    """``--eval-only``: step 7 again on a finished demo directory; the report and ``run.json`` are rewritten."""
+    """``--eval-only``: the evaluation again on a finished demo directory; the report and ``run.json`` are rewritten."""
     missing = [p for p in (*_models(out), out / "digits" / "test") if not p.exists()]
     if missing:
         raise SystemExit(f"nemo_bard.demo: --eval-only needs a finished demo in {out} ({missing[0]} is missing); "
@@ -246,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S,
                     help="seconds between console progress lines of a stage (default 10)")
     ap.add_argument("--eval-only", action="store_true",
-                    help="only re-run step 7 on the models of an existing --out (e.g. with another --engine)")
+                    help="only re-run the evaluation on the models of an existing --out (e.g. with another --engine)")
     args = ap.parse_args(argv)
     if args.eval_only:
         return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every)
@@ -255,9 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "(pip install -e .)")
 
     q = args.quick
-    ar_steps = args.ar_steps or (6 if q else 1500)
+    ar_steps = args.ar_steps or (6 if q else 600)
     pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "400,200,200")).split(",")]
-    swd_steps = args.swd_steps or (3 if q else 300)
+    swd_steps = args.swd_steps or (3 if q else 200)
     train_rows, test_rows = args.train_rows or (64 if q else 2000), args.test_rows or (16 if q else 1000)
     out = Path(args.out).resolve()
     if out.exists():

@@ -44,10 +44,9 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
     report = json.loads((out / "report" / "results.json").read_text())
     rows = report["results"]
     ar_rows = [r for r in rows if r["kind"] == "ar"]
-    assert [r["engine"] for r in ar_rows] == ["static", "hf"]  # AR through the engine and HF generate
-    assert report["reference"] == max(ar_rows, key=lambda r: r["tokens_per_second"])["name"]  # the fastest AR row
+    assert [r["engine"] for r in ar_rows] == ["static"] and report["reference"] == ar_rows[0]["name"]
     assert [(r["model"], r["threshold"]) for r in rows] == [
-        ("AR (NeMo SFT)", None), ("AR (NeMo SFT), HF generate", None),
+        ("AR (NeMo SFT)", None),
         *[(f"PBM stage B{b}", t) for b in (4, 8, 16) for t in (1.0, 0.9)],
         *[(m, t) for m in ("SWD B16 (B4 anchor)", "Control B16 (SWD without KD)") for t in (1.0, 0.9)]]
     keys = {"accuracy", "char_accuracy", "tokens_per_forward", "tokens_per_second", "num_forwards", "wall_time",
