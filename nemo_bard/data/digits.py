@@ -18,9 +18,9 @@ tokenizers, no spaces:
 * ``odd_count`` — "Count the odd digits so far.": answer token ``j`` is the number of odd digits among
   the first ``j`` drawn, mod 10 ("4739" -> "0123"). Written left to right each token is the previous
   answer token, plus one if digit ``j`` is odd; a token whose predecessor is still undecided needs a count
-  over the image instead. The answer's tokens depend on each other, which is what committing many tokens
-  at once finds hard. (A running sum mod 10 has the same chain, but a tiny random-init model trained on it
-  did not leave chance level in 1,200 steps: a sum token carries no signal until both addends are known.)
+  over the image instead: unlike ``read``'s, the answer's tokens depend on each other. (A running sum
+  mod 10 has the same chain, but the demo's model, after 300 steps of reading, stayed at chance on it for
+  600 steps: a sum token carries no signal until both addends are known.)
 
 Layout of ``OUT_DIR``::
 
