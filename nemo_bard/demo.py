@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -117,8 +118,6 @@ def _models(out: Path) -> tuple[Path, Path, Path, Path]:
 def paired_difference(a: list[dict], b: list[dict], key: str = "exact_match") -> dict:
     """``a - b`` of a per-sample metric over the same rows: mean, 95 % normal interval of the paired
     differences, and how many rows only ``a`` (``a_only``) or only ``b`` (``b_only``) got right."""
-    import math
-
     by_row = {p["row"]: p[key] for p in b}
     if len(by_row) != len(a) or any(p["row"] not in by_row for p in a):
         raise ValueError("paired_difference needs predictions of the same rows")
@@ -142,23 +141,19 @@ def comparisons(rows: list[dict], tau: float) -> list[dict]:
                   (f"SWD B16 - PBM B16, τ {t:g} (SWD recovers?)", (SWD_NAME, t), ("PBM stage B16", t)),
                   (f"Control B16 - PBM B16, τ {t:g} (training further)", (CONTROL_NAME, t), ("PBM stage B16", t)),
                   (f"SWD B16 - Control B16, τ {t:g} (distillation itself)", (SWD_NAME, t), (CONTROL_NAME, t))]
-    out = []
     if ar is not None:
-        for t in (1.0, tau):
-            if ("PBM stage B4", t) in by:
-                out.append({"comparison": f"PBM B4 - AR, τ {t:g} (conversion cost)", "a": by[("PBM stage B4", t)]["name"],
-                            "b": ar["name"], **paired_difference(by[("PBM stage B4", t)]["predictions"], ar["predictions"])})
-    for label, ka, kb in pairs:
-        if ka in by and kb in by:
-            out.append({"comparison": label, "a": by[ka]["name"], "b": by[kb]["name"],
-                        **paired_difference(by[ka]["predictions"], by[kb]["predictions"])})
-    return out
+        by[("AR", None)] = ar
+        pairs = [(f"PBM B4 - AR, τ {t:g} (conversion cost)", ("PBM stage B4", t), ("AR", None))
+                 for t in (1.0, tau)] + pairs
+    return [{"comparison": label, "a": by[ka]["name"], "b": by[kb]["name"],
+             **paired_difference(by[ka]["predictions"], by[kb]["predictions"])}
+            for label, ka, kb in pairs if ka in by and kb in by]
 
 
 def comparisons_markdown(comps: list[dict]) -> str:
     """A markdown table of :func:`comparisons` (points of exact match)."""
-    lines = ["| comparison (a - b, same rows) | exact match a - b (points) | 95 % interval | only a right | only b right |",
-             "|---|---:|---|---:|---:|"]
+    header = "| comparison (a - b, same rows) | exact match a - b (points) | 95 % interval | only a right | only b right |"
+    lines = [header, "|---|---:|---|---:|---:|"]
     for c in comps:
         lo, hi = c["ci95"]
         lines.append(f"| {c['comparison']} | {100 * c['diff']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
@@ -169,24 +164,25 @@ def comparisons_markdown(comps: list[dict]) -> str:
 def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> tuple[list[dict], dict]:
     """The evaluation: AR, every PBM stage, SWD and the control on the held-out rows;
     writes ``<out>/report`` (results.* from nemo_bard.eval, comparisons.{json,md})."""
-    from nemo_bard.eval.evaluate import evaluate, load_samples  # the functions, not the package's submodules
+    # from the modules: the package's lazy names can resolve to its submodules of the same name
+    from nemo_bard.eval.evaluate import evaluate, load_samples
     from nemo_bard.eval.report import write_report
 
     ar_dir, stages, swd_dir, control_dir = _models(out)
     # batch size 1: per-request decoding latency, the setting of the paper's speed claim
     samples = load_samples(out / "digits" / "test", out / "digits")
     common = dict(max_new_tokens=MAX_NEW_TOKENS, progress=EvalProgress(every), batch_size=1)
-    runs = [  # (name, model, points, engine)
-        ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
-        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
-        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
-        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),
-        (SWD_NAME, swd_dir, ["16:16:1.0", f"16:16:{tau}"], engine),
-        (CONTROL_NAME, control_dir, ["16:16:1.0", f"16:16:{tau}"], engine),
+    runs = [  # (name, model, decoding points)
+        ("AR (NeMo SFT)", ar_dir, ["ar"]),
+        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"]),
+        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"]),
+        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"]),
+        (SWD_NAME, swd_dir, ["16:16:1.0", f"16:16:{tau}"]),
+        (CONTROL_NAME, control_dir, ["16:16:1.0", f"16:16:{tau}"]),
     ]
     rows = []
-    for name, model_dir, points, run_engine in runs:
-        rows += evaluate(model_dir, samples, points, name=name, engine=run_engine, **common)
+    for name, model_dir, points in runs:
+        rows += evaluate(model_dir, samples, points, name=name, engine=engine, **common)
     paths = write_report(rows, out / "report", title=title)
     comps = comparisons(rows, tau)
     paths["comparisons"] = out / "report" / "comparisons.json"
@@ -336,7 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     meta = {"times_s": {k: round(v, 1) for k, v in times.items()}, "ar_final_loss": ar_loss, "task": args.task,
-            "read_steps": read_steps, "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps, "control_steps": swd_steps,
+            "read_steps": read_steps, "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps,
+            "control_steps": swd_steps,
             "anchor": "PBM stage B4", "train_rows": train_rows, "test_rows": test_rows, "seed": args.seed,
             "quick": q, "engine": args.engine, "threshold": args.threshold}
     (out / "report" / "run.json").write_text(json.dumps(meta, indent=2) + "\n")

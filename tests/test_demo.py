@@ -60,8 +60,10 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
     assert table.count("\n| ") >= len(rows) and "×AR" in table
     comps = {c["comparison"]: c for c in json.loads((out / "report" / "comparisons.json").read_text())}
     for t in ("1", "0.9"):
-        for label in (f"PBM B16 - PBM B4, τ {t} (large blocks lose?)", f"SWD B16 - Control B16, τ {t} (distillation itself)",
-                      f"SWD B16 - PBM B16, τ {t} (SWD recovers?)", f"Control B16 - PBM B16, τ {t} (training further)"):
+        for label in (f"PBM B16 - PBM B4, τ {t} (large blocks lose?)",
+                      f"SWD B16 - Control B16, τ {t} (distillation itself)",
+                      f"SWD B16 - PBM B16, τ {t} (SWD recovers?)",
+                      f"Control B16 - PBM B16, τ {t} (training further)"):
             c = comps[label]
             assert c["n"] == 8 and c["ci95"][0] <= c["diff"] <= c["ci95"][1], c
     assert "Paired differences" in table and "distillation itself" in table
@@ -69,7 +71,8 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
     meta = json.loads((out / "report" / "run.json").read_text())
     assert set(meta["times_s"]) == {"setup", "ar_read", "ar_sft", "pbm", "swd", "control", "eval", "total"}
     assert meta["swd_steps"] == meta["control_steps"] and meta["anchor"] == "PBM stage B4"
-    for label in ("[ar_read] ", "[ar_sft] ", "[pbm] ", "[swd] ", "[control] ", "[eval] "):  # every stage reports progress on the console
+    # every stage reports progress on the console
+    for label in ("[ar_read] ", "[ar_sft] ", "[pbm] ", "[swd] ", "[control] ", "[eval] "):
         assert label in stdout, label
     again = main(["--out", str(out), "--eval-only", "--engine", "eager", "--threshold", "0.8"])
     assert again["meta"]["engine"] == "eager" and again["meta"]["eval_only"] is True

@@ -6,7 +6,13 @@ import math
 
 import pytest
 
-from nemo_bard.demo import CONTROL_NAME, SWD_NAME, comparisons, comparisons_markdown, paired_difference
+from nemo_bard.demo import (
+    CONTROL_NAME,
+    SWD_NAME,
+    comparisons,
+    comparisons_markdown,
+    paired_difference,
+)
 
 
 def _preds(correct: list[int], rows: list[int] | None = None) -> list[dict]:

@@ -147,7 +147,8 @@ def make_samples(
 
 def _row(sample: DigitSample, rel_path: str) -> dict:
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": rel_path}, {"type": "text", "text": TASKS[sample.task]}]},
+        {"role": "user", "content": [{"type": "image", "image": rel_path},
+                                     {"type": "text", "text": TASKS[sample.task]}]},
         {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]},
     ]
     h, w = sample.pixels.shape[:2]
