@@ -164,9 +164,7 @@ def comparisons_markdown(comps: list[dict]) -> str:
 def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> tuple[list[dict], dict]:
     """The evaluation: AR, every PBM stage, SWD and the control on the held-out rows;
     writes ``<out>/report`` (results.* from nemo_bard.eval, comparisons.{json,md})."""
-    # from the modules: the package's lazy names can resolve to its submodules of the same name
-    from nemo_bard.eval.evaluate import evaluate, load_samples
-    from nemo_bard.eval.report import write_report
+    from nemo_bard.eval import evaluate, load_samples, write_report
 
     ar_dir, stages, swd_dir, control_dir = _models(out)
     # batch size 1: per-request decoding latency, the setting of the paper's speed claim
