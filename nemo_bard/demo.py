@@ -1,16 +1,25 @@
-"""Offline end-to-end demo: AR VLM -> PBM -> SWD -> accuracy-at-speed report, on 2 CPU cores.
+"""Offline end-to-end demo: AR VLM -> PBM -> SWD (+ its control) -> accuracy-at-speed report, on 2 CPU cores.
 
-    python -m nemo_bard.demo [--out outputs/demo] [--quick] [--engine static|compiled|eager] [--eval-only]
+    python -m nemo_bard.demo [--out outputs/demo] [--quick] [--task odd_count|read]
+        [--engine static|compiled|eager] [--eval-only]
 
-1. builds a ~1M-parameter random-init Qwen3-VL (``nemo_bard.tiny --preset demo``) and the digits-OCR
-   task from scikit-learn's bundled scans (``nemo_bard.data.digits``, split by source scan);
+1. builds a ~1M-parameter random-init Qwen3-VL (``nemo_bard.tiny --preset demo``) and a digit-image task from
+   scikit-learn's bundled scans (``nemo_bard.data.digits``, split by source scan). The default task,
+   ``odd_count``, answers with the number of odd digits counted so far (mod 10) at each digit: each answer
+   token is the previous one plus one or zero, so the tokens depend on each other (``read``, the digits
+   themselves, can be written all at once). The AR model first learns to read the same images
+   (``--read-steps``), then the task;
 2. trains it autoregressively with NeMo AutoModel's own ``FinetuneRecipeForVLM``
    (``automodel finetune --config conf/demo_ar.yaml``): the "pretrained AR VLM";
 3. converts it to ``bard_vl`` (``nemo_bard.convert``);
-4. runs PBM 4 -> 8 -> 16 in one run (``automodel finetune --config conf/bard_demo.yaml``);
-5. runs SWD, B16 student from the PBM export, B4 anchor (``... conf/bard_demo.yaml stage=swd``);
-6. evaluates AR and every stage on held-out scans (``nemo_bard.eval``) and writes
-   ``<out>/report/results.{json,md,png}``.
+4. runs PBM 4 -> 8 -> 16 in one run (``automodel finetune --config conf/bard_demo.yaml``), the stages in the
+   paper's proportions (B4 as long as B8 and B16 together);
+5. runs SWD: the B16 export as student, the B4 export as anchor (``... conf/bard_demo.yaml stage=swd``);
+6. runs the control: the same SWD run without the distillation term (``kd.kd_weight=0``): same student,
+   steps, data order, noise, optimizer and seed, so what SWD gains over it is distillation, not training;
+7. evaluates AR, every PBM stage, SWD and the control on held-out scans (``nemo_bard.eval``) and writes
+   ``<out>/report/results.{json,md,png}`` plus ``comparisons.{json,md}`` (paired differences in exact match,
+   with 95 % intervals, on the same rows).
 
 Every stage is an ordinary CLI run over the normal configs (the commands are printed), so the demo
 is a thin script over the product. ``--quick`` is the CI-sized variant (seconds per stage; it checks
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -94,46 +104,110 @@ def _last_losses(jsonl: Path, n: int = 20) -> float:
     return sum(r["loss"] for r in tail) / max(len(tail), 1)
 
 
-def _models(out: Path) -> tuple[Path, Path, Path]:
-    """The AR model, the PBM stage exports directory and the SWD student of a demo output directory."""
+SWD_NAME, CONTROL_NAME = "SWD B16 (B4 anchor)", "Control B16 (SWD without KD)"
+CONTROL_RUN = "bard_swd_demo_control"  # run_name of the control (SWD recipe, kd.kd_weight=0)
+MAX_NEW_TOKENS = 16  # an answer is at most 12 digits and <|im_end|>: one block of 16
+
+
+def _models(out: Path) -> tuple[Path, Path, Path, Path]:
+    """The AR model, the PBM stage exports directory, the SWD student and the control of a demo directory."""
     return ((out / "ar_sft" / "LATEST" / "model" / "consolidated").resolve(), out / "bard_pbm_demo" / "stages",
-            out / "bard_swd_demo" / "student_b16")
+            out / "bard_swd_demo" / "student_b16", out / CONTROL_RUN / "student_b16")
 
 
-def _evaluate(out: Path, tau: float, engine: str, every: float) -> tuple[list[dict], dict]:
-    """Step 6: AR (engine and HF generate) and every stage on the held-out scans; writes ``<out>/report``."""
+def paired_difference(a: list[dict], b: list[dict], key: str = "exact_match") -> dict:
+    """``a - b`` of a per-sample metric over the same rows: mean, 95 % normal interval of the paired
+    differences, and how many rows only ``a`` (``a_only``) or only ``b`` (``b_only``) got right."""
+    by_row = {p["row"]: p[key] for p in b}
+    if len(by_row) != len(a) or any(p["row"] not in by_row for p in a):
+        raise ValueError("paired_difference needs predictions of the same rows")
+    d = [p[key] - by_row[p["row"]] for p in a]
+    n = len(d)
+    mean = sum(d) / n
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = 1.959963984540054 * sd / math.sqrt(n)
+    return {"diff": mean, "ci95": [mean - half, mean + half], "n": n,
+            "a_only": sum(1 for x in d if x > 0), "b_only": sum(1 for x in d if x < 0)}
+
+
+def comparisons(rows: list[dict], tau: float) -> list[dict]:
+    """The method's claims as paired exact-match differences between rows of this evaluation."""
+    by = {(r["model"], r.get("threshold")): r for r in rows}
+    ar = next((r for r in rows if r["kind"] == "ar"), None)
+    pairs = []
+    for t in (1.0, tau):
+        pairs += [(f"PBM B16 - PBM B4, τ {t:g} (large blocks lose?)", ("PBM stage B16", t), ("PBM stage B4", t)),
+                  (f"PBM B8 - PBM B4, τ {t:g}", ("PBM stage B8", t), ("PBM stage B4", t)),
+                  (f"SWD B16 - PBM B16, τ {t:g} (SWD recovers?)", (SWD_NAME, t), ("PBM stage B16", t)),
+                  (f"Control B16 - PBM B16, τ {t:g} (training further)", (CONTROL_NAME, t), ("PBM stage B16", t)),
+                  (f"SWD B16 - Control B16, τ {t:g} (distillation itself)", (SWD_NAME, t), (CONTROL_NAME, t))]
+    if ar is not None:
+        by[("AR", None)] = ar
+        pairs = [(f"PBM B4 - AR, τ {t:g} (conversion cost)", ("PBM stage B4", t), ("AR", None))
+                 for t in (1.0, tau)] + pairs
+    return [{"comparison": label, "a": by[ka]["name"], "b": by[kb]["name"],
+             **paired_difference(by[ka]["predictions"], by[kb]["predictions"])}
+            for label, ka, kb in pairs if ka in by and kb in by]
+
+
+def comparisons_markdown(comps: list[dict]) -> str:
+    """A markdown table of :func:`comparisons` (points of exact match)."""
+    header = "| comparison (a - b, same rows) | exact match a - b (points) | 95 % interval | only a right | only b right |"
+    lines = [header, "|---|---:|---|---:|---:|"]
+    for c in comps:
+        lo, hi = c["ci95"]
+        lines.append(f"| {c['comparison']} | {100 * c['diff']:+.1f} | [{100 * lo:+.1f}, {100 * hi:+.1f}] | "
+                     f"{c['a_only']} | {c['b_only']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> tuple[list[dict], dict]:
+    """The evaluation: AR, every PBM stage, SWD and the control on the held-out rows;
+    writes ``<out>/report`` (results.* from nemo_bard.eval, comparisons.{json,md})."""
     from nemo_bard.eval import evaluate, load_samples, write_report
 
-    ar_dir, stages, swd_dir = _models(out)
+    ar_dir, stages, swd_dir, control_dir = _models(out)
     # batch size 1: per-request decoding latency, the setting of the paper's speed claim
     samples = load_samples(out / "digits" / "test", out / "digits")
-    common = dict(max_new_tokens=32, progress=EvalProgress(every), batch_size=1)
-    runs = [  # (name, model, points, engine); the AR baseline also through Hugging Face generate
-        ("AR (NeMo SFT)", ar_dir, ["ar"], engine),
-        ("AR (NeMo SFT), HF generate", ar_dir, ["ar"], "hf"),
-        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"], engine),
-        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"], engine),
-        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"], engine),
-        ("SWD B16 (B4 anchor)", swd_dir, ["16:16:1.0", f"16:16:{tau}", "16:16:0.7"], engine),
+    common = dict(max_new_tokens=MAX_NEW_TOKENS, progress=EvalProgress(every), batch_size=1)
+    runs = [  # (name, model, decoding points)
+        ("AR (NeMo SFT)", ar_dir, ["ar"]),
+        ("PBM stage B4", stages / "b4", ["4:4:1.0", f"4:4:{tau}"]),
+        ("PBM stage B8", stages / "b8", ["8:8:1.0", f"8:8:{tau}"]),
+        ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"]),
+        (SWD_NAME, swd_dir, ["16:16:1.0", f"16:16:{tau}"]),
+        (CONTROL_NAME, control_dir, ["16:16:1.0", f"16:16:{tau}"]),
     ]
     rows = []
-    for name, model_dir, points, run_engine in runs:
-        rows += evaluate(model_dir, samples, points, name=name, engine=run_engine, **common)
-    paths = write_report(rows, out / "report", title="nemo-bard offline demo: digits OCR, 2 CPU cores")
+    for name, model_dir, points in runs:
+        rows += evaluate(model_dir, samples, points, name=name, engine=engine, **common)
+    paths = write_report(rows, out / "report", title=title)
+    comps = comparisons(rows, tau)
+    paths["comparisons"] = out / "report" / "comparisons.json"
+    paths["comparisons"].write_text(json.dumps(comps, indent=2) + "\n")
+    table = comparisons_markdown(comps)
+    (out / "report" / "comparisons.md").write_text(table)
+    with open(paths["markdown"], "a", encoding="utf-8") as f:
+        f.write("\nPaired differences in exact match on the same held-out rows:\n\n" + table)
     return rows, paths
 
 
+def _title(task: str) -> str:
+    what = {"read": "digits OCR", "odd_count": "counting odd digits"}.get(task, task)
+    return f"nemo-bard offline demo: {what}, 2 CPU cores"
+
+
 def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRESS_EVERY_S) -> dict:
-    """``--eval-only``: step 6 again on a finished demo directory; the report and ``run.json`` are rewritten."""
+    """``--eval-only``: the evaluation again on a finished demo directory; the report and ``run.json`` are rewritten."""
     missing = [p for p in (*_models(out), out / "digits" / "test") if not p.exists()]
     if missing:
         raise SystemExit(f"nemo_bard.demo: --eval-only needs a finished demo in {out} ({missing[0]} is missing); "
                          "run it without --eval-only first")
-    print(f"[6/6] evaluate {out} again (engine {engine}, threshold {tau})", flush=True)
+    print(f"[eval] evaluate {out} again (engine {engine}, threshold {tau})", flush=True)
     t = time.perf_counter()
-    rows, paths = _evaluate(out, tau, engine, every)
     run_json = out / "report" / "run.json"
     meta = json.loads(run_json.read_text()) if run_json.is_file() else {"times_s": {}}
+    rows, paths = _evaluate(out, tau, engine, every, _title(meta.get("task", "odd_count")))
     meta["times_s"]["eval"] = round(time.perf_counter() - t, 1)
     meta.update(engine=engine, threshold=tau, eval_only=True)
     run_json.write_text(json.dumps(meta, indent=2) + "\n")
@@ -143,15 +217,21 @@ def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRES
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from nemo_bard.data.digits import TASKS
     from nemo_bard.generation.points import ENGINES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="outputs/demo", help="output directory (replaced if it exists)")
     ap.add_argument("--quick", action="store_true", help="CI-sized run: a few steps per stage, small data")
+    ap.add_argument("--task", default="odd_count", choices=list(TASKS),
+                    help="odd_count (default): answer tokens depend on each other; read: the digits")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--ar-steps", type=int, default=None)
-    ap.add_argument("--pbm-steps", default=None, help="steps of the B4,B8,B16 stages, e.g. 400,300,300")
-    ap.add_argument("--swd-steps", type=int, default=None)
+    ap.add_argument("--read-steps", type=int, default=None,
+                    help="AR pretraining steps on reading the same images before the task (default 300; 0: none)")
+    ap.add_argument("--ar-steps", type=int, default=None, help="AR SFT steps on the task")
+    ap.add_argument("--pbm-steps", default=None,
+                    help="steps of the B4,B8,B16 stages (default 400,200,200: the paper's 2:1:1)")
+    ap.add_argument("--swd-steps", type=int, default=None, help="steps of SWD and of its control")
     ap.add_argument("--train-rows", type=int, default=None)
     ap.add_argument("--test-rows", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the fast setting")
@@ -160,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S,
                     help="seconds between console progress lines of a stage (default 10)")
     ap.add_argument("--eval-only", action="store_true",
-                    help="only re-run step 6 on the models of an existing --out (e.g. with another --engine)")
+                    help="only re-run the evaluation on the models of an existing --out (e.g. with another --engine)")
     args = ap.parse_args(argv)
     if args.eval_only:
         return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every)
@@ -169,9 +249,9 @@ def main(argv: list[str] | None = None) -> dict:
                          "(pip install -e .)")
 
     q = args.quick
-    ar_steps = args.ar_steps or (6 if q else 1500)
-    pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "400,300,300")).split(",")]
-    swd_steps = args.swd_steps or (3 if q else 400)
+    ar_steps = args.ar_steps or (6 if q else 600)
+    pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "400,200,200")).split(",")]
+    swd_steps = args.swd_steps or (3 if q else 200)
     train_rows, test_rows = args.train_rows or (64 if q else 2000), args.test_rows or (16 if q else 1000)
     out = Path(args.out).resolve()
     if out.exists():
@@ -180,18 +260,39 @@ def main(argv: list[str] | None = None) -> dict:
     times: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    print(f"[1/6] tiny Qwen3-VL + digits task -> {out}", flush=True)
+    read_steps = 0 if args.task == "read" else (args.read_steps if args.read_steps is not None else (4 if q else 300))
+    stage_count, stage_no = 7 + bool(read_steps), iter(range(1, 9))
+
+    def n() -> str:
+        return f"{next(stage_no)}/{stage_count}"
+
+    print(f"[{n()}] tiny Qwen3-VL + {args.task} task -> {out}", flush=True)
     t = time.perf_counter()
     from nemo_bard.data.digits import main as digits_main
     from nemo_bard.tiny import write_tiny_model
 
     write_tiny_model(out / "ar_init", preset="demo", seed=args.seed)
-    digits_main([str(out / "digits"), "--train", str(train_rows), "--test", str(test_rows), "--seed", str(args.seed)])
+    digits_main([str(out / "digits"), "--task", args.task, "--train", str(train_rows), "--test", str(test_rows),
+                 "--seed", str(args.seed)])
+    if read_steps:  # the same images with the read answers (train split only)
+        digits_main([str(out / "digits_read"), "--task", "read", "--train", str(train_rows), "--test", "0",
+                     "--seed", str(args.seed)])
     times["setup"] = time.perf_counter() - t
 
     root = f"paths.run_root={out}"
-    print(f"[2/6] AR SFT with NeMo's FinetuneRecipeForVLM ({ar_steps} steps)", flush=True)
-    times["ar_sft"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root,
+    ar_init = []
+    if read_steps:
+        print(f"[{n()}] AR pretraining: reading the digits ({read_steps} steps)", flush=True)
+        times["ar_read"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root,
+                                           f"checkpoint.checkpoint_dir={out / 'ar_read'}",
+                                           f"paths.data={out / 'digits_read' / 'train'}",
+                                           f"paths.data_root={out / 'digits_read'}",
+                                           f"step_scheduler.max_steps={read_steps}",
+                                           f"lr_scheduler.lr_warmup_steps={min(50, read_steps - 1)}"),
+                                out / "logs" / "ar_read.log", "ar_read", read_steps, args.progress_every)
+        ar_init = [f"paths.init={out / 'ar_read' / 'LATEST' / 'model' / 'consolidated'}"]
+    print(f"[{n()}] AR SFT on the {args.task} task with NeMo's FinetuneRecipeForVLM ({ar_steps} steps)", flush=True)
+    times["ar_sft"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root, *ar_init,
                                       f"step_scheduler.max_steps={ar_steps}",
                                       f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"),
                            out / "logs" / "ar_sft.log", "ar_sft", ar_steps, args.progress_every)
@@ -201,34 +302,38 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  warning: AR training loss is still {ar_loss:.2f} (~ln 10 means guessing); the AR model has "
               "not broken out of the plateau -- rerun with another --seed or more --ar-steps", flush=True)
 
-    print("[3/6] convert AR -> bard_vl", flush=True)
+    print(f"[{n()}] convert AR -> bard_vl", flush=True)
     from nemo_bard.convert import convert
 
     convert(ar_dir, out / "bard_init", block_size=4)
 
     total = sum(pbm)
     schedule = "[" + ",".join(f"{{block_size:{b},steps:{n}}}" for b, n in zip((4, 8, 16), pbm)) + "]"
-    print(f"[4/6] PBM 4 -> 8 -> 16 ({'+'.join(map(str, pbm))} steps)", flush=True)
+    print(f"[{n()}] PBM 4 -> 8 -> 16 ({'+'.join(map(str, pbm))} steps)", flush=True)
     times["pbm"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), root, f"step_scheduler.max_steps={total}",
                                    f"block_merge.schedule={schedule}",
                                    f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"),
                         out / "logs" / "pbm.log", "pbm", total, args.progress_every)
 
-    print(f"[5/6] SWD B16 <- B4 ({swd_steps} steps)", flush=True)
-    times["swd"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), "stage=swd", root,
-                                   f"step_scheduler.max_steps={swd_steps}",
-                                   f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}"),
-                        out / "logs" / "swd.log", "swd", swd_steps, args.progress_every)
+    # SWD and its control: the same command but for the distillation weight (and the run directory)
+    swd = ("--config", str(CONF / "bard_demo.yaml"), "stage=swd", root, f"step_scheduler.max_steps={swd_steps}",
+           f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}")
+    print(f"[{n()}] SWD B16 <- B4 anchor ({swd_steps} steps)", flush=True)
+    times["swd"] = _run(_automodel(*swd), out / "logs" / "swd.log", "swd", swd_steps, args.progress_every)
+    print(f"[{n()}] control: B16 trained as SWD without the KD term ({swd_steps} steps)", flush=True)
+    times["control"] = _run(_automodel(*swd, f"run_name={CONTROL_RUN}", "kd.kd_weight=0"),
+                            out / "logs" / "control.log", "control", swd_steps, args.progress_every)
 
-    print(f"[6/6] evaluate on {test_rows} held-out samples", flush=True)
+    print(f"[{n()}] evaluate on {test_rows} held-out samples", flush=True)
     t = time.perf_counter()
-    rows, paths = _evaluate(out, args.threshold, args.engine, args.progress_every)
+    rows, paths = _evaluate(out, args.threshold, args.engine, args.progress_every, _title(args.task))
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
-    meta = {"times_s": {k: round(v, 1) for k, v in times.items()}, "ar_final_loss": ar_loss,
-            "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps, "train_rows": train_rows,
-            "test_rows": test_rows, "seed": args.seed, "quick": q, "engine": args.engine,
-            "threshold": args.threshold}
+    meta = {"times_s": {k: round(v, 1) for k, v in times.items()}, "ar_final_loss": ar_loss, "task": args.task,
+            "read_steps": read_steps, "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps,
+            "control_steps": swd_steps,
+            "anchor": "PBM stage B4", "train_rows": train_rows, "test_rows": test_rows, "seed": args.seed,
+            "quick": q, "engine": args.engine, "threshold": args.threshold}
     (out / "report" / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}  plot: {paths['plot']}")

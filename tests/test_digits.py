@@ -96,3 +96,34 @@ def test_one_visual_token_and_one_text_token_per_digit(digits_dir, tiny_processo
     image_pad = tiny_processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     assert int((batch["input_ids"] == image_pad).sum()) == len(answer)
     assert len(tiny_processor.tokenizer(answer)["input_ids"]) == len(answer)
+
+
+@pytest.mark.parametrize("drawn, expected", [("4739", "0123"), ("2468", "0000"), ("13579135791", "12345678901"),
+                                             ("102030405", "111122223"), ("8", "0")])
+def test_odd_count_answers_by_hand(drawn, expected):
+    """Answer token j counts the odd digits among the first j (mod 10): the previous token, plus one if d_j is odd."""
+    assert digits.task_answer("odd_count", drawn) == expected
+    assert digits.task_answer("read", drawn) == drawn
+    with pytest.raises(ValueError, match="task 'sort'"):
+        digits.task_answer("sort", drawn)
+
+
+def test_odd_count_task_draws_the_same_images(tmp_path):
+    scans = digits.load_scans()
+    read = digits.make_samples("test", 30, seed=5, scans=scans)
+    counts = digits.make_samples("test", 30, seed=5, scans=scans, task="odd_count")
+    labels = scans[1]
+    for r, c in zip(read, counts):
+        assert r.scan_ids == c.scan_ids and np.array_equal(r.pixels, c.pixels)
+        assert c.digits == r.answer == "".join(str(labels[i]) for i in c.scan_ids)
+        assert len(c.answer) == len(c.digits) and c.answer.isdigit()
+        assert int(c.answer[-1]) == sum(int(d) % 2 for d in c.digits) % 10  # the last token: all odd digits
+    assert sum(r.answer != c.answer for r, c in zip(read, counts)) >= 25  # a different answer, not a relabelling
+    digits.main([str(tmp_path), "--task", "odd_count", "--train", "4", "--test", "2", "--format", "jsonl"])
+    ds = BardChatDataset(path=str(tmp_path / "train.jsonl"))
+    user, assistant = ds[0]["conversation"]
+    row = ds.table[0]
+    assert user["content"][1]["text"] == digits.TASKS["odd_count"] != digits.PROMPT
+    assert assistant["content"][0]["text"] == row["answer"] == digits.task_answer("odd_count", row["digits"])
+    assert row["task"] == "odd_count"
+    assert json.loads((tmp_path / "digits_config.json").read_text())["task"] == "odd_count"

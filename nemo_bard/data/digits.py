@@ -1,6 +1,6 @@
-"""Offline digits-OCR chat dataset built from scikit-learn's bundled handwritten digit scans.
+"""Offline digit-image chat datasets built from scikit-learn's bundled handwritten digit scans.
 
-    python -m nemo_bard.data.digits OUT_DIR [--train 2000] [--test 200] [--seed 0]
+    python -m nemo_bard.data.digits OUT_DIR [--task read|odd_count] [--train 2000] [--test 200] [--seed 0]
         [--min-digits 4] [--max-digits 12] [--scale 4] [--format arrow|jsonl]
 
 Source: ``sklearn.datasets.load_digits`` (1,797 real 8x8 scans, shipped inside the scikit-learn
@@ -10,15 +10,27 @@ test scan ever appears in training. A sample is a row of k digits (k uniform in
 an RGB image ``8*scale`` high and ``8*scale*k`` wide, dark ink on white, saved as PNG. With
 scale 4 and a Qwen3-VL processor (patch 16, merge 2) each digit is exactly one visual token.
 
-The user turn is the image plus "Read the digits."; the assistant answer is the digit string
-without spaces (one token per digit in Qwen-style tokenizers). Layout of ``OUT_DIR``::
+Two tasks on the same images (``--task``, see :data:`TASKS`), one answer token per digit in Qwen-style
+tokenizers, no spaces:
+
+* ``read`` — "Read the digits.": the digit string. Every answer token depends on one image token only,
+  so all of them can be written at once.
+* ``odd_count`` — "Count the odd digits so far.": answer token ``j`` is the number of odd digits among
+  the first ``j`` drawn, mod 10 ("4739" -> "0123"). Written left to right each token is the previous
+  answer token, plus one if digit ``j`` is odd; a token whose predecessor is still undecided needs a count
+  over the image instead: unlike ``read``'s, the answer's tokens depend on each other. (A running sum
+  mod 10 has the same chain, but the demo's model, after 300 steps of reading, stayed at chance on it for
+  600 steps: a sum token carries no signal until both addends are known.)
+
+Layout of ``OUT_DIR``::
 
     images/{train,test}_NNNNN.png     # shared image folder; paths in rows are relative to OUT_DIR
     train/, test/                     # datasets.save_to_disk directories   (--format arrow)
     train.jsonl, test.jsonl           # one JSON row per line               (--format jsonl)
 
 Columns: ``messages`` (JSON string, chat format), ``answer``, ``length`` (approximate tokens),
-``v_tokens`` (visual tokens), ``num_digits``, ``scan_ids`` (source scan indices). Read it with
+``v_tokens`` (visual tokens), ``num_digits``, ``scan_ids`` (source scan indices), ``digits`` (what the
+image shows), ``task``. Read it with
 ``BardChatDataset(path=OUT_DIR/"train", root_dir=OUT_DIR)`` or ``path=OUT_DIR/"train.jsonl"``.
 Output is a pure function of the arguments: the same seed gives byte-identical files.
 """
@@ -35,6 +47,10 @@ import numpy as np
 from PIL import Image
 
 PROMPT = "Read the digits."
+TASKS = {  # task name -> prompt
+    "read": PROMPT,
+    "odd_count": "Count the odd digits so far.",
+}
 NUM_SCANS = 1797
 TRAIN_POOL = range(0, 1437)  # first 80 % of the scans
 TEST_POOL = range(1437, NUM_SCANS)  # last 360 scans
@@ -50,6 +66,21 @@ class DigitSample:
     scan_ids: tuple[int, ...]
     answer: str
     pixels: np.ndarray  # [H, W, 3] uint8
+    digits: str = ""  # the digits drawn, left to right (== answer for the read task)
+    task: str = "read"
+
+
+def task_answer(task: str, digits: str) -> str:
+    """The answer of ``task`` for an image showing ``digits`` (e.g. odd_count: "4739" -> "0123")."""
+    if task == "read":
+        return digits
+    if task == "odd_count":
+        count, out = 0, []
+        for d in digits:
+            count = (count + int(d) % 2) % 10
+            out.append(str(count))
+        return "".join(out)
+    raise ValueError(f"task {task!r}: use one of {', '.join(TASKS)}")
 
 
 def load_scans() -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +121,14 @@ def make_samples(
     max_digits: int = 12,
     scale: int = 4,
     scans: tuple[np.ndarray, np.ndarray] | None = None,
+    task: str = "read",
 ) -> list[DigitSample]:
-    """Generate ``n`` samples of ``split`` deterministically from ``seed`` (train and test streams differ)."""
+    """Generate ``n`` samples of ``split`` deterministically from ``seed`` (train and test streams differ).
+
+    The images depend on the seed only, not on ``task``: both tasks of one seed show the same digits.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: use one of {', '.join(TASKS)}")
     if not 1 <= min_digits <= max_digits:
         raise ValueError(f"need 1 <= min_digits <= max_digits, got {min_digits}..{max_digits}")
     if scale < 1:
@@ -103,14 +140,15 @@ def make_samples(
     for _ in range(n):
         k = int(rng.integers(min_digits, max_digits + 1))
         ids = tuple(int(src.start + j) for j in rng.integers(0, len(src), size=k))
-        answer = "".join(str(int(labels[i])) for i in ids)
-        out.append(DigitSample(ids, answer, render(images, ids, scale)))
+        drawn = "".join(str(int(labels[i])) for i in ids)
+        out.append(DigitSample(ids, task_answer(task, drawn), render(images, ids, scale), drawn, task))
     return out
 
 
 def _row(sample: DigitSample, rel_path: str) -> dict:
     messages = [
-        {"role": "user", "content": [{"type": "image", "image": rel_path}, {"type": "text", "text": PROMPT}]},
+        {"role": "user", "content": [{"type": "image", "image": rel_path},
+                                     {"type": "text", "text": TASKS[sample.task]}]},
         {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]},
     ]
     h, w = sample.pixels.shape[:2]
@@ -122,6 +160,8 @@ def _row(sample: DigitSample, rel_path: str) -> dict:
         "v_tokens": v,
         "num_digits": len(sample.answer),
         "scan_ids": list(sample.scan_ids),
+        "digits": sample.digits,
+        "task": sample.task,
     }
 
 
@@ -151,6 +191,7 @@ def write_digits_dataset(
     max_digits: int = 12,
     scale: int = 4,
     fmt: str = "arrow",
+    task: str = "read",
 ) -> dict[str, Path]:
     """Write the train/test splits under ``out_dir``; returns ``{"train": path, "test": path, "root": out_dir}``.
 
@@ -167,7 +208,7 @@ def write_digits_dataset(
         if n <= 0:
             continue
         rows = []
-        for i, sample in enumerate(make_samples(split, n, seed, min_digits, max_digits, scale, scans)):
+        for i, sample in enumerate(make_samples(split, n, seed, min_digits, max_digits, scale, scans, task)):
             rel = f"images/{split}_{i:05d}.png"
             Image.fromarray(sample.pixels).save(out / rel, format="PNG", optimize=False)
             rows.append(_row(sample, rel))
@@ -184,7 +225,7 @@ def write_digits_dataset(
         json.dumps(
             {"train": train, "test": test, "seed": seed, "min_digits": min_digits, "max_digits": max_digits,
              "scale": scale, "format": fmt, "train_pool": [TRAIN_POOL.start, TRAIN_POOL.stop],
-             "test_pool": [TEST_POOL.start, TEST_POOL.stop], "prompt": PROMPT},
+             "test_pool": [TEST_POOL.start, TEST_POOL.stop], "task": task, "prompt": TASKS[task]},
             indent=2,
         )
         + "\n"
@@ -195,6 +236,8 @@ def write_digits_dataset(
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.data.digits", description=__doc__.splitlines()[0])
     ap.add_argument("out_dir")
+    ap.add_argument("--task", default="read", choices=list(TASKS),
+                    help="read: the digits; odd_count: the odd digits counted so far, mod 10 (default read)")
     ap.add_argument("--train", type=int, default=2000, help="train rows (default 2000)")
     ap.add_argument("--test", type=int, default=200, help="test rows (default 200)")
     ap.add_argument("--seed", type=int, default=0)
@@ -205,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     paths = write_digits_dataset(args.out_dir, args.train, args.test, args.seed, args.min_digits,
-                                 args.max_digits, args.scale, args.format)
-    print(f"wrote {args.train} train / {args.test} test digit rows in {time.perf_counter() - t0:.2f}s")
+                                 args.max_digits, args.scale, args.format, args.task)
+    print(f"wrote {args.train} train / {args.test} test {args.task} rows in {time.perf_counter() - t0:.2f}s")
     for k, v in paths.items():
         print(f"  {k}: {v}")
     print(f"  read with BardChatDataset(path=<train/test>, root_dir={paths['root']})")

@@ -1,0 +1,55 @@
+"""The demo report's paired comparisons (hand-computed) and its claim rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nemo_bard.demo import (
+    CONTROL_NAME,
+    SWD_NAME,
+    comparisons,
+    comparisons_markdown,
+    paired_difference,
+)
+
+
+def _preds(correct: list[int], rows: list[int] | None = None) -> list[dict]:
+    return [{"row": r, "exact_match": float(c)} for r, c in zip(rows or range(len(correct)), correct)]
+
+
+def test_paired_difference_by_hand():
+    a = _preds([1, 1, 1, 0, 1])
+    b = _preds([1, 0, 0, 0, 1])
+    d = paired_difference(a, b)  # differences 0, 1, 1, 0, 0: mean 0.4, sample sd sqrt(0.3)
+    half = 1.959963984540054 * math.sqrt(0.3) / math.sqrt(5)
+    assert d["diff"] == pytest.approx(0.4) and d["n"] == 5
+    assert d["ci95"] == pytest.approx([0.4 - half, 0.4 + half])
+    assert (d["a_only"], d["b_only"]) == (2, 0)
+    # pairs by row id, not by list order
+    shuffled = paired_difference(_preds([0, 1, 1, 1, 1], [3, 0, 1, 2, 4]), b)
+    assert shuffled["diff"] == pytest.approx(0.4) and shuffled["b_only"] == 0
+    with pytest.raises(ValueError, match="same rows"):
+        paired_difference(a, _preds([1, 0, 0], [0, 1, 7]))
+
+
+def test_comparisons_name_the_claims():
+    def row(model: str, t: float | None, correct: list[int]) -> dict:
+        return {"model": model, "threshold": t, "kind": "ar" if t is None else "bard",
+                "name": f"{model} {t}", "predictions": _preds(correct)}
+
+    rows = [row("AR (NeMo SFT)", None, [1, 1, 1, 0])]
+    for t in (1.0, 0.9):
+        rows += [row("PBM stage B4", t, [1, 1, 1, 1]), row("PBM stage B8", t, [1, 1, 0, 1]),
+                 row("PBM stage B16", t, [1, 0, 0, 0]), row(SWD_NAME, t, [1, 1, 0, 0]),
+                 row(CONTROL_NAME, t, [1, 0, 0, 1])]
+    comps = {c["comparison"]: c for c in comparisons(rows, 0.9)}
+    assert comps["PBM B16 - PBM B4, τ 1 (large blocks lose?)"]["diff"] == pytest.approx(-0.75)
+    assert comps["SWD B16 - PBM B16, τ 0.9 (SWD recovers?)"]["diff"] == pytest.approx(0.25)
+    sc = comps["SWD B16 - Control B16, τ 1 (distillation itself)"]
+    assert sc["diff"] == pytest.approx(0.0) and (sc["a_only"], sc["b_only"]) == (1, 1)
+    assert comps["PBM B4 - AR, τ 1 (conversion cost)"]["diff"] == pytest.approx(0.25)
+    assert len(comps) == 12
+    table = comparisons_markdown(list(comps.values()))
+    assert "| PBM B16 - PBM B4, τ 1 (large blocks lose?) | -75.0 |" in table and table.count("\n") == 14
