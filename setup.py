@@ -14,6 +14,9 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["nemo_bard", "nemo_bard.*"]),
     include_package_data=True,
+    # the Hydra configs (conf/ in a clone is a link to nemo_bard/conf): the demo and `automodel finetune --config`
+    # find them in an installed package too
+    package_data={"nemo_bard": ["conf/*.yaml", "conf/*/*.yaml"]},
     install_requires=[
         "nemo_automodel[vlm]==0.7.0",  # pins transformers 5.18.0 and brings torch
         "hydra-core>=1.3.8,<1.4",

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parent / "conf"  # package data (conf/ in a clone links here)
 PROGRESS_EVERY_S = 10.0  # console progress lines per stage at least this often
 _STEP_LINE = re.compile(r"step (\d+) \|.*?\| loss ([-\d.naif]+)")
 

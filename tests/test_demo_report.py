@@ -53,3 +53,21 @@ def test_comparisons_name_the_claims():
     assert len(comps) == 12
     table = comparisons_markdown(list(comps.values()))
     assert "| PBM B16 - PBM B4, τ 1 (large blocks lose?) | -75.0 |" in table and table.count("\n") == 14
+
+
+def test_the_demo_finds_its_configs_inside_the_package():
+    """The configs are package data (``conf/`` in a clone links to ``nemo_bard/conf``), so the demo runs from a
+    non-editable install too; setup.py's ``package_data`` globs cover every config file."""
+    import ast
+    from pathlib import Path, PurePosixPath
+
+    import nemo_bard
+    from nemo_bard import demo
+
+    package = Path(nemo_bard.__file__).resolve().parent
+    assert demo.CONF == package / "conf" and (demo.CONF / "bard_demo.yaml").is_file()
+    setup = (package.parent / "setup.py").read_text()
+    globs = next(ast.literal_eval(kw.value)["nemo_bard"] for node in ast.walk(ast.parse(setup))
+                 if isinstance(node, ast.Call) for kw in node.keywords if kw.arg == "package_data")
+    files = [str(p.relative_to(package)) for p in (package / "conf").rglob("*") if p.is_file()]
+    assert files and [f for f in files if not any(PurePosixPath(f).match(g) for g in globs)] == []
