@@ -158,19 +158,17 @@ def test_concurrent_requests_equal_each_alone(sharp_dir, sharp):
         assert max(joined) >= 1  # some request joined a batch that was already decoding
 
 
-def test_openai_client_streams_decided_tokens_and_matches_the_full_answer(sharp_dir):
+def test_openai_client_streams_one_chunk_per_block_and_matches_the_full_answer(sharp_dir):
     with running_server(sharp_dir) as srv:
         kw = dict(model=srv.name, messages=user_message("Describe the image.", random_image(2)), max_tokens=30,
                   extra_body={"return_token_ids": True, "confidence_threshold": 0.5})
         full = srv.client.chat.completions.create(**kw)
         chunks = list(srv.client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     ids = full.choices[0].model_extra["token_ids"]
-    events = [c.choices[0].delta.model_extra["token_ids"] for c in chunks
+    blocks = [c.choices[0].delta.model_extra["token_ids"] for c in chunks
               if c.choices and "token_ids" in (c.choices[0].delta.model_extra or {})]
-    assert sum(events, []) == ids
-    ends = [sum(len(b) for b in events[: i + 1]) for i in range(len(events))]
-    assert all((end - len(b)) // 4 == (end - 1) // 4 for b, end in zip(events, ends))  # no event spans two events
-    assert len(events) > -(-len(ids) // 4)  # some events of 4 went out in parts, before they were complete
+    assert sum(blocks, []) == ids and len(blocks) == -(-len(ids) // 4)  # one event per committed block of 4
+    assert all(len(b) == 4 for b in blocks[:-1])
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
@@ -180,6 +178,22 @@ def test_openai_client_streams_decided_tokens_and_matches_the_full_answer(sharp_
     assert usage.model_extra["tokens_per_forward"] == pytest.approx(len(ids) / usage.model_extra["forwards"], abs=1e-3)
     assert usage.model_extra["tokens_per_forward"] > 1.0  # tau 0.5 on the sharp model: several tokens per forward
 
+
+
+def test_stream_prefix_sends_decided_tokens_before_their_block_ends(sharp_dir):
+    """``--stream-prefix``: each forward's newly decided leading tokens of a block go out at once; same answer."""
+    with running_server(sharp_dir, "--stream-prefix") as srv:
+        kw = dict(model=srv.name, messages=user_message("Describe the image.", random_image(2)), max_tokens=30,
+                  extra_body={"return_token_ids": True, "confidence_threshold": 0.5})
+        full = srv.client.chat.completions.create(**kw)
+        chunks = list(srv.client.chat.completions.create(**kw, stream=True))
+    ids = full.choices[0].model_extra["token_ids"]
+    events = [c.choices[0].delta.model_extra["token_ids"] for c in chunks
+              if c.choices and "token_ids" in (c.choices[0].delta.model_extra or {})]
+    assert sum(events, []) == ids
+    ends = [sum(len(e) for e in events[: i + 1]) for i in range(len(events))]
+    assert all((end - len(e)) // 4 == (end - 1) // 4 for e, end in zip(events, ends))  # no event spans two blocks
+    assert len(events) > -(-len(ids) // 4)  # some blocks of 4 went out in parts, before they were complete
 
 def test_every_bad_request_is_one_clear_http_error_and_the_server_goes_on(sharp_dir, tmp_path):
     allowed = tmp_path / "media"

@@ -1,7 +1,7 @@
 """The OpenAI-compatible HTTP API (FastAPI) over the :class:`~nemo_bard.serving.scheduler.Scheduler`.
 
-Routes: ``POST /v1/chat/completions`` (``stream: true`` sends a row's newly decided tokens as a server-sent event
-after each forward), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Every refusal is an
+Routes: ``POST /v1/chat/completions`` (``stream: true`` sends each committed block as a server-sent event as
+soon as it commits; with ``--stream-prefix``, a block's decided leading tokens after each forward), ``GET /v1/models``, ``GET /health``, ``GET /metrics`` (Prometheus). Every refusal is an
 OpenAI-style error body ``{"error": {"message", "type", "param", "code"}}`` with a 4xx/5xx status and touches
 no other request.
 """

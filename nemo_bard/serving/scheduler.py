@@ -8,8 +8,8 @@ pace:
   waiting requests into the free rows (together, in one forward), so a new request joins the running batch at
   the next forward instead of waiting for it to drain;
 * it runs one forward per :meth:`~nemo_bard.generation.session.DecodeSession.step`;
-* the tokens a forward decided (a block's decided leading positions, or its rest when it ends) go to their ticket
-  as an event (``tokens``), then ``done`` with the usage, or ``error``
+* every committed block (with the session's ``stream_prefix``: also a block's newly decided leading tokens after
+  each forward) goes to its ticket as an event (``tokens``), then ``done`` with the usage, or ``error``
   with an HTTP status and a message. Events are delivered with the ticket's ``deliver`` callable, from the
   scheduler thread (the HTTP layer hands them to its event loop).
 
@@ -49,8 +49,8 @@ class Ticket:
     """One request's way through the scheduler.
 
     ``inputs`` are the processor's outputs for the one prompt (batch 1); ``deliver(event)`` receives
-    ``("admitted", prompt_tokens)``, ``("tokens", [ids])`` as tokens are decided, then ``("done", finish_reason,
-    usage)`` or ``("error", http_status, message)``. ``cancel()`` may be called from any thread.
+    ``("admitted", prompt_tokens)``, ``("tokens", [ids])`` per committed block (or decided prefix), then
+    ``("done", finish_reason, usage)`` or ``("error", http_status, message)``. ``cancel()`` may be called from any thread.
     """
 
     inputs: dict[str, torch.Tensor]
