@@ -66,9 +66,12 @@ def test_a_recipe_config_is_checked_once_per_process(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(config, "check_paths", lambda cfg, checksums=False: calls.append(checksums))
     monkeypatch.setattr(config, "_checked", {})
-    cfg = {"bard": {"max_length": 256, "verify_checksums": True}, "step_scheduler": {"max_steps": 4}}
+    cfg = {"bard": {"max_length": 256, "verify_checksums": True}, "step_scheduler": {"max_steps": 4},
+           "dataset": {"_target_": "nemo_bard.data.datasets.BardChatDataset", "path": "data.jsonl"}}
     first = config.check_recipe_config(cfg)
-    second = config.check_recipe_config(json.loads(json.dumps(cfg)))  # an equal config, e.g. re-read by the recipe
+    again = json.loads(json.dumps(cfg))  # the config as the recipe gets it: NeMo's loader resolved the _target_
+    again["dataset"]["_target_"] = config.BardSettings
+    second = config.check_recipe_config(again)
     assert calls == [True] and first == second and first is not second  # each caller gets its own copy
     config.check_recipe_config({**cfg, "bard": {"max_length": 512, "verify_checksums": False}})
     assert calls == [True, False]

@@ -289,6 +289,16 @@ def check_teacher_student(student_path: str, teacher_path: str, student_block: i
     return b_s, b_t
 
 
+def _without_targets(node: Any) -> Any:
+    """``node`` without its ``_target_`` entries (NeMo's loader turns them into the objects they name, the front end
+    keeps the strings; the checks read neither), so one config looks the same to both."""
+    if isinstance(node, dict):
+        return {k: _without_targets(v) for k, v in node.items() if k != "_target_"}
+    if isinstance(node, list):
+        return [_without_targets(v) for v in node]
+    return node
+
+
 # The top-level keys of a recipe config that check_recipe_config reads.
 CHECKED_KEYS = ("bard", "block_merge", "kd", "loss_fn", "distributed", "step_scheduler", "dataset", "model",
                 "teacher_model")
@@ -303,7 +313,7 @@ def check_recipe_config(cfg: dict[str, Any]) -> BardSections:
     Each config is checked once per process: the command line front end runs this before any heavy import, and
     the recipe's pre-flight (which also serves NeMo-style launches) gets the same sections without checking them
     again."""
-    key = json.dumps({k: cfg.get(k) for k in CHECKED_KEYS}, sort_keys=True, default=str)
+    key = json.dumps({k: _without_targets(cfg.get(k)) for k in CHECKED_KEYS}, sort_keys=True, default=str)
     if key not in _checked:
         sections = parse_sections(cfg)
         check_training_setup(cfg)
