@@ -133,7 +133,6 @@ def check_args(args: argparse.Namespace) -> dict:
             if not Path(p).exists():
                 raise UsageError(f"{flag} {p}: file not found; pass the path of an existing {flag[2:]}")
     if any(Path(p).is_file() for p in args.video):
-
         try:
             require_video_decoder()
         except VideoDecoderMissing as exc:
@@ -228,7 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code (2 for usage errors, printed as one line)."""
     args = build_parser().parse_args(argv)
     if args.debug:
-
         os.environ[DEBUG_ENV] = "1"
     try:
         cfg = check_args(args)  # no torch import up to here

@@ -40,7 +40,6 @@ class ServeError(UserError):
 
 
 def build_parser() -> argparse.ArgumentParser:
-
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.serve", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a bard_vl checkpoint directory (with --decoder ar: a Qwen3-VL one)")
     ap.add_argument("--decoder", choices=("bard", "ar"), default=None,
@@ -100,7 +99,6 @@ def check_args(args: argparse.Namespace) -> dict:
     if not 0 <= args.port <= 65535:
         raise ServeError(f"--port must be in [0, 65535], got {args.port}")
     if args.decoder == "bard":
-
         try:
             read_decoding_defaults(args.model)  # a bad stored default is one line now, not after the model loads
         except DefaultsError as exc:

@@ -122,7 +122,6 @@ def _median_runs(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, A
 def load_models(args: argparse.Namespace, device, dtype, block_size: int, tmp: Path):
     """``(ar, bard, processor, description)`` from --preset, --model/--ar-model, or the tiny test model."""
     if args.preset:
-
         ar, bard, processor = build_preset(args.preset, device, dtype, block_size)
         return ar, bard, processor, f"preset {args.preset} ({num_parameters(bard) / 1e9:.2f} B parameters, random)"
     if args.model is None or args.ar_model is None:
@@ -240,7 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-
     args = build_parser().parse_args(argv)
     err = None
     if args.preset and (args.model or args.ar_model):
@@ -249,7 +247,6 @@ def main(argv: list[str] | None = None) -> int:
         if path is not None and not (Path(path) / "config.json").is_file():
             err = f"{flag} {path}: no config.json (not a checkpoint directory)"
     if args.engine is None:
-
         args.engine = ",".join(ENGINES[::-1]) if torch.cuda.is_available() else "eager,static"
     bad = [e for e in args.engine.split(",") if e.strip() and e.strip() not in ENGINES]
     if bad:

@@ -67,7 +67,6 @@ class ServerProcess:
     """``python -m nemo_bard.serve`` in a subprocess on a free loopback port (stopped with SIGTERM)."""
 
     def __init__(self, model: str, flags: list[str], log: Path, start_timeout: float = 600.0) -> None:
-
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
@@ -137,7 +136,6 @@ def openai_messages(turns: list[dict]) -> list[dict]:
 def load_prompts(data: str | None, root_dir: str | None, limit: int) -> list[tuple[list[dict], str | None]]:
     """``[(messages, reference or None)]`` from a chat dataset, or synthetic image prompts."""
     if data:
-
         samples = load_samples(data, root_dir, limit=limit)
         if not samples:
             raise SystemExit(f"nemo_bard.bench.serve: --data {data} has no rows")
@@ -238,7 +236,6 @@ def summarize(records: list[dict], wall: float, prompts: list) -> dict:
     }
     refs = [(r, prompts[r["prompt"]][1]) for r in ok if prompts[r["prompt"]][1] is not None]
     if refs:
-
         hits = sum(exact_match(r["text"], ref) for r, ref in refs)
         out["exact_match"] = hits / len(refs)
         out["exact_match_ci95"] = list(wilson_interval(int(hits), len(refs)))
@@ -304,7 +301,6 @@ def run(args: argparse.Namespace) -> dict:
     if args.preset:
         args.model, args.ar_model = _preset_dirs(args, root)
     elif args.model is None or args.ar_model is None:
-
         bard, ar = tiny_models(root, 4)
         args.model, args.ar_model = str(bard), str(ar)
     prompts = load_prompts(args.data, args.root_dir, args.limit)

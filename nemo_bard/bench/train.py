@@ -89,7 +89,6 @@ def _single_token_words(tokenizer) -> list[str]:
 
 
 def _rows(n: int, prompt_words: int, response_words: int, words: list[str], seed: int) -> list[dict]:
-
     rng, rnd = np.random.default_rng(seed), random.Random(seed)
     rows = []
     for _ in range(n):
@@ -137,7 +136,6 @@ class Bench:
     """The models, the batch and the step of every variant, in one process."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-
         self.args = args
         self.device, self.dtype = resolve_device_dtype(args.device, "auto")  # bf16 on CUDA, fp32 on CPU
         t0 = time.perf_counter()
@@ -152,7 +150,6 @@ class Bench:
 
     # ----------------------------------------------------------------------------- steps
     def ar_step(self) -> tuple[Callable[[], torch.Tensor], dict]:
-
         batch = {k: v.to(self.device) for k, v in ar_inputs(self.pre, self.processor.tokenizer.pad_token_id).items()}
         labels = batch.pop("labels")
         n_labels = int((labels != -100).sum())
@@ -184,7 +181,6 @@ class Bench:
                       "dropped": built.num_dropped}
 
     def apply_activation_checkpointing(self) -> None:
-
         if not self.ac_applied:
             self.ar = apply_activation_checkpointing(self.ar)
             self.bard = apply_activation_checkpointing(self.bard)

@@ -111,7 +111,6 @@ def write_synthetic_dataset(
                 f.write(json.dumps(row) + "\n")
         return path
     if fmt == "arrow":
-
         table = Dataset.from_list([{**r, "messages": json.dumps(r["messages"])} for r in data])
         path = out / "train_arrow"
         table.save_to_disk(str(path))

@@ -48,7 +48,6 @@ def _last_assistant(messages: list[dict]) -> int | None:
 
 
 def _first_relative_media(table: Any, indices: list[int]) -> str | None:
-
     for i in indices[:1]:
         raw = table[i]["messages"]
         msgs = json.loads(raw) if isinstance(raw, str) else raw

@@ -54,7 +54,6 @@ def sample_tokens(
     if temperature <= 0:
         tokens = logits.argmax(-1)
     else:
-
         warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
         if top_k is not None and top_k > 0:
             warpers.append(TopKLogitsWarper(top_k))

@@ -97,7 +97,6 @@ def _distributed_on_cpu(original: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _patch_targets() -> list[tuple[Any, str, Callable[[Any], Any]]]:
-
     auto_model = importlib.import_module("nemo_automodel._transformers.auto_model")
     vlm_finetune = importlib.import_module("nemo_automodel.recipes.vlm.finetune")
     return [

@@ -91,7 +91,6 @@ class BardLmmsModel:
         self.loaded = load_model(pretrained, force_ar=_as_bool(ar), device=device, dtype=dtype, engine=engine)
         self._device = torch.device(device)
         if self.loaded.kind == "bard":
-
             bs = int(block_size or self.loaded.model.config.block_size)
             steps, strategy, tau = read_decoding_defaults(pretrained).resolve(
                 bs, None if denoising_steps is None else int(denoising_steps), remasking_strategy,
