@@ -27,7 +27,7 @@ from typing import Any
 
 from nemo_bard.errors import DiskFullError, UserError, run_reported
 from nemo_bard.models.constants import BARD_ARCHITECTURE, DEFAULT_MASK_TOKEN_ID, MASK_TOKEN
-from nemo_bard.models.paths import ModelPathError, read_model_config
+from nemo_bard.models.paths import ModelPathError, read_model_config, tokenizer_vocab
 from nemo_bard.models.verify import verify_model_dir
 from nemo_bard.rundir import COMPLETE_MARKER, atomic_directory, disk_full_message
 
@@ -73,15 +73,11 @@ def _tokenizer_vocab(src: Path) -> dict[str, int]:
     """Token -> id of the source tokenizer, added tokens included (read with ``tokenizers`` alone when there is a
     ``tokenizer.json``, so a bad mask id is refused without importing transformers)."""
     _has_tokenizer(src)
-    if (src / "tokenizer.json").is_file():
-        # transformers / tokenizers load after the arguments and files are checked (~8 s for transformers)
-        from tokenizers import Tokenizer
-
-        try:
-            return Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab(with_added_tokens=True)
-        except Exception as exc:  # noqa: BLE001  any parse failure is a bad source tokenizer
-            raise ConversionError(f"{src}/tokenizer.json cannot be read ({exc}); pass an intact checkpoint") from None
-    return _load_tokenizer(src).get_vocab()
+    try:
+        vocab = tokenizer_vocab(src, "pass an intact checkpoint")
+    except ModelPathError as exc:
+        raise ConversionError(str(exc)) from None
+    return vocab if vocab is not None else _load_tokenizer(src).get_vocab()
 
 
 def _load_tokenizer(src: Path) -> Any:
@@ -213,7 +209,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     args = ap.parse_args(argv)
     if args.debug:
-
         os.environ["NEMO_BARD_DEBUG"] = "1"
 
     def run() -> int:

@@ -23,7 +23,6 @@ lmms-eval model and ``serve`` then use it as their default. With ``dry_run`` not
 from __future__ import annotations
 
 import gc
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from nemo_bard.eval.evaluation import build_inputs, evaluate_point, generate_bat
 from nemo_bard.eval.metrics import Z95, aggregate
 from nemo_bard.generation.defaults import EVIDENCE_FILE, GENERATION_CONFIG, check_writable, write_decoding_point
 from nemo_bard.generation.points import DecodePoint, parse_points
-from nemo_bard.models.paths import read_model_config
+from nemo_bard.models.paths import read_model_config, tokenizer_vocab
 
 OBJECTIVES = ("decode_tokens_per_second", "tokens_per_forward")
 DEFAULT_THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.5)
@@ -240,25 +239,12 @@ def _summary(row: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- checks
 
 
-def _vocab(model_dir: Path) -> dict[str, int] | None:
-    path = model_dir / "tokenizer.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text(encoding="utf-8"))
-    vocab = dict(data.get("model", {}).get("vocab") or {})
-    if not vocab:
-        return None
-    vocab.update({t["content"]: int(t["id"]) for t in data.get("added_tokens", [])})
-    return vocab
-
-
 def check_same_tokenizer(model_dir: str | Path, ar_dir: str | Path) -> None:
     """Raise :class:`TuneError` unless every token of the AR model's tokenizer has the same id in the BARD
     model's (which may add tokens, e.g. its mask token); compares ``tokenizer.json``, else the loaded tokenizers."""
     model_dir, ar_dir = Path(model_dir), Path(ar_dir)
-    ours, theirs = _vocab(model_dir), _vocab(ar_dir)
+    ours, theirs = tokenizer_vocab(model_dir), tokenizer_vocab(ar_dir)
     if ours is None or theirs is None:
-
         ours = AutoTokenizer.from_pretrained(model_dir).get_vocab()
         theirs = AutoTokenizer.from_pretrained(ar_dir).get_vocab()
     for tok, i in sorted(theirs.items(), key=lambda kv: kv[1]):
@@ -271,7 +257,6 @@ def check_same_tokenizer(model_dir: str | Path, ar_dir: str | Path) -> None:
 
 
 def _check_model(path: str | Path, flag: str, want_bard: bool) -> dict:
-
     cfg = read_model_config(path, flag, "pass a local model directory")
     if cfg is None:
         raise TuneError(f"{flag} {path}: no such directory; pass a local model directory")
@@ -298,7 +283,6 @@ def check_inputs(model_dir: str | Path, ar_model_dir: str | Path, tolerance: flo
 
 
 def _load_dev(data: Any, root_dir: Any, split: str | None, limit: int | None) -> tuple[list, str]:
-
     fix = ("tuning compares answers with references: give every dev row an 'answer' column or a final assistant "
            "turn with text")
     if isinstance(data, list):

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 from nemo_bard.callbacks.block_merge import parse_schedule
 from nemo_bard.errors import BardConfigError
 from nemo_bard.models.constants import DEFAULT_BLOCK_SIZE, DEFAULT_MASK_TOKEN_ID
-from nemo_bard.models.paths import ModelPathError, read_model_config
+from nemo_bard.models.paths import ModelPathError, read_model_config, tokenizer_vocab
 from nemo_bard.models.verify import verify_model_dir
 from nemo_bard.schema import LossSettings, NoiseSettings, Section
 
@@ -220,17 +220,10 @@ def check_paths(cfg: dict[str, Any], checksums: bool = False) -> None:
 
 
 def _tokenizer_vocab(path: str) -> dict[str, int] | None:
-    """Token -> id from ``tokenizer.json`` (the ``tokenizers`` library only), or None without one."""
-    tok = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tok):
-        return None
-    # this module stays free of torch/transformers: front ends validate configs with it in ~0.2 s
-    from tokenizers import Tokenizer
-
     try:
-        return Tokenizer.from_file(tok).get_vocab(with_added_tokens=True)
-    except Exception as exc:  # noqa: BLE001  a broken tokenizer file is the user's to fix
-        raise BardConfigError(f"{tok} cannot be read ({exc}); re-export {path}") from None
+        return tokenizer_vocab(path, f"re-export {path}")
+    except ModelPathError as exc:
+        raise BardConfigError(str(exc)) from None
 
 
 def check_teacher_student(student_path: str, teacher_path: str, student_block: int | None,
