@@ -146,6 +146,19 @@ def test_zero_row_dataset_message_is_not_about_training(tmp_path, capsys):
                    "turns)"]
 
 
+def test_a_missing_data_path_or_model_directory_is_one_line(tmp_path, capsys, digits_data):
+    """Both answered before the evaluation stack loads: the --data path first, then each --model after the rows."""
+    from nemo_bard.eval.__main__ import main
+
+    assert main(["--model", str(tmp_path / "m"), "--data", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --data {tmp_path / 'nope'} not found; pass a save_to_disk directory, a .jsonl file or a directory of "
+        ".jsonl files")
+    assert main(["--model", str(tmp_path / "m"), "--data", str(digits_data / "test"), "--limit", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: --model directory {tmp_path / 'm'} not found; pass a model directory (bard_vl or Qwen3-VL)")
+
+
 # --------------------------------------------------------------------------- evaluate + report
 
 
