@@ -122,11 +122,22 @@ def solo(model, processor, text, seed, max_tokens, extra) -> list[int]:
     return out.sequences[0, : out.lengths[0]].tolist()
 
 
-def test_concurrent_requests_equal_each_alone(sharp_dir, sharp):
+def test_concurrent_requests_equal_each_alone(sharp_dir, sharp, monkeypatch):
     """Requests arriving while others decode join the running batch, and each one's tokens
-    (fp32, CPU; greedy and seeded sampling) equal a solo generate call's, whatever runs beside it."""
+    (fp32, CPU; greedy and seeded sampling) equal a solo generate call's, whatever runs beside it.
+    The processor runs on one thread of its own, however many requests arrive together."""
+    import nemo_bard.generation.inputs as inputs_module
+
     model, processor = sharp
     want = [solo(model, processor, *r) for r in REQUESTS]
+    threads: set[str] = set()
+    real_build = inputs_module.build_inputs
+
+    def recording_build(*args, **kwargs):
+        threads.add(threading.current_thread().name)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(inputs_module, "build_inputs", recording_build)
     assert len({len(w) for w in want}) > 3  # the rows end at different points
     with running_server(sharp_dir, "--max-batch", "4", "--max-queue", "16") as srv:
         joined: list[int] = []
@@ -156,6 +167,7 @@ def test_concurrent_requests_equal_each_alone(sharp_dir, sharp):
                 assert r.choices[0].finish_reason == ("length" if len(w) == max_tokens else "stop")
                 assert r.usage.model_extra["forwards"] >= 1
         assert max(joined) >= 1  # some request joined a batch that was already decoding
+    assert threads == {"nemo-bard-processor_0"}, threads
 
 
 def test_openai_client_streams_one_chunk_per_block_and_matches_the_full_answer(sharp_dir):

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.concurrency import run_in_threadpool
 
 from nemo_bard.serving.protocol import ChatRequest, MediaPolicy, RequestError, conversation, parse_chat_request
 from nemo_bard.serving.scheduler import Draining, QueueFull, Scheduler, Ticket
@@ -116,15 +116,22 @@ class ClientGone(Exception):
 def create_app(scheduler: Scheduler, processor: Any, config: ServerConfig, metrics: Metrics,
                build_inputs: Any) -> FastAPI:
     """The FastAPI application. ``build_inputs(processor, chat) -> dict`` turns a chat into processor inputs."""
-    app = FastAPI(title="nemo-bard", docs_url=None, redoc_url=None)
+    # One thread of its own decodes media and runs the processor (which is not thread-safe), in arrival order.
+    # A pool would spread these allocations over many threads and so over many malloc arenas, which grow the
+    # server's resident memory request after request.
+    prep = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nemo-bard-processor")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        prep.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="nemo-bard", docs_url=None, redoc_url=None, lifespan=lifespan)
     app.state.config = config
     tokenizer = getattr(processor, "tokenizer", processor)
-    processor_lock = threading.Lock()
 
     def prepare(chat_request: ChatRequest) -> dict:
-        chat = conversation(chat_request, config.media)
-        with processor_lock:
-            return build_inputs(processor, chat)
+        return build_inputs(processor, conversation(chat_request, config.media))
 
     def finish(status: int) -> None:
         metrics.requests.labels(status=str(status)).inc()
@@ -166,7 +173,7 @@ def create_app(scheduler: Scheduler, processor: Any, config: ServerConfig, metri
             if chat.model is not None and chat.model != config.model_name:
                 raise RequestError(f"model {chat.model!r} is not served here; this server serves "
                                    f"{config.model_name!r} (GET /v1/models)", "model", 404, "not_found_error")
-            inputs = await run_in_threadpool(prepare, chat)
+            inputs = await asyncio.get_running_loop().run_in_executor(prep, prepare, chat)
             max_tokens = check_length(chat, int(inputs["input_ids"].shape[1]))
         except RequestError as exc:
             finish(exc.status)
