@@ -17,9 +17,13 @@
 5. runs SWD: the B16 export as student, the B4 export as anchor (``... conf/bard_demo.yaml stage=swd``);
 6. runs the control: the same SWD run without the distillation term (``kd.kd_weight=0``): same student,
    steps, data order, noise, optimizer and seed, so what SWD gains over it is distillation, not training;
-7. evaluates AR, every PBM stage, SWD and the control on held-out scans (``nemo_bard.eval``) and writes
-   ``<out>/report/results.{json,md,png}`` plus ``comparisons.{json,md}`` (paired differences in exact match,
-   with 95 % intervals, on the same rows).
+7. tunes the SWD student's decoding point against the AR model on a dev split (held-out scans, never a test
+   row; ``nemo_bard.eval.tune``, as ``python -m nemo_bard.eval --tune``): the fastest point within
+   ``--tune-tolerance`` points of AR's exact match is written to the student's ``generation_config.json``, or
+   nothing when no point is; ``<out>/report/tune.{json,md}``;
+8. evaluates AR, every PBM stage, SWD (also at its tuned point) and the control on the held-out test scans
+   (``nemo_bard.eval``) and writes ``<out>/report/results.{json,md,png}`` plus ``comparisons.{json,md}`` (paired
+   differences in exact match, with 95 % intervals, on the same rows).
 
 Every stage is an ordinary CLI run over the normal configs (the commands are printed), so the demo
 is a thin script over the product. ``--quick`` is the CI-sized variant (seconds per stage; it checks
@@ -105,6 +109,7 @@ def _last_losses(jsonl: Path, n: int = 20) -> float:
 
 
 SWD_NAME, CONTROL_NAME = "SWD B16 (B4 anchor)", "Control B16 (SWD without KD)"
+TUNED_NAME = "SWD B16 (point tuned on dev)"
 CONTROL_RUN = "bard_swd_demo_control"  # run_name of the control (SWD recipe, kd.kd_weight=0)
 MAX_NEW_TOKENS = 16  # an answer is at most 12 digits and <|im_end|>: one block of 16
 
@@ -145,6 +150,10 @@ def comparisons(rows: list[dict], tau: float) -> list[dict]:
         by[("AR", None)] = ar
         pairs = [(f"PBM B4 - AR, τ {t:g} (conversion cost)", ("PBM stage B4", t), ("AR", None))
                  for t in (1.0, tau)] + pairs
+        tuned = next((r for r in rows if r["model"] == TUNED_NAME), None)
+        if tuned is not None:
+            by[(TUNED_NAME, None)] = tuned
+            pairs.append(("SWD B16 at its tuned point - AR", (TUNED_NAME, None), ("AR", None)))
     return [{"comparison": label, "a": by[ka]["name"], "b": by[kb]["name"],
              **paired_difference(by[ka]["predictions"], by[kb]["predictions"])}
             for label, ka, kb in pairs if ka in by and kb in by]
@@ -161,9 +170,57 @@ def comparisons_markdown(comps: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> tuple[list[dict], dict]:
-    """The evaluation: AR, every PBM stage, SWD and the control on the held-out rows;
-    writes ``<out>/report`` (results.* from nemo_bard.eval, comparisons.{json,md})."""
+def ensure_dev_split(out: Path, rows: int) -> Path:
+    """``<out>/digits/dev``: written with the demo's own digits settings when missing (a demo directory made
+    before the dev split existed); returns its path."""
+    from nemo_bard.data.digits import write_digits_dataset
+
+    digits = out / "digits"
+    if (digits / "dev").exists():
+        return digits / "dev"
+    cfg = json.loads((digits / "digits_config.json").read_text())
+    tmp = out / "digits_dev.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_digits_dataset(tmp, train=0, test=cfg["test"], dev=rows, seed=cfg["seed"], min_digits=cfg["min_digits"],
+                         max_digits=cfg["max_digits"], scale=cfg["scale"], fmt=cfg["format"], task=cfg["task"])
+    for image in (tmp / "images").glob("dev_*.png"):
+        image.replace(digits / "images" / image.name)
+    (tmp / "dev").replace(digits / "dev")
+    shutil.rmtree(tmp)
+    return digits / "dev"
+
+
+def _tune(out: Path, tolerance: float, engine: str) -> dict:
+    """Step 7: ``eval --tune`` of the SWD student on the dev split; writes ``<out>/report/tune.{json,md}`` and
+    returns ``{"point": spec or None, "message": ..., "wall_s": ...}``."""
+    from nemo_bard.eval.tune import tune
+
+    ar_dir, _, swd_dir, _ = _models(out)
+    print(f"  $ python -m nemo_bard.eval --tune --model {swd_dir} --data {out / 'digits' / 'dev'} --root-dir "
+          f"{out / 'digits'} --ar-model {ar_dir} --tolerance {tolerance:g} --batch-size 1 "
+          f"--max-new-tokens {MAX_NEW_TOKENS}", flush=True)
+    result = tune(swd_dir, out / "digits" / "dev", ar_dir, tolerance=tolerance, root_dir=out / "digits",
+                  batch_size=1, max_new_tokens=MAX_NEW_TOKENS, engine=engine, progress=False,
+                  log=lambda msg: print(f"  [tune] {msg}", flush=True))
+    print(f"  [tune] {result.message}", flush=True)
+    p = result.point
+    spec = None if p is None else (f"{p.block_size}:{p.denoising_steps}:{p.threshold:g}:"
+                                   f"{p.remasking_strategy.removeprefix('low_confidence_')}")
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    summary = {"point": spec, "label": None if p is None else p.label, "tolerance_points": tolerance,
+               "message": result.message, "wall_s": round(result.wall_time, 1), "evidence": result.evidence}
+    (report / "tune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (report / "tune.md").write_text(
+        f"Decoding point of the SWD student, tuned on {result.evidence['rows']} dev rows (not the test rows) "
+        f"against AR, tolerance {tolerance:g} points: {result.message}\n\n" + result.table())
+    return summary
+
+
+def _evaluate(out: Path, tau: float, engine: str, every: float, title: str,
+              tuned: str | None = None) -> tuple[list[dict], dict]:
+    """The evaluation: AR, every PBM stage, SWD (and at its ``tuned`` point) and the control on the held-out
+    rows; writes ``<out>/report`` (results.* from nemo_bard.eval, comparisons.{json,md})."""
     from nemo_bard.eval import evaluate, load_samples, write_report
 
     ar_dir, stages, swd_dir, control_dir = _models(out)
@@ -177,7 +234,7 @@ def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> t
         ("PBM stage B16", stages / "b16", ["16:16:1.0", f"16:16:{tau}"]),
         (SWD_NAME, swd_dir, ["16:16:1.0", f"16:16:{tau}"]),
         (CONTROL_NAME, control_dir, ["16:16:1.0", f"16:16:{tau}"]),
-    ]
+    ] + ([(TUNED_NAME, swd_dir, [tuned])] if tuned else [])
     rows = []
     for name, model_dir, points in runs:
         rows += evaluate(model_dir, samples, points, name=name, engine=engine, **common)
@@ -189,6 +246,8 @@ def _evaluate(out: Path, tau: float, engine: str, every: float, title: str) -> t
     (out / "report" / "comparisons.md").write_text(table)
     with open(paths["markdown"], "a", encoding="utf-8") as f:
         f.write("\nPaired differences in exact match on the same held-out rows:\n\n" + table)
+        if (out / "report" / "tune.md").is_file():
+            f.write("\n" + (out / "report" / "tune.md").read_text())
     return rows, paths
 
 
@@ -197,8 +256,10 @@ def _title(task: str) -> str:
     return f"nemo-bard offline demo: {what}, 2 CPU cores"
 
 
-def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRESS_EVERY_S) -> dict:
-    """``--eval-only``: the evaluation again on a finished demo directory; the report and ``run.json`` are rewritten."""
+def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRESS_EVERY_S,
+                      tolerance: float = 1.0, dev_rows: int = 1000) -> dict:
+    """``--eval-only``: tuning and evaluation again on a finished demo directory (its dev split is written first
+    if it has none); the report and ``run.json`` are rewritten."""
     missing = [p for p in (*_models(out), out / "digits" / "test") if not p.exists()]
     if missing:
         raise SystemExit(f"nemo_bard.demo: --eval-only needs a finished demo in {out} ({missing[0]} is missing); "
@@ -207,9 +268,14 @@ def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRES
     t = time.perf_counter()
     run_json = out / "report" / "run.json"
     meta = json.loads(run_json.read_text()) if run_json.is_file() else {"times_s": {}}
-    rows, paths = _evaluate(out, tau, engine, every, _title(meta.get("task", "odd_count")))
+    ensure_dev_split(out, dev_rows)
+    tuned = _tune(out, tolerance, engine)
+    meta["times_s"]["tune"] = tuned["wall_s"]
+    t = time.perf_counter()
+    rows, paths = _evaluate(out, tau, engine, every, _title(meta.get("task", "odd_count")), tuned["point"])
     meta["times_s"]["eval"] = round(time.perf_counter() - t, 1)
-    meta.update(engine=engine, threshold=tau, eval_only=True)
+    meta.update(engine=engine, threshold=tau, eval_only=True, tuned_point=tuned["point"],
+                tune_tolerance=tolerance)
     run_json.write_text(json.dumps(meta, indent=2) + "\n")
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}  plot: {paths['plot']}")
@@ -234,7 +300,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--swd-steps", type=int, default=None, help="steps of SWD and of its control")
     ap.add_argument("--train-rows", type=int, default=None)
     ap.add_argument("--test-rows", type=int, default=None)
+    ap.add_argument("--dev-rows", type=int, default=None, help="dev rows for tuning the decoding point (default 1000)")
     ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the fast setting")
+    ap.add_argument("--tune-tolerance", type=float, default=1.0,
+                    help="points of exact match below AR the tuned decoding point may lose (default 1.0)")
     ap.add_argument("--engine", default="static", choices=ENGINES,
                     help="decoding engine of the evaluation (default static)")
     ap.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S,
@@ -243,7 +312,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only re-run the evaluation on the models of an existing --out (e.g. with another --engine)")
     args = ap.parse_args(argv)
     if args.eval_only:
-        return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every)
+        return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every,
+                                 args.tune_tolerance, args.dev_rows or 1000)
     if not (CONF / "bard_demo.yaml").is_file():
         raise SystemExit(f"nemo_bard.demo: config directory {CONF} not found; run from a source checkout "
                          "(pip install -e .)")
@@ -253,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "400,200,200")).split(",")]
     swd_steps = args.swd_steps or (3 if q else 200)
     train_rows, test_rows = args.train_rows or (64 if q else 2000), args.test_rows or (16 if q else 1000)
+    dev_rows = args.dev_rows or (8 if q else 1000)
     out = Path(args.out).resolve()
     if out.exists():
         shutil.rmtree(out)
@@ -261,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_all = time.perf_counter()
 
     read_steps = 0 if args.task == "read" else (args.read_steps if args.read_steps is not None else (4 if q else 300))
-    stage_count, stage_no = 7 + bool(read_steps), iter(range(1, 9))
+    stage_count, stage_no = 8 + bool(read_steps), iter(range(1, 10))
 
     def n() -> str:
         return f"{next(stage_no)}/{stage_count}"
@@ -273,7 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     write_tiny_model(out / "ar_init", preset="demo", seed=args.seed)
     digits_main([str(out / "digits"), "--task", args.task, "--train", str(train_rows), "--test", str(test_rows),
-                 "--seed", str(args.seed)])
+                 "--dev", str(dev_rows), "--seed", str(args.seed)])
     if read_steps:  # the same images with the read answers (train split only)
         digits_main([str(out / "digits_read"), "--task", "read", "--train", str(train_rows), "--test", "0",
                      "--seed", str(args.seed)])
@@ -324,16 +395,23 @@ def main(argv: list[str] | None = None) -> dict:
     times["control"] = _run(_automodel(*swd, f"run_name={CONTROL_RUN}", "kd.kd_weight=0"),
                             out / "logs" / "control.log", "control", swd_steps, args.progress_every)
 
+    print(f"[{n()}] tune the SWD student's decoding point on {dev_rows} dev rows against AR", flush=True)
+    t = time.perf_counter()
+    tuned = _tune(out, args.tune_tolerance, args.engine)
+    times["tune"] = time.perf_counter() - t
+
     print(f"[{n()}] evaluate on {test_rows} held-out samples", flush=True)
     t = time.perf_counter()
-    rows, paths = _evaluate(out, args.threshold, args.engine, args.progress_every, _title(args.task))
+    rows, paths = _evaluate(out, args.threshold, args.engine, args.progress_every, _title(args.task),
+                            tuned["point"])
     times["eval"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t_all
     meta = {"times_s": {k: round(v, 1) for k, v in times.items()}, "ar_final_loss": ar_loss, "task": args.task,
             "read_steps": read_steps, "ar_steps": ar_steps, "pbm_steps": pbm, "swd_steps": swd_steps,
             "control_steps": swd_steps,
             "anchor": "PBM stage B4", "train_rows": train_rows, "test_rows": test_rows, "seed": args.seed,
-            "quick": q, "engine": args.engine, "threshold": args.threshold}
+            "quick": q, "engine": args.engine, "threshold": args.threshold, "dev_rows": dev_rows,
+            "tuned_point": tuned["point"], "tune_tolerance": args.tune_tolerance}
     (out / "report" / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}  plot: {paths['plot']}")

@@ -127,3 +127,17 @@ def test_odd_count_task_draws_the_same_images(tmp_path):
     assert assistant["content"][0]["text"] == row["answer"] == digits.task_answer("odd_count", row["digits"])
     assert row["task"] == "odd_count"
     assert json.loads((tmp_path / "digits_config.json").read_text())["task"] == "odd_count"
+
+
+def test_dev_split_shows_held_out_scans_and_never_a_test_row(tmp_path):
+    # one-digit rows: only 360 held-out sequences, so the test rows' sequences would recur in dev if not skipped
+    paths = digits.write_digits_dataset(tmp_path, train=0, test=150, dev=60, seed=2, min_digits=1, max_digits=1,
+                                        fmt="jsonl")
+    rows = {split: [json.loads(line) for line in paths[split].read_text().splitlines()] for split in ("test", "dev")}
+    test_seqs = {tuple(r["scan_ids"]) for r in rows["test"]}
+    dev_seqs = [tuple(r["scan_ids"]) for r in rows["dev"]]
+    assert len(dev_seqs) == 60 and not test_seqs & set(dev_seqs)
+    assert all(i in digits.TEST_POOL for seq in dev_seqs for i in seq)
+    drawn = [tuple(s.scan_ids) for s in digits.make_samples("dev", 60, seed=2, min_digits=1, max_digits=1)]
+    assert set(drawn) & test_seqs, "without the exclusion this stream would repeat test rows"
+    assert json.loads((tmp_path / "digits_config.json").read_text())["dev"] == 60

@@ -54,7 +54,7 @@ TASKS = {  # task name -> prompt
 NUM_SCANS = 1797
 TRAIN_POOL = range(0, 1437)  # first 80 % of the scans
 TEST_POOL = range(1437, NUM_SCANS)  # last 360 scans
-SPLIT_IDS = {"train": 0, "test": 1}
+SPLIT_IDS = {"train": 0, "test": 1, "dev": 2}  # dev: held-out scans like test, other rows
 # Chat-template overhead of one sample in Qwen-style templates (role tags, vision start/end, prompt, eos).
 _TEMPLATE_TOKENS = 16
 
@@ -94,9 +94,9 @@ def load_scans() -> tuple[np.ndarray, np.ndarray]:
 
 
 def pool(split: str) -> range:
-    """Source-scan indices a split may draw from."""
+    """Source-scan indices a split may draw from (dev draws from the held-out scans, like test)."""
     if split not in SPLIT_IDS:
-        raise ValueError(f"split {split!r}: use 'train' or 'test'")
+        raise ValueError(f"split {split!r}: use 'train', 'dev' or 'test'")
     return TRAIN_POOL if split == "train" else TEST_POOL
 
 
@@ -122,10 +122,12 @@ def make_samples(
     scale: int = 4,
     scans: tuple[np.ndarray, np.ndarray] | None = None,
     task: str = "read",
+    exclude: set[tuple[int, ...]] | frozenset = frozenset(),
 ) -> list[DigitSample]:
-    """Generate ``n`` samples of ``split`` deterministically from ``seed`` (train and test streams differ).
+    """Generate ``n`` samples of ``split`` deterministically from ``seed`` (each split has its own stream).
 
     The images depend on the seed only, not on ``task``: both tasks of one seed show the same digits.
+    ``exclude``: scan sequences to skip (the dev split skips every test row, so tuning never sees one).
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r}: use one of {', '.join(TASKS)}")
@@ -136,10 +138,12 @@ def make_samples(
     images, labels = scans if scans is not None else load_scans()
     src = pool(split)
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), SPLIT_IDS[split]]))
-    out = []
-    for _ in range(n):
+    out: list[DigitSample] = []
+    while len(out) < n:
         k = int(rng.integers(min_digits, max_digits + 1))
         ids = tuple(int(src.start + j) for j in rng.integers(0, len(src), size=k))
+        if ids in exclude:
+            continue
         drawn = "".join(str(int(labels[i])) for i in ids)
         out.append(DigitSample(ids, task_answer(task, drawn), render(images, ids, scale), drawn, task))
     return out
@@ -192,8 +196,11 @@ def write_digits_dataset(
     scale: int = 4,
     fmt: str = "arrow",
     task: str = "read",
+    dev: int = 0,
 ) -> dict[str, Path]:
-    """Write the train/test splits under ``out_dir``; returns ``{"train": path, "test": path, "root": out_dir}``.
+    """Write the train/test (and, with ``dev`` rows, dev) splits under ``out_dir``; returns ``{"train": path,
+    "test": path, "root": out_dir}`` (and ``"dev"``). Dev rows show held-out scans, like test, and never a test row:
+    tune decoding on dev, report on test.
 
     ``path`` is what to pass as ``dataset.path`` (a save_to_disk directory or a ``.jsonl`` file); image
     paths in the rows are relative to ``root`` (pass it as ``root_dir``).
@@ -204,11 +211,15 @@ def write_digits_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     scans = load_scans()
     paths: dict[str, Path] = {"root": out}
-    for split, n in (("train", train), ("test", test)):
+    test_rows = frozenset(s.scan_ids for s in make_samples("test", test, seed, min_digits, max_digits, scale, scans,
+                                                            task)) if dev > 0 else frozenset()
+    for split, n in (("train", train), ("test", test), ("dev", dev)):
         if n <= 0:
             continue
         rows = []
-        for i, sample in enumerate(make_samples(split, n, seed, min_digits, max_digits, scale, scans, task)):
+        made = make_samples(split, n, seed, min_digits, max_digits, scale, scans, task,
+                            exclude=test_rows if split == "dev" else frozenset())
+        for i, sample in enumerate(made):
             rel = f"images/{split}_{i:05d}.png"
             Image.fromarray(sample.pixels).save(out / rel, format="PNG", optimize=False)
             rows.append(_row(sample, rel))
@@ -223,7 +234,7 @@ def write_digits_dataset(
         paths[split] = path
     (out / "digits_config.json").write_text(
         json.dumps(
-            {"train": train, "test": test, "seed": seed, "min_digits": min_digits, "max_digits": max_digits,
+            {"train": train, "test": test, "dev": dev, "seed": seed, "min_digits": min_digits, "max_digits": max_digits,
              "scale": scale, "format": fmt, "train_pool": [TRAIN_POOL.start, TRAIN_POOL.stop],
              "test_pool": [TEST_POOL.start, TEST_POOL.stop], "task": task, "prompt": TASKS[task]},
             indent=2,
@@ -240,6 +251,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="read: the digits; odd_count: the odd digits counted so far, mod 10 (default read)")
     ap.add_argument("--train", type=int, default=2000, help="train rows (default 2000)")
     ap.add_argument("--test", type=int, default=200, help="test rows (default 200)")
+    ap.add_argument("--dev", type=int, default=0,
+                    help="dev rows (default 0): held-out scans like test, never a test row; for eval --tune")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--min-digits", type=int, default=4)
     ap.add_argument("--max-digits", type=int, default=12)
@@ -248,8 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     paths = write_digits_dataset(args.out_dir, args.train, args.test, args.seed, args.min_digits,
-                                 args.max_digits, args.scale, args.format, args.task)
-    print(f"wrote {args.train} train / {args.test} test {args.task} rows in {time.perf_counter() - t0:.2f}s")
+                                 args.max_digits, args.scale, args.format, args.task, args.dev)
+    dev = f" / {args.dev} dev" if args.dev else ""
+    print(f"wrote {args.train} train / {args.test} test{dev} {args.task} rows in {time.perf_counter() - t0:.2f}s")
     for k, v in paths.items():
         print(f"  {k}: {v}")
     print(f"  read with BardChatDataset(path=<train/test>, root_dir={paths['root']})")
