@@ -193,7 +193,7 @@ def ensure_dev_split(out: Path, rows: int) -> Path:
 def _tune(out: Path, tolerance: float, engine: str) -> dict:
     """Step 7: ``eval --tune`` of the SWD student on the dev split; writes ``<out>/report/tune.{json,md}`` and
     returns ``{"point": spec or None, "message": ..., "wall_s": ...}``."""
-    from nemo_bard.eval.tune import tune
+    from nemo_bard.eval.tune import points_text, tune
 
     ar_dir, _, swd_dir, _ = _models(out)
     print(f"  $ python -m nemo_bard.eval --tune --model {swd_dir} --data {out / 'digits' / 'dev'} --root-dir "
@@ -213,7 +213,7 @@ def _tune(out: Path, tolerance: float, engine: str) -> dict:
     (report / "tune.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     (report / "tune.md").write_text(
         f"Decoding point of the SWD student, tuned on {result.evidence['rows']} dev rows (not the test rows) "
-        f"against AR, tolerance {tolerance:g} points: {result.message}\n\n" + result.table())
+        f"against AR, tolerance {points_text(tolerance)}: {result.message}\n\n" + result.table())
     return summary
 
 

@@ -189,6 +189,11 @@ def merge_rows(first: dict, rest: dict) -> dict:
     return out
 
 
+def points_text(x: float) -> str:
+    """``1 point``, ``0.5 points``, ``3 points``."""
+    return f"{x:g} point" + ("" if x == 1 else "s")
+
+
 def _pct(x: float | None) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -481,7 +486,7 @@ def tune(
     if chosen is None:
         top = max((r for r in candidates if "n" in r), key=lambda r: (r["n"], r["accuracy"]))
         result.message = (
-            f"no decoding point is within {tolerance:g} points of AR's exact match {_pct(ar['accuracy'])} % on {label} "
+            f"no decoding point is within {points_text(tolerance)} of AR's exact match {_pct(ar['accuracy'])} % on {label} "
             f"(best: {top['point']} at {_pct(top['accuracy'])} % on {top['n']} rows); nothing was written to "
             f"{Path(model_dir) / GENERATION_CONFIG}: raise --tolerance or train the model further")
         return result
