@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -209,3 +210,22 @@ def fixed_masked_ce(model_dir: Path, data_path: Path, block_size: int = 4, rows:
     b = layout.build(batch, list(range(len(ds))), model.rope_positions)
     logits = model(**b.inputs, logits_mask=b.loss_mask).logits
     return torch.nn.functional.cross_entropy(logits, b.targets[b.loss_mask]).item()
+
+
+def cosine_lr(num_steps: int, decay_steps: int, multiplier: float) -> float:
+    """NeMo's cosine schedule as conf/tuning/tiny_common.yaml sets it up (lr 2e-3, 1 warm-up step, min_lr 1e-4)."""
+    from nemo_automodel.components.optim.scheduler import OptimizerParamScheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    sched = OptimizerParamScheduler(opt, init_lr=2e-4, max_lr=2e-3, min_lr=1e-4, lr_warmup_steps=1,
+                                    lr_decay_steps=decay_steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
+                                    wd_incr_steps=decay_steps, wd_incr_style="constant")
+    sched.step(num_steps)
+    return opt.param_groups[0]["lr"] * multiplier
+
+
+def lr_offset_and_multiplier(log: dict[int, dict], steps: int) -> tuple[int, float]:
+    """Which scheduler step a logged step's LR is (0 or 1) and the parameter group's lr multiplier, read from the
+    logged LR of a ``steps``-step run."""
+    return next((k, m) for k in (0, 1) for m in [log[1]["lr"] / cosine_lr(1 + k, steps, 1.0)]
+                if all(log[s]["lr"] == pytest.approx(cosine_lr(s + k, steps, m)) for s in range(steps)))

@@ -11,7 +11,15 @@ import torch
 import yaml
 
 from nemo_bard.rundir import is_complete
-from tests.e2e_utils import fixed_masked_ce, run_cli, start_cli, training_log, wait_for
+from tests.e2e_utils import (
+    cosine_lr,
+    fixed_masked_ce,
+    lr_offset_and_multiplier,
+    run_cli,
+    start_cli,
+    training_log,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -130,18 +138,6 @@ def test_resume_mid_stage_continues_exactly(pbm_run, tiny_bard_dir, data_path, t
     assert not (run / ".nemo_bard.lock").exists()
 
 
-def _cosine_lr(num_steps: int, decay_steps: int, multiplier: float) -> float:
-    """NeMo's cosine schedule as conf/tuning/tiny_common.yaml sets it up (lr 2e-3, 1 warm-up step, min_lr 1e-4)."""
-    from nemo_automodel.components.optim.scheduler import OptimizerParamScheduler
-
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
-    sched = OptimizerParamScheduler(opt, init_lr=2e-4, max_lr=2e-3, min_lr=1e-4, lr_warmup_steps=1,
-                                    lr_decay_steps=decay_steps, lr_decay_style="cosine", start_wd=0.0, end_wd=0.0,
-                                    wd_incr_steps=decay_steps, wd_incr_style="constant")
-    sched.step(num_steps)
-    return opt.param_groups[0]["lr"] * multiplier
-
-
 def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_path):
     """The finished 4:4,8:4 run, resumed with 4:6,8:2 (its finished b4 stage made longer), is refused with one line
     and nothing changes; resumed with an appended stage (4:4,8:4,16:4, max_steps 12) it trains steps 8-11 at B16
@@ -154,6 +150,7 @@ def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_p
         return {b: sorted((p.name, p.read_bytes()) for p in (run / "stages" / f"b{b}").iterdir()) for b in (4, 8)}
 
     before = exports()
+    trained_with = (run / "resolved_config.yaml").read_text()
     args = tiny_args(tiny_bard_dir, data_path, root, "step_scheduler.ckpt_every_steps=3", "--optimizer.lr=2e-3")
 
     refused = run_cli([*args, "block_merge.schedule=[{block_size:4,steps:6},{block_size:8,steps:2}]"], check=False)
@@ -165,6 +162,7 @@ def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_p
         "schedule gives it 6 steps; keep 4:4,8:4 as it was (the running stage may grow, later stages may change or "
         "be added, with step_scheduler.max_steps their sum) or train in a new checkpoint.checkpoint_dir")
     assert sorted(training_log(run)) == list(range(8)) and exports() == before
+    assert [p.read_text() for p in run.glob("resolved_config.*.yaml")] == [trained_with]  # kept, not overwritten
 
     grown = run_cli([*args, "step_scheduler.max_steps=12",
                      "block_merge.schedule=[{block_size:4,steps:4},{block_size:8,steps:4},{block_size:16,steps:4}]"])
@@ -172,11 +170,10 @@ def test_resume_with_a_changed_schedule(pbm_run, tiny_bard_dir, data_path, tmp_p
     old, log = training_log(full), training_log(run)
     assert sorted(log) == list(range(12)) and [log[s]["block_size"] for s in range(8, 12)] == [16] * 4
     # which scheduler step a logged step's LR is, and the parameter group's lr multiplier, from the original run
-    offset, mult = next((k, m) for k in (0, 1) for m in [old[1]["lr"] / _cosine_lr(1 + k, 8, 1.0)]
-                        if all(old[s]["lr"] == pytest.approx(_cosine_lr(s + k, 8, m)) for s in range(8)))
-    assert _cosine_lr(8 + offset, 8, mult) == pytest.approx(1e-4 * mult)  # where NeMo's restore alone would stay
+    offset, mult = lr_offset_and_multiplier(old, 8)
+    assert cosine_lr(8 + offset, 8, mult) == pytest.approx(1e-4 * mult)  # where NeMo's restore alone would stay
     for step in range(8, 12):
-        assert log[step]["lr"] == pytest.approx(_cosine_lr(step + offset, 12, mult)), step
+        assert log[step]["lr"] == pytest.approx(cosine_lr(step + offset, 12, mult)), step
     assert log[8]["lr"] > 2e-4 * mult
     assert is_complete(run / "stages" / "b16")
     assert exports() == before

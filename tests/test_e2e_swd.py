@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.e2e_utils import run_cli, training_log
+from tests.e2e_utils import cosine_lr, lr_offset_and_multiplier, run_cli, training_log
 
 pytestmark = pytest.mark.e2e
 
@@ -157,6 +157,26 @@ def test_resume_continues(swd_run, pbm_exports, tmp_path):
     assert sorted(b) == [4, 5, 6, 7]
     for s in b:
         assert b[s]["loss"] == pytest.approx(a[s]["loss"], rel=1e-5, abs=1e-6)
+
+
+def test_resume_with_more_steps_follows_the_longer_lr_schedule(swd_run, pbm_exports, tmp_path):
+    """The finished 8-step SWD run resumed with max_steps 12 trains steps 8-11 on the LR schedule a 12-step run has,
+    not at the 8-step run's min_lr, where NeMo's restored scheduler alone would stay."""
+    run, first = swd_run
+    root, data = pbm_exports
+    assert "re-derived" not in first.stdout + first.stderr  # a fresh start keeps the schedule it built
+    shutil.copytree(run, tmp_path / "bard_swd_tiny", symlinks=True)
+    proc = run_cli(swd_args(root, data, "step_scheduler.max_steps=12", "step_scheduler.ckpt_every_steps=4",
+                            "optimizer.lr=2e-3", f"paths.run_root={tmp_path}",
+                            "paths.pbm_run=" + str(root / "bard_pbm_tiny")))
+    assert "the LR schedule is re-derived for 12 steps (decay over 12 steps, was 8)" in proc.stdout + proc.stderr
+    old, log = training_log(run), training_log(tmp_path / "bard_swd_tiny")
+    assert sorted(log) == list(range(12))
+    offset, mult = lr_offset_and_multiplier(old, 8)
+    assert cosine_lr(8 + offset, 8, mult) == pytest.approx(1e-4 * mult)
+    for step in range(8, 12):
+        assert log[step]["lr"] == pytest.approx(cosine_lr(step + offset, 12, mult)), step
+    assert log[8]["lr"] > 2e-4 * mult
 
 
 def test_two_process_lora_swd(pbm_exports, tmp_path):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from nemo_bard.callbacks.base import BardCallback
+from nemo_bard.callbacks.lr_horizon import rederive_lr_horizon
 from nemo_bard.errors import UserError
 from nemo_bard.rundir import is_complete
 
@@ -220,12 +221,8 @@ class BlockMergeCallback(BardCallback):
         check_resume_schedule(old, self.stages, step, checkpoint)
         if old[-1].end == self.total_steps or self.reset_lr_schedule:
             return  # same length (nothing to re-derive) / each stage is put on its own LR schedule below
-        changed = recipe.rederive_lr_schedule()
-        if changed is not None:
-            logger.warning(
-                "[block_merge] resumed at step %d with schedule %s (checkpoint: %s): the LR schedule is re-derived "
-                "for %d steps (decay over %d steps, was %d), as if the run had started with this config",
-                step, format_schedule(self.stages), format_schedule(old), self.total_steps, changed[1], changed[0])
+        rederive_lr_horizon(recipe, step, self.total_steps, f"with schedule {format_schedule(self.stages)} (checkpoint: "
+                                          f"{format_schedule(old)})")
 
     def on_train_start(self, recipe: Any) -> None:
         step = recipe.step_scheduler.step

@@ -23,6 +23,7 @@ import torch
 
 from nemo_bard.callbacks.base import BardCallback, CallbackList
 from nemo_bard.callbacks.block_merge import BlockMergeCallback
+from nemo_bard.callbacks.lr_horizon import ResumeLRHorizon
 from nemo_bard.data.layout import BlockBatch, BlockLayout, FakeMedia
 from nemo_bard.errors import DiskFullError
 from nemo_bard.integrations.nemo import (
@@ -81,7 +82,8 @@ class BardRecipeBase(BardNeMoRecipe):
         raise NotImplementedError
 
     def build_callbacks(self) -> list[BardCallback]:
-        """``block_merge:`` (PBM schedule) plus the user's ``callbacks:`` list (``_target_`` entries)."""
+        """``block_merge:`` (PBM schedule; else the LR horizon on resume) plus the user's ``callbacks:`` list
+        (``_target_`` entries)."""
         callbacks: list[BardCallback] = []
         merge = self.sections.block_merge
         if merge is not None:
@@ -89,6 +91,8 @@ class BardRecipeBase(BardNeMoRecipe):
             self.block_merge = BlockMergeCallback(**merge.model_dump(),
                                                   max_steps=None if max_steps is None else int(max_steps))
             callbacks.append(self.block_merge)
+        else:  # PBM's callback re-derives the LR horizon itself (per stage with reset_lr_schedule)
+            callbacks.append(ResumeLRHorizon())
         for i, node in enumerate(self.cfg.get("callbacks", None) or []):
             if not hasattr(node, "instantiate"):
                 raise BardConfigError(f"callbacks[{i}] must be a mapping with _target_")
