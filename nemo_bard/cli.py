@@ -216,7 +216,10 @@ def run_dir_of(cfg: dict) -> str | None:
 
 
 def write_resolved(cfg: dict, config: Path) -> Path:
-    """Write the resolved config into the run directory and return its path."""
+    """Write the resolved config into the run directory and return its path.
+
+    A different ``resolved_config.yaml`` already there (the config a checkpoint in that directory was trained
+    with) is kept as ``resolved_config.<its time>.yaml``, so a resume, refused or not, never loses it."""
     import yaml
 
     run_dir = (cfg.get("checkpoint") or {}).get("checkpoint_dir")
@@ -225,10 +228,17 @@ def write_resolved(cfg: dict, config: Path) -> Path:
         cfg.setdefault("checkpoint", {})["checkpoint_dir"] = run_dir
     out = Path(run_dir)
     path = out / RESOLVED_NAME
+    text = yaml.safe_dump(cfg, sort_keys=False)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as f:
-            yaml.safe_dump(cfg, f, sort_keys=False)
+        if path.is_file() and path.read_text() != text:
+            kept = _previous_name(path)
+            os.replace(path, kept)
+            print(f"nemo-bard: the run directory's previous resolved config is kept as {kept}", file=sys.stderr,
+                  flush=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     except OSError as exc:
         full = disk_full_message(exc, out)
         if full is not None:
@@ -239,6 +249,16 @@ def write_resolved(cfg: dict, config: Path) -> Path:
         raise CLIError(f"run directory {out} cannot be written ({exc.strerror}); point paths.run_root "
                        "(checkpoint.checkpoint_dir) at a writable directory") from None
     return path.resolve()
+
+
+def _previous_name(path: Path) -> Path:
+    """``resolved_config.<mtime>.yaml`` beside ``path`` (``-2``, ``-3`` ... when taken)."""
+    stamp = time.strftime("%Y%m%d_%H%M%S", time.localtime(path.stat().st_mtime))
+    kept, n = path.with_name(f"resolved_config.{stamp}.yaml"), 1
+    while kept.exists():
+        n += 1
+        kept = path.with_name(f"resolved_config.{stamp}-{n}.yaml")
+    return kept
 
 
 def _is_torchrun_worker() -> bool:

@@ -94,6 +94,26 @@ def test_finetune_form_without_and_with_hydra_overrides(tmp_path, monkeypatch, c
     assert not (tmp_path / "run" / ".nemo_bard.lock").exists()  # the run-directory lock is released
 
 
+def test_a_changed_config_keeps_the_run_directorys_previous_resolved_config(tmp_path, capsys):
+    """Re-running into a run directory with another config (a resume, maybe refused) never loses the config its
+    checkpoints were trained with; the same config again writes nothing new."""
+    from nemo_bard.cli import write_resolved
+
+    run = tmp_path / "run"
+    first = {"checkpoint": {"checkpoint_dir": str(run)}, "step_scheduler": {"max_steps": 8}}
+    write_resolved(first, Path("x.yaml"))
+    write_resolved(dict(first), Path("x.yaml"))
+    assert sorted(p.name for p in run.iterdir()) == ["resolved_config.yaml"]
+    second = {**first, "step_scheduler": {"max_steps": 12}}
+    third = {**first, "step_scheduler": {"max_steps": 16}}
+    write_resolved(second, Path("x.yaml"))
+    write_resolved(third, Path("x.yaml"))
+    kept = sorted(run.glob("resolved_config.*.yaml"))
+    assert len(kept) == 2 and "kept as" in capsys.readouterr().err
+    assert sorted(yaml.safe_load(p.read_text())["step_scheduler"]["max_steps"] for p in kept) == [8, 12]
+    assert yaml.safe_load((run / "resolved_config.yaml").read_text())["step_scheduler"]["max_steps"] == 16
+
+
 def test_print_resolved_only_composes(tmp_path, monkeypatch, capsys):
     from nemo_bard.cli import main
 
