@@ -9,6 +9,7 @@ import pytest
 from nemo_bard.demo import (
     CONTROL_NAME,
     SWD_NAME,
+    TUNED_NAME,
     comparisons,
     comparisons_markdown,
     paired_difference,
@@ -53,6 +54,9 @@ def test_comparisons_name_the_claims():
     assert len(comps) == 12
     table = comparisons_markdown(list(comps.values()))
     assert "| PBM B16 - PBM B4, τ 1 (large blocks lose?) | -75.0 |" in table and table.count("\n") == 14
+    # the SWD student at the point tuned on dev (here τ 0.7), against AR on the same rows
+    tuned = {c["comparison"]: c for c in comparisons([*rows, row(TUNED_NAME, 0.7, [1, 1, 1, 1])], 0.9)}
+    assert len(tuned) == 13 and tuned["SWD B16 at its tuned point - AR"]["diff"] == pytest.approx(0.25)
 
 
 def test_the_demo_finds_its_configs_inside_the_package():
@@ -71,3 +75,29 @@ def test_the_demo_finds_its_configs_inside_the_package():
                  if isinstance(node, ast.Call) for kw in node.keywords if kw.arg == "package_data")
     files = [str(p.relative_to(package)) for p in (package / "conf").rglob("*") if p.is_file()]
     assert files and [f for f in files if not any(PurePosixPath(f).match(g) for g in globs)] == []
+
+
+def test_eval_only_writes_the_dev_split_an_older_demo_directory_lacks(tmp_path):
+    """A demo directory made before the dev split existed gets one with its own digits settings; its test rows
+    and images stay byte for byte, and no dev row is a test row."""
+    import json
+
+    from datasets import load_from_disk
+
+    from nemo_bard.data.digits import write_digits_dataset
+    from nemo_bard.demo import ensure_dev_split
+
+    digits = tmp_path / "digits"
+    write_digits_dataset(digits, train=0, test=12, seed=3, min_digits=2, max_digits=3, task="odd_count")
+    before = {p.name: p.read_bytes() for p in sorted((digits / "images").iterdir())}
+    config = (digits / "digits_config.json").read_text()
+    dev = ensure_dev_split(tmp_path, 5)
+    assert dev == digits / "dev" and ensure_dev_split(tmp_path, 99) == dev  # written once
+    rows, test = load_from_disk(str(dev)), load_from_disk(str(digits / "test"))
+    assert len(rows) == 5 and set(rows["task"]) == {"odd_count"}
+    assert not {tuple(r) for r in rows["scan_ids"]} & {tuple(r) for r in test["scan_ids"]}
+    after = {p.name: p.read_bytes() for p in sorted((digits / "images").iterdir())}
+    assert {k: v for k, v in after.items() if k.startswith("test_")} == before
+    assert sorted(k for k in after if k.startswith("dev_")) == [f"dev_{i:05d}.png" for i in range(5)]
+    assert (digits / "digits_config.json").read_text() == config and json.loads(config)["test"] == 12
+    assert not (tmp_path / "digits_dev.tmp").exists()
