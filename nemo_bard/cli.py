@@ -237,7 +237,8 @@ def write_resolved(cfg: dict, config: Path) -> Path:
             print(f"nemo-bard: the run directory's previous resolved config is kept as {kept}", file=sys.stderr,
                   flush=True)
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
         os.replace(tmp, path)
     except OSError as exc:
         full = disk_full_message(exc, out)
