@@ -265,7 +265,6 @@ def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRES
         raise SystemExit(f"nemo_bard.demo: --eval-only needs a finished demo in {out} ({missing[0]} is missing); "
                          "run it without --eval-only first")
     print(f"[eval] evaluate {out} again (engine {engine}, threshold {tau})", flush=True)
-    t = time.perf_counter()
     run_json = out / "report" / "run.json"
     meta = json.loads(run_json.read_text()) if run_json.is_file() else {"times_s": {}}
     ensure_dev_split(out, dev_rows)

@@ -211,14 +211,15 @@ def write_digits_dataset(
     (out / "images").mkdir(parents=True, exist_ok=True)
     scans = load_scans()
     paths: dict[str, Path] = {"root": out}
-    test_rows = frozenset(s.scan_ids for s in make_samples("test", test, seed, min_digits, max_digits, scale, scans,
-                                                            task)) if dev > 0 else frozenset()
+    test_rows: frozenset = frozenset()  # scan sequences of the test split, which dev skips
     for split, n in (("train", train), ("test", test), ("dev", dev)):
         if n <= 0:
             continue
         rows = []
         made = make_samples(split, n, seed, min_digits, max_digits, scale, scans, task,
                             exclude=test_rows if split == "dev" else frozenset())
+        if split == "test":
+            test_rows = frozenset(sample.scan_ids for sample in made)
         for i, sample in enumerate(made):
             rel = f"images/{split}_{i:05d}.png"
             Image.fromarray(sample.pixels).save(out / rel, format="PNG", optimize=False)
