@@ -204,8 +204,7 @@ def _tune(out: Path, tolerance: float, engine: str) -> dict:
                   log=lambda msg: print(f"  [tune] {msg}", flush=True))
     print(f"  [tune] {result.message}", flush=True)
     p = result.point
-    spec = None if p is None else (f"{p.block_size}:{p.denoising_steps}:{p.threshold:g}:"
-                                   f"{p.remasking_strategy.removeprefix('low_confidence_')}")
+    spec = None if p is None else p.spec
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     summary = {"point": spec, "label": None if p is None else p.label, "tolerance_points": tolerance,

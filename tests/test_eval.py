@@ -81,6 +81,9 @@ def test_parse_points():
     assert c.remasking_strategy == "low_confidence_dynamic" and c.label == "B8 S4 t1 dynamic"
     assert parse_points("AR")[0].is_ar and parse_points(None) == []
     assert parse_points([DecodePoint(4, 2, 0.5)]) == [DecodePoint(4, 2, 0.5)]
+    # spec: what parse reads, strategy spelled out (the tuned point's record in the demo's report)
+    assert (a.spec, b.spec, c.spec, DecodePoint().spec) == ("4:4:1:static", "16:16:0.9:dynamic", "8:4:1:dynamic", "AR")
+    assert DecodePoint.parse(b.spec).remasking_strategy == b.remasking_strategy and DecodePoint.parse(c.spec) == c
     for bad in ("4:4", "4:8:1.0", "x:4:1.0", "4:4:1.0:fast"):
         with pytest.raises(ValueError):
             parse_points(bad)

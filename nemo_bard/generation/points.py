@@ -74,6 +74,15 @@ class DecodePoint:
             text += f" {self.remasking_strategy.removeprefix('low_confidence_')}"
         return text
 
+    @property
+    def spec(self) -> str:
+        """The point as :meth:`parse` reads it, strategy spelled out: ``"16:16:0.9:dynamic"`` or ``"AR"``."""
+        if self.is_ar:
+            return "AR"
+        tau = 1.0 if self.threshold is None else self.threshold
+        strategy = self.remasking_strategy.removeprefix("low_confidence_")
+        return f"{self.block_size}:{self.denoising_steps or self.block_size}:{tau:g}:{strategy}"
+
     @classmethod
     def parse(cls, spec: str) -> "DecodePoint":
         """``"B:S:tau"`` or ``"B:S:tau:static|dynamic"``; ``"AR"`` for the AR baseline."""
