@@ -309,6 +309,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-only", action="store_true",
                     help="only re-run the evaluation on the models of an existing --out (e.g. with another --engine)")
     args = ap.parse_args(argv)
+    # checked before hours of training: tuning runs after it
+    if not (math.isfinite(args.tune_tolerance) and args.tune_tolerance >= 0):
+        ap.error(f"--tune-tolerance must be a number of exact-match points >= 0, got {args.tune_tolerance}")
+    if args.dev_rows is not None and args.dev_rows < 1:
+        ap.error(f"--dev-rows must be at least 1, got {args.dev_rows}")
     if args.eval_only:
         return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every,
                                  args.tune_tolerance, args.dev_rows or 1000)

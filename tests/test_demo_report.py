@@ -101,3 +101,17 @@ def test_eval_only_writes_the_dev_split_an_older_demo_directory_lacks(tmp_path):
     assert sorted(k for k in after if k.startswith("dev_")) == [f"dev_{i:05d}.png" for i in range(5)]
     assert (digits / "digits_config.json").read_text() == config and json.loads(config)["test"] == 12
     assert not (tmp_path / "digits_dev.tmp").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tune-tolerance", "-1"], "--tune-tolerance must be a number of exact-match points >= 0, got -1.0"),
+    (["--tune-tolerance", "nan"], "--tune-tolerance must be a number of exact-match points >= 0, got nan"),
+    (["--dev-rows", "0"], "--dev-rows must be at least 1, got 0"),
+])
+def test_bad_tuning_flags_are_one_line_before_anything_runs(argv, message, tmp_path, capsys):
+    from nemo_bard.demo import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--out", str(tmp_path / "demo")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
