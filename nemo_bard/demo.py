@@ -12,8 +12,8 @@
 2. trains it autoregressively with NeMo AutoModel's own ``FinetuneRecipeForVLM``
    (``automodel finetune --config conf/demo_ar.yaml``): the "pretrained AR VLM";
 3. converts it to ``bard_vl`` (``nemo_bard.convert``);
-4. runs PBM 4 -> 8 -> 16 in one run (``automodel finetune --config conf/bard_demo.yaml``), the stages in the
-   paper's proportions (B4 as long as B8 and B16 together);
+4. runs PBM 4 -> 8 -> 16 in one run (``automodel finetune --config conf/bard_demo.yaml``): B4, SWD's anchor,
+   for 1,200 steps (near where its accuracy stops rising), B8 and B16 for 200 each;
 5. runs SWD: the B16 export as student, the B4 export as anchor (``... conf/bard_demo.yaml stage=swd``);
 6. runs the control: the same SWD run without the distillation term (``kd.kd_weight=0``): same student,
    steps, data order, noise, optimizer and seed, so what SWD gains over it is distillation, not training;
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="AR pretraining steps on reading the same images before the task (default 300; 0: none)")
     ap.add_argument("--ar-steps", type=int, default=None, help="AR SFT steps on the task")
     ap.add_argument("--pbm-steps", default=None,
-                    help="steps of the B4,B8,B16 stages (default 400,200,200: the paper's 2:1:1)")
+                    help="steps of the B4,B8,B16 stages (default 1200,200,200: B4, the anchor, to near convergence)")
     ap.add_argument("--swd-steps", type=int, default=None, help="steps of SWD and of its control")
     ap.add_argument("--train-rows", type=int, default=None)
     ap.add_argument("--test-rows", type=int, default=None)
@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     q = args.quick
     ar_steps = args.ar_steps or (6 if q else 600)
-    pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "400,200,200")).split(",")]
+    pbm = [int(s) for s in (args.pbm_steps or ("2,2,2" if q else "1200,200,200")).split(",")]
     swd_steps = args.swd_steps or (3 if q else 200)
     train_rows, test_rows = args.train_rows or (64 if q else 2000), args.test_rows or (16 if q else 1000)
     dev_rows = args.dev_rows or (8 if q else 1000)
