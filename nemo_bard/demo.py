@@ -282,6 +282,7 @@ def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRES
 
 def main(argv: list[str] | None = None) -> dict:
     from nemo_bard.data.digits import TASKS
+    from nemo_bard.eval.metrics import tolerance_problem
     from nemo_bard.generation.points import ENGINES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.demo", description=__doc__.splitlines()[0])
@@ -310,8 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="only re-run the evaluation on the models of an existing --out (e.g. with another --engine)")
     args = ap.parse_args(argv)
     # checked before hours of training: tuning runs after it
-    if not (math.isfinite(args.tune_tolerance) and args.tune_tolerance >= 0):
-        ap.error(f"--tune-tolerance must be a number of exact-match points >= 0, got {args.tune_tolerance}")
+    problem = tolerance_problem(args.tune_tolerance, "--tune-tolerance")
+    if problem:
+        ap.error(problem)
     if args.dev_rows is not None and args.dev_rows < 1:
         ap.error(f"--dev-rows must be at least 1, got {args.dev_rows}")
     if args.eval_only:

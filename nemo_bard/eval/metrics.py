@@ -89,6 +89,14 @@ def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:
     return max(0.0, mean - half), min(1.0, mean + half)
 
 
+def tolerance_problem(tolerance: float, flag: str) -> str | None:
+    """Why ``tolerance`` (exact-match points a decoding point may lose against AR, given as ``flag``) is unusable,
+    or None when it is a finite number >= 0."""
+    if math.isfinite(tolerance) and tolerance >= 0:
+        return None
+    return f"{flag} must be a number of exact-match points >= 0, got {tolerance}"
+
+
 def aggregate(scores: Iterable[dict[str, float]]) -> dict[str, float | tuple[float, float]]:
     """Mean of each per-sample metric (``accuracy`` is the mean exact match) and its 95 % interval.
 

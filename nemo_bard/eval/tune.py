@@ -37,7 +37,7 @@ from nemo_bard.data.datasets import DataError
 from nemo_bard.data.media import VideoSampling
 from nemo_bard.errors import UserError
 from nemo_bard.eval.evaluation import build_inputs, evaluate_point, generate_batch, load_model, load_samples
-from nemo_bard.eval.metrics import Z95, aggregate
+from nemo_bard.eval.metrics import Z95, aggregate, tolerance_problem
 from nemo_bard.generation.defaults import EVIDENCE_FILE, GENERATION_CONFIG, check_writable, write_decoding_point
 from nemo_bard.generation.points import DecodePoint, parse_points
 from nemo_bard.models.paths import read_model_config, tokenizer_vocab
@@ -277,8 +277,9 @@ def check_inputs(model_dir: str | Path, ar_model_dir: str | Path, tolerance: flo
     """Everything that can be checked before a model loads; returns the BARD model's config.json."""
     if objective not in OBJECTIVES:
         raise TuneError(f"--objective {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise TuneError(f"--tolerance must be a number of percentage points >= 0, got {tolerance}")
+    problem = tolerance_problem(tolerance, "--tolerance")
+    if problem:
+        raise TuneError(problem)
     cfg = _check_model(model_dir, "--model", True)
     _check_model(ar_model_dir, "--ar-model", False)
     check_same_tokenizer(model_dir, ar_model_dir)
