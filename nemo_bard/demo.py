@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shutil
@@ -42,6 +41,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from nemo_bard.eval.metrics import mean_and_interval, tolerance_problem
 
 CONF = Path(__file__).resolve().parent / "conf"  # package data (conf/ in a clone links here)
 PROGRESS_EVERY_S = 10.0  # console progress lines per stage at least this often
@@ -127,11 +128,8 @@ def paired_difference(a: list[dict], b: list[dict], key: str = "exact_match") ->
     if len(by_row) != len(a) or any(p["row"] not in by_row for p in a):
         raise ValueError("paired_difference needs predictions of the same rows")
     d = [p[key] - by_row[p["row"]] for p in a]
-    n = len(d)
-    mean = sum(d) / n
-    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
-    half = 1.959963984540054 * sd / math.sqrt(n)
-    return {"diff": mean, "ci95": [mean - half, mean + half], "n": n,
+    mean, lo, hi = mean_and_interval(d)
+    return {"diff": mean, "ci95": [lo, hi], "n": len(d),
             "a_only": sum(1 for x in d if x > 0), "b_only": sum(1 for x in d if x < 0)}
 
 
@@ -282,7 +280,6 @@ def evaluate_existing(out: Path, tau: float, engine: str, every: float = PROGRES
 
 def main(argv: list[str] | None = None) -> dict:
     from nemo_bard.data.digits import TASKS
-    from nemo_bard.eval.metrics import tolerance_problem
     from nemo_bard.generation.points import ENGINES
 
     ap = argparse.ArgumentParser(prog="python -m nemo_bard.demo", description=__doc__.splitlines()[0])

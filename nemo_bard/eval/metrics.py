@@ -78,15 +78,25 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return max(0.0, center - half), min(1.0, center + half)
 
 
+def mean_and_interval(values: list[float], z: float = Z95) -> tuple[float, float, float]:
+    """Mean and its normal-approximation interval, not clipped (sample standard deviation; one value: width 0;
+    no values: nan). For paired differences, which lie in [-1, 1]."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
 def mean_interval(values: list[float], z: float = Z95) -> tuple[float, float]:
     """Normal-approximation interval of a mean (sample standard deviation), clipped to [0, 1]."""
     n = len(values)
     if n < 2:
         return (float("nan"), float("nan")) if n == 0 else (values[0], values[0])
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = z * sd / math.sqrt(n)
-    return max(0.0, mean - half), min(1.0, mean + half)
+    _, lo, hi = mean_and_interval(values, z)
+    return max(0.0, lo), min(1.0, hi)
 
 
 def tolerance_problem(tolerance: float, flag: str) -> str | None:

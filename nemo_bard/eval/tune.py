@@ -37,7 +37,7 @@ from nemo_bard.data.datasets import DataError
 from nemo_bard.data.media import VideoSampling
 from nemo_bard.errors import UserError
 from nemo_bard.eval.evaluation import build_inputs, evaluate_point, generate_batch, load_model, load_samples
-from nemo_bard.eval.metrics import Z95, aggregate, tolerance_problem
+from nemo_bard.eval.metrics import Z95, aggregate, mean_and_interval, tolerance_problem
 from nemo_bard.generation.defaults import EVIDENCE_FILE, GENERATION_CONFIG, check_writable, write_decoding_point
 from nemo_bard.generation.points import DecodePoint, parse_points
 from nemo_bard.models.paths import read_model_config, tokenizer_vocab
@@ -102,13 +102,8 @@ def paired_difference(row: dict, ar: dict, n: int | None = None, z: float = Z95)
     a = [p["exact_match"] for p in row["predictions"]]
     b = [p["exact_match"] for p in ar["predictions"]]
     n = min(len(a), len(b)) if n is None else n
-    d = [x - y for x, y in zip(a[:n], b[:n])]
-    if not d:
-        return float("nan"), (float("nan"), float("nan"))
-    mean = sum(d) / len(d)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1)) if len(d) > 1 else 0.0
-    half = z * sd / math.sqrt(len(d))
-    return mean, (mean - half, mean + half)
+    mean, lo, hi = mean_and_interval([x - y for x, y in zip(a[:n], b[:n])], z)
+    return mean, (lo, hi)
 
 
 def within_tolerance(row: dict, ar: dict, tolerance: float) -> bool:
