@@ -245,7 +245,26 @@ def _evaluate(out: Path, tau: float, engine: str, every: float, title: str,
         f.write("\nPaired differences in exact match on the same held-out rows:\n\n" + table)
         if (out / "report" / "tune.md").is_file():
             f.write("\n" + (out / "report" / "tune.md").read_text())
+        cost = _tuning_cost(out, next((r for r in rows if r["model"] == TUNED_NAME), None))
+        if cost:
+            f.write(f"\n{cost}\n")
     return rows, paths
+
+
+def _tuning_cost(out: Path, tuned_row: dict | None) -> str | None:
+    """Tuning's wall time against one full evaluation of the point it chose (both from this run), recorded in
+    ``report/tune.json`` as ``cost_vs_one_evaluation``; None without a tuned point."""
+    tune_json = out / "report" / "tune.json"
+    if tuned_row is None or not tune_json.is_file():
+        return None
+    summary = json.loads(tune_json.read_text())
+    one = tuned_row["eval_time"]
+    summary["cost_vs_one_evaluation"] = {"tuning_s": summary["wall_s"], "evaluation_s": round(one, 3),
+                                         "evaluation_rows": tuned_row["n"], "ratio": round(summary["wall_s"] / one, 2)}
+    tune_json.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return (f"Tuning took {summary['wall_s']:.1f} s (both models loaded, every point it ran): "
+            f"{summary['wall_s'] / one:.1f}x one full evaluation of the point it chose ({one:.1f} s on the "
+            f"{tuned_row['n']} test rows at batch 1, prompts built by the processor included).")
 
 
 def _title(task: str) -> str:

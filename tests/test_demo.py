@@ -63,6 +63,10 @@ def test_quick_demo_pipeline(tmp_path, capsys, monkeypatch):
         int(steps), float(tau), f"low_confidence_{strategy}"), gen
     assert (student / "decoding_point.json").is_file()
     assert "tuned on 8 dev rows" in (out / "report" / "tune.md").read_text()
+    cost = tuned["cost_vs_one_evaluation"]  # tuning against the chosen point's one evaluation, both of this run
+    assert cost["evaluation_rows"] == 8 and cost["tuning_s"] == tuned["wall_s"]
+    assert cost["ratio"] == pytest.approx(cost["tuning_s"] / cost["evaluation_s"], rel=0.05)
+    assert f"Tuning took {tuned['wall_s']:.1f} s" in (out / "report" / "results.md").read_text()
     dev, test = (load_from_disk(str(out / "digits" / split))["scan_ids"] for split in ("dev", "test"))
     assert len(dev) == 8 and not {tuple(r) for r in dev} & {tuple(r) for r in test}
     keys = {"accuracy", "char_accuracy", "tokens_per_forward", "tokens_per_second", "num_forwards", "wall_time",

@@ -78,12 +78,18 @@ def test_grid_paired_difference_and_merged_rows():
     mean, (lo, hi) = paired_difference({"predictions": preds([1, 0, 0, 1])}, ar)
     assert mean == 0.0 and lo < 0 < hi
     assert paired_difference({"predictions": preds([1, 1, 0, 0])}, ar) == (0.0, (0.0, 0.0))
+    # exact match over both slices; speeds from the first (timed) slice only: the rest may run at another batch size
     first = {"n": 2, "response_tokens": 10, "num_forwards": 4, "row_forwards": 4, "wall_time": 1.0, "eval_time": 1.5,
-             "prefill_time": 0.5, "predictions": preds([1, 1])}
-    rest = {"n": 2, "response_tokens": 30, "num_forwards": 6, "row_forwards": 6, "wall_time": 2.0, "eval_time": 2.5,
-            "prefill_time": 0.5, "predictions": preds([0, 1])}
+             "prefill_time": 0.5, "tokens_per_forward": 2.5, "decode_tokens_per_second": 20.0,
+             "predictions": preds([1, 1])}
+    rest = {"n": 2, "response_tokens": 30, "num_forwards": 2, "row_forwards": 6, "wall_time": 0.2, "eval_time": 0.3,
+            "prefill_time": 0.1, "tokens_per_forward": 5.0, "decode_tokens_per_second": 300.0,
+            "predictions": preds([0, 1])}
     m = merge_rows(first, rest)
-    assert (m["n"], m["accuracy"], m["tokens_per_forward"], m["decode_tokens_per_second"]) == (4, 0.75, 4.0, 20.0)
+    assert (m["n"], m["speed_rows"], m["accuracy"], m["tokens_per_forward"], m["decode_tokens_per_second"]) == (
+        4, 2, 0.75, 2.5, 20.0)
+    assert (m["response_tokens"], m["num_forwards"], m["wall_time"]) == (10, 4, 1.0)
+    assert [p["exact_match"] for p in m["predictions"]] == [1.0, 1.0, 0.0, 1.0]
     table = tune_table({**m, "decode_tokens_per_second": 10.0},
                        [{**m, "point": "B4 S4 t0.9", "status": "chosen", "delta": 0.0, "delta_ci95": (-0.1, 0.1)}])
     assert "| B4 S4 t0.9 | 4 | 75.0 [" in table and "| 2.00× | chosen |" in table
@@ -206,6 +212,16 @@ def test_tune_end_to_end_writes_the_point_and_dry_run_writes_nothing(tiny_bard_d
     evidence = json.loads((model / EVIDENCE_FILE).read_text())
     assert (model / (GENERATION_CONFIG + BACKUP_SUFFIX)).read_text() == before
     assert evidence["rows"] == 4 and evidence["dataset"] == str(dev_data.resolve()) and evidence["ar"]["n"] == 4
+    # rows 3-4 ran at the rest batch size (8) for exact match only; the AR's answers equal a batch-1 evaluation's
+    assert (evidence["speed_rows"], evidence["rest_batch_size"], evidence["batch_size"]) == (2, 8, 2)
+    from nemo_bard.eval.evaluation import evaluate, load_samples
+
+    solo = evaluate(tiny_ar_dir, load_samples(dev_data), max_new_tokens=4, batch_size=1, progress=False,
+                    warmup=False)[0]["predictions"]
+    ar_name = reported[0]["name"].replace(" ", "_")
+    tuned_ar = [json.loads(line) for line in next((tmp_path / "report" / "predictions").glob(f"{ar_name}*"))
+                .read_text().splitlines()]
+    assert [p["prediction"] for p in tuned_ar] == [p["prediction"] for p in solo]
     assert evidence["chosen"]["n"] == 4 and "ar_model" in evidence and "date" in evidence
     stored = read_decoding_defaults(model).point(4)
     assert stored is not None and f"chose {stored.label}" in out

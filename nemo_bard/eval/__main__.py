@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                       choices=("decode_tokens_per_second", "tokens_per_forward"), help="what 'fastest' means")
     tune.add_argument("--first-slice", type=int, default=None,
                       help="rows every point decodes first (default: a quarter, at least 64)")
+    tune.add_argument("--rest-batch-size", type=int, default=None,
+                      help="batch size of the rows after the first slice, which count for exact match only "
+                           "(default: the larger of --batch-size and 8); speeds are timed on the first slice")
     tune.add_argument("--dry-run", action="store_true", help="print the choice, write nothing to --model")
     return ap
 
@@ -91,7 +94,8 @@ def run_tune(args: argparse.Namespace) -> int:
         result = tune(args.model[0], args.data, args.ar_model, tolerance=args.tolerance, objective=args.objective,
                       points=args.points, dry_run=args.dry_run, first_slice=args.first_slice, root_dir=args.root_dir,
                       split=args.split, limit=args.limit, batch_size=args.batch_size,
-                      max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype, engine=args.engine,
+                      rest_batch_size=args.rest_batch_size, max_new_tokens=args.max_new_tokens, device=args.device,
+                      dtype=args.dtype, engine=args.engine,
                       progress=not args.no_progress)
     except (UserError, DataError, VideoDecoderMissing, CheckpointCorrupt, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.tune:
         return run_tune(args)
-    for flag in ("ar_model", "dry_run", "first_slice"):
+    for flag in ("ar_model", "dry_run", "first_slice", "rest_batch_size"):
         if getattr(args, flag):
             print(f"error: --{flag.replace('_', '-')} goes with --tune", file=sys.stderr)
             return 2

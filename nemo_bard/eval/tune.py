@@ -13,8 +13,10 @@ less than each point's own timing; ties go to the more accurate, then the more c
 Compute is saved by successive halving: every point first decodes the first slice of the rows; a point whose
 paired interval of (exact match - AR's) on that slice lies wholly below ``-tolerance`` is dropped (95 % jointly
 over the grid, :func:`drop_z`); the others decode the remaining rows fastest first, and the first one that stays
-within the tolerance on all rows ends the search (slower points are not needed). Prompts are built by the
-processor once and reused by every point. The chosen point is written to ``DIR/generation_config.json``
+within the tolerance on all rows ends the search (slower points are not needed). Speeds are timed on the first
+slice at ``batch_size``; the remaining rows (AR's too) count for exact match only and run at ``rest_batch_size``
+(a row's greedy answer does not depend on its batch), which on a small batch size is several times cheaper.
+Prompts are built by the processor once and reused by every point. The chosen point is written to ``DIR/generation_config.json``
 (:func:`nemo_bard.generation.defaults.write_decoding_point`; the previous file is kept as
 ``generation_config.json.bak``) and the evidence to ``DIR/decoding_point.json``; ``generate``, ``eval``, the
 lmms-eval model and ``serve`` then use it as their default. With ``dry_run`` nothing is written.
@@ -167,20 +169,14 @@ def pool_decode_speed(rows: Sequence[dict]) -> float | None:
 
 
 def merge_rows(first: dict, rest: dict) -> dict:
-    """One row for a point decoded on two consecutive slices of the samples (counts and times summed)."""
-    out = dict(rest)
-    for k in ("n", "response_tokens", "num_forwards", "row_forwards", "wall_time", "eval_time"):
-        out[k] = first[k] + rest[k]
-    pf = (None if first.get("prefill_time") is None or rest.get("prefill_time") is None
-          else first["prefill_time"] + rest["prefill_time"])
-    out["prefill_time"] = pf
+    """One row for a point decoded on two consecutive slices of the samples: exact match (and the predictions)
+    over both slices; speeds, tokens per forward and times from the first, the timed slice (the rest may run at
+    another batch size, see :func:`tune`), which ``speed_rows`` counts."""
+    out = dict(first)
+    out["n"] = first["n"] + rest["n"]
+    out["speed_rows"] = first.get("speed_rows", first["n"])
     out["predictions"] = first["predictions"] + rest["predictions"]
     out.update(aggregate(out["predictions"]))
-    tok, gen = out["response_tokens"], out["wall_time"]
-    out["tokens_per_forward"] = tok / out["row_forwards"] if out["row_forwards"] else float("nan")
-    out["tokens_per_second"] = tok / gen if gen > 0 else float("nan")
-    out["tokens_per_batch_forward"] = tok / out["num_forwards"] if out["num_forwards"] else float("nan")
-    out["decode_tokens_per_second"] = tok / (gen - pf) if pf is not None and gen > pf else None
     return out
 
 
@@ -326,6 +322,7 @@ def tune(
     split: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
+    rest_batch_size: int | None = None,
     max_new_tokens: int = 64,
     device: str | None = None,
     dtype: Any = None,
@@ -348,7 +345,10 @@ def tune(
         first_slice: rows of the first rung (default: a quarter of the rows, at least 64); all rows when it
             covers them.
         batch_size, max_new_tokens, device, dtype, engine: as in :func:`nemo_bard.eval.evaluation`; speeds are
-            those of ``batch_size`` (default 8, as ``python -m nemo_bard.eval``; 1: per-request latency).
+            those of ``batch_size`` (default 8, as ``python -m nemo_bard.eval``; 1: per-request latency), timed
+            on the first slice.
+        rest_batch_size: batch size of the rows after the first slice, which count for exact match only
+            (default: ``max(batch_size, 8)``; a row's greedy answer does not depend on its batch).
         log: receives the progress lines (None: silent).
         data_name: how the evidence names loaded ``samples`` (default: the path, or "samples").
 
@@ -372,12 +372,20 @@ def tune(
                                           p.remasking_strategy.removeprefix("low_confidence_")) for p in grid))
     n = len(dev)
     n1 = min(n, max(MIN_FIRST_SLICE, n // 4) if first_slice is None else max(1, int(first_slice)))
+    rest_batch = max(batch_size, 8) if rest_batch_size is None else rest_batch_size
+    if rest_batch < 1:
+        raise TuneError(f"--rest-batch-size must be at least 1, got {rest_batch}")
     say(f"{n} dev rows from {label}; AR reference, then {len(grid)} points at B{block}"
-        + (f" on the first {n1} rows, the rest on the other {n - n1}" if n1 < n else ""))
-    common = dict(batch_size=batch_size, max_new_tokens=max_new_tokens)
+        + (f" on the first {n1} rows (timed, batch {batch_size}), the rest on the other {n - n1} (exact match "
+           f"only, batch {rest_batch})" if n1 < n else ""))
 
-    def run_point(loaded, rows, point, cache, sampling):
-        return evaluate_point(loaded, rows, point, progress=progress, sampling=sampling, inputs_cache=cache, **common)
+    def run_point(loaded, rows, point, cache, sampling, rest=False):
+        return evaluate_point(loaded, rows, point, progress=progress, sampling=sampling, inputs_cache=cache,
+                              batch_size=rest_batch if rest else batch_size, max_new_tokens=max_new_tokens)
+
+    def run_all(loaded, point, cache, sampling):  # timed on the first slice, the rest for exact match only
+        first = run_point(loaded, dev[:n1], point, cache, sampling)
+        return first if n1 == n else merge_rows(first, run_point(loaded, dev[n1:], point, cache, sampling, True))
 
     def warm(loaded, sampling, point):
         first = dev[:batch_size]
@@ -389,9 +397,9 @@ def tune(
                         engine="static" if engine == "hf" else engine)
     sampling = VideoSampling.from_processor(getattr(loaded.processor, "video_processor", None))
     warm(loaded, sampling, DecodePoint())
-    ar = run_point(loaded, dev, DecodePoint(), None, sampling)
+    ar = run_all(loaded, DecodePoint(), None, sampling)
     say(f"AR: exact match {_pct(ar['accuracy'])} % on {n} rows, decode {_speed(ar['decode_tokens_per_second'])} "
-        f"tokens/s")
+        f"tokens/s" + (f" (timed on the first {n1} rows)" if n1 < n else ""))
     device_name, dtype_name = ar["device"], ar["dtype"]
     del loaded
     gc.collect()
@@ -443,7 +451,7 @@ def tune(
             if best is not None and _bound_value(r, objective) <= best:
                 break
             if n1 < n:
-                r = merge_rows(r, run_point(loaded, dev[n1:], point, cache, sampling))
+                r = merge_rows(r, run_point(loaded, dev[n1:], point, cache, sampling, True))
                 r["point"] = point.label
                 rows[point] = r
             r["delta"], r["delta_ci95"] = paired_difference(r, ar)
@@ -474,6 +482,7 @@ def tune(
         "ar": _summary(ar), "chosen": None if chosen is None else _summary(chosen),
         "candidates": [_summary(r) for r in candidates],
         "device": device_name, "dtype": dtype_name, "engine": engine, "batch_size": batch_size,
+        "rest_batch_size": rest_batch if n1 < n else None, "speed_rows": n1,
         "max_new_tokens": max_new_tokens, "pooled_decode_seconds_per_forward": per_forward,
         "tuning_wall_time_s": wall,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
