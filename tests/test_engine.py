@@ -391,3 +391,35 @@ def test_a_request_joining_a_running_batch_computes_what_it_computes_alone(fuse,
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
     assert a.tokens == a_alone.tokens and len(a.tokens) == 14
+
+
+def test_a_shared_prefill_gives_the_same_tokens_without_the_prompt_forward(sharp_model, tiny_processor, monkeypatch):
+    """Several decoding points of one batch decode from one prompt prefill (eval --tune's first rung): the same
+    tokens, lengths and forwards as prefilling for each, and the prompt forward runs once."""
+    from nemo_bard.generation import SharedPrefill
+
+    enc = encode(tiny_processor, BATCH8)
+    points = [dict(denoising_steps=4, remasking_strategy=STATIC, confidence_threshold=1.0),
+              dict(denoising_steps=4, remasking_strategy=DYNAMIC, confidence_threshold=0.5),
+              dict(denoising_steps=2, remasking_strategy=DYNAMIC, confidence_threshold=0.2)]
+    kw = dict(max_new_tokens=11, block_size=4, eos_token_id=_stops_mid_run(sharp_model, enc, block_size=4,
+                                                                          max_new_tokens=11, **points[1]))
+    alone = [block_diffusion_generate(sharp_model, **enc, **kw, **p) for p in points]
+    engine = DecodeEngine.for_model(sharp_model, "static")
+    calls = []
+    monkeypatch.setattr(engine, "prefill", lambda *a, _f=engine.prefill: calls.append(1) or _f(*a))
+    shared = SharedPrefill()
+    together = [block_diffusion_generate(sharp_model, **enc, **kw, **p, engine=engine, shared_prefill=shared)
+                for p in points]
+    assert len(calls) == 1 and shared.filled and shared.keys[0].shape[0] == len(BATCH8)
+    for a, b in zip(alone, together):
+        assert torch.equal(a.sequences, b.sequences) and torch.equal(a.lengths, b.lengths)
+        assert a.num_forwards == b.num_forwards and torch.equal(a.row_forwards, b.row_forwards)
+    assert len({tuple(o.lengths.tolist()) for o in alone}) > 1  # the points really decode differently
+    # other prompts, or another block size (another prompt mask), are refused
+    with pytest.raises(EngineError, match="other prompts"):
+        block_diffusion_generate(sharp_model, **encode(tiny_processor, BATCH8[:2]), **kw, engine=engine,
+                                 shared_prefill=shared)
+    with pytest.raises(EngineError, match="block size 4 instead of 8"):
+        block_diffusion_generate(sharp_model, **enc, max_new_tokens=11, block_size=8, engine=engine,
+                                 shared_prefill=shared)

@@ -297,3 +297,26 @@ def test_bad_inputs_are_one_line_naming_the_file_or_flag(tiny_bard_dir, tiny_ar_
     assert "needs --ar-model" in one_line(main(["--tune", "--model", str(tiny_bard_dir), "--data", str(dev_data)]))
     assert "block size 4" in one_line(_tune(tiny_bard_dir, tiny_ar_dir, dev_data, "--points", "8:8:0.9", "--dry-run"))
     assert "--tolerance" in one_line(_tune(tiny_bard_dir, tiny_ar_dir, dev_data, "--tolerance", "-1"))
+
+
+def test_points_evaluated_together_share_the_prefill_and_answer_alike(tiny_bard_dir, dev_data, monkeypatch):
+    """--tune's first rung: the points of a group decode each batch from one prompt prefill; their rows equal
+    evaluating each point alone, and each point's prefill time counts the shared prefill."""
+    from nemo_bard.eval.evaluation import evaluate_point, evaluate_points, load_model, load_samples
+    from nemo_bard.generation import DecodeEngine
+
+    loaded = load_model(tiny_bard_dir, name="m")
+    rows = load_samples(dev_data)
+    points = [DecodePoint(4, 4, 1.0, "static"), DecodePoint(4, 2, 0.5, "dynamic"), DecodePoint(4, 4, 0.9, "dynamic")]
+    alone = [evaluate_point(loaded, rows, p, batch_size=2, max_new_tokens=6, progress=False) for p in points]
+    engine = DecodeEngine.for_model(loaded.model, loaded.engine)
+    calls = []
+    monkeypatch.setattr(engine, "prefill", lambda *a, _f=engine.prefill: calls.append(1) or _f(*a))
+    together = evaluate_points(loaded, rows, points, batch_size=2, max_new_tokens=6, progress=False)
+    assert len(calls) == -(-len(rows) // 2)  # one prompt forward per batch, not per point and batch
+    for a, b in zip(alone, together):
+        assert [p["prediction"] for p in a["predictions"]] == [p["prediction"] for p in b["predictions"]]
+        assert (a["n"], a["num_forwards"], a["row_forwards"], a["response_tokens"], a["accuracy"]) == (
+            b["n"], b["num_forwards"], b["row_forwards"], b["response_tokens"], b["accuracy"])
+    first, *later = together
+    assert all(r["prefill_time"] >= first["prefill_time"] > 0 for r in later)  # the shared prefill, counted

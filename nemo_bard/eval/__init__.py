@@ -18,7 +18,7 @@ from typing import Any
 
 _WHERE = {
     **dict.fromkeys(("DecodePoint", "LoadedModel", "build_inputs", "default_points", "evaluate", "evaluate_point",
-                     "load_model", "parse_points"), "evaluation"),
+                     "evaluate_points", "load_model", "parse_points"), "evaluation"),
     **dict.fromkeys(("EvalSample", "EvalSamples", "load_samples"), "samples"),
     **dict.fromkeys(("aggregate", "char_accuracy", "exact_match", "levenshtein", "position_accuracy", "score"),
                     "metrics"),

@@ -44,6 +44,7 @@ from nemo_bard.generation.decode import stop_ids as model_stop_ids
 from nemo_bard.generation.defaults import read_decoding_defaults
 from nemo_bard.generation.inputs import build_inputs
 from nemo_bard.generation.points import DecodePoint, check_engine, default_points, parse_points
+from nemo_bard.generation.session import SharedPrefill
 from nemo_bard.models.loading import resolve_device_dtype
 from nemo_bard.models.verify import verify_model_dir
 
@@ -142,8 +143,10 @@ def generate_batch(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int | None = None,
+    shared_prefill: SharedPrefill | None = None,
 ):
-    """One generation call for a batch at ``point`` (greedy unless ``temperature > 0``; AR is always greedy)."""
+    """One generation call for a batch at ``point`` (greedy unless ``temperature > 0``; AR is always greedy).
+    ``shared_prefill``: block diffusion only, see :func:`~nemo_bard.generation.block_diffusion_generate`."""
     pad = getattr(loaded.tokenizer, "pad_token_id", None)
     stops = stop_ids(loaded.model, loaded.tokenizer)
     if point.is_ar:
@@ -160,7 +163,113 @@ def generate_batch(
         denoising_steps=point.denoising_steps or point.block_size, remasking_strategy=point.remasking_strategy,
         confidence_threshold=1.0 if point.threshold is None else point.threshold, temperature=temperature,
         top_k=top_k, top_p=top_p, seed=seed, eos_token_id=stops, pad_token_id=pad, engine=loaded.engine,
+        shared_prefill=shared_prefill,
     )
+
+
+class _Tally:
+    """One decoding point's running counts over the batches of an evaluation."""
+
+    def __init__(self, loaded: LoadedModel, point: DecodePoint) -> None:
+        self.point, self.name = point, f"{loaded.name} {point.label}"
+        self.predictions: list[dict] = []
+        self.tokens = self.forwards = self.row_forwards = 0
+        self.gen_time, self.eval_time = 0.0, 0.0
+        self.prefill_time: float | None = 0.0
+
+    def add(self, loaded: LoadedModel, batch: list, out: Any, seconds: float, shared_seconds: float = 0.0) -> None:
+        """Count a batch's output; ``shared_seconds``: the prefill it reused (measured once for the batch), counted
+        in its prefill and generation time as if it had run it."""
+        texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        self.tokens += int(out.lengths.sum())
+        self.forwards += int(out.num_forwards)
+        self.row_forwards += int(out.row_forwards.sum())
+        self.gen_time += float(out.wall_time) + shared_seconds
+        self.prefill_time = (None if self.prefill_time is None or out.prefill_time is None
+                             else self.prefill_time + out.prefill_time + shared_seconds)
+        for s, text in zip(batch, texts):
+            text = text.strip()
+            self.predictions.append({"row": s.row, "reference": s.reference, "prediction": text,
+                                     **score(text, s.reference)})
+        self.eval_time += seconds + shared_seconds
+
+    def row(self, loaded: LoadedModel, batch_size: int, max_new_tokens: int) -> dict:
+        point, tokens, forwards, row_forwards = self.point, self.tokens, self.forwards, self.row_forwards
+        gen_time, prefill_time = self.gen_time, self.prefill_time
+        return {
+            "name": self.name,
+            "model": loaded.name,
+            "model_dir": loaded.path,
+            "kind": "ar" if point.is_ar else "bard",
+            "block_size": point.block_size,
+            "denoising_steps": None if point.is_ar else (point.denoising_steps or point.block_size),
+            "threshold": None if point.is_ar else (1.0 if point.threshold is None else point.threshold),
+            "remasking_strategy": point.remasking_strategy,
+            "n": len(self.predictions),
+            **aggregate(self.predictions),
+            "tokens_per_forward": tokens / row_forwards if row_forwards else float("nan"),
+            "tokens_per_second": tokens / gen_time if gen_time > 0 else float("nan"),
+            "num_forwards": forwards,
+            "row_forwards": row_forwards,
+            "tokens_per_batch_forward": tokens / forwards if forwards else float("nan"),
+            "decode_tokens_per_second": (tokens / (gen_time - prefill_time) if prefill_time is not None
+                                         and gen_time > prefill_time else None),
+            "response_tokens": tokens,
+            "wall_time": gen_time,
+            "prefill_time": prefill_time,
+            "eval_time": self.eval_time,
+            "batch_size": batch_size,
+            "max_new_tokens": max_new_tokens,
+            "engine": loaded.engine,
+            "device": str(loaded.model.device),
+            "dtype": str(loaded.model.dtype).removeprefix("torch."),
+            "predictions": self.predictions,
+        }
+
+
+def evaluate_points(
+    loaded: LoadedModel,
+    samples: list[EvalSample],
+    points: Sequence[DecodePoint],
+    *,
+    batch_size: int = 8,
+    max_new_tokens: int = 64,
+    progress: bool | Callable[[str, int, int], None] = True,
+    sampling: VideoSampling | None = None,
+    inputs_cache: dict | None = None,
+) -> list[dict]:
+    """Evaluate several decoding points on the same rows, batch by batch; returns one result row per point (see
+    :func:`evaluate`), in ``points`` order.
+
+    Each batch's prompts are built once; block-diffusion points of one block size decode from one prompt prefill
+    per batch (a :class:`~nemo_bard.generation.session.SharedPrefill`: the same tokens as prefilling for each);
+    its measured time is counted in each such point's prefill and generation time. ``sampling``: video frame
+    sampling (default: the processor's). ``inputs_cache``: a dict shared by calls on the same model and samples;
+    each batch's processor outputs are built once and reused by later calls.
+    """
+    tallies = [_Tally(loaded, p) for p in points]
+    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
+    report = progress if callable(progress) else None
+    desc = tallies[0].name if len(tallies) == 1 else f"{loaded.name} ({len(tallies)} points)"
+    for batch in tqdm(batches, desc=desc, unit="batch", disable=report is not None or not progress, leave=False):
+        t0 = time.perf_counter()
+        key = tuple((s.where, s.row) for s in batch)
+        inputs = None if inputs_cache is None else inputs_cache.get(key)
+        if inputs is None:
+            inputs = build_inputs(loaded.processor, [s.prompt for s in batch], sampling, [s.where for s in batch])
+            if inputs_cache is not None:
+                inputs_cache[key] = inputs
+        built = time.perf_counter() - t0
+        shared: dict[int, SharedPrefill] = {}  # by block size
+        for tally in tallies:
+            t1 = time.perf_counter()
+            prefill = None if tally.point.is_ar else shared.setdefault(tally.point.block_size, SharedPrefill())
+            reused = prefill.seconds if prefill is not None and prefill.filled else 0.0
+            out = generate_batch(loaded, inputs, tally.point, max_new_tokens, shared_prefill=prefill)
+            tally.add(loaded, batch, out, built + time.perf_counter() - t1, reused)
+            if report is not None:
+                report(tally.name, len(tally.predictions), len(samples))
+    return [t.row(loaded, batch_size, max_new_tokens) for t in tallies]
 
 
 def evaluate_point(
@@ -174,69 +283,9 @@ def evaluate_point(
     sampling: VideoSampling | None = None,
     inputs_cache: dict | None = None,
 ) -> dict:
-    """Evaluate one decoding point; returns a result row (see :func:`evaluate`).
-
-    ``sampling``: video frame sampling (default: the processor's). ``inputs_cache``: a dict shared by calls on
-    the same model and samples; each batch's processor outputs are built once and reused by later points.
-    """
-    name = f"{loaded.name} {point.label}"
-    predictions, scores = [], []
-    tokens = forwards = row_forwards = 0
-    gen_time, prefill_time = 0.0, 0.0
-    t_start = time.perf_counter()
-    batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
-    report = progress if callable(progress) else None
-    for batch in tqdm(batches, desc=name, unit="batch", disable=report is not None or not progress, leave=False):
-        key = tuple((s.where, s.row) for s in batch)
-        inputs = None if inputs_cache is None else inputs_cache.get(key)
-        if inputs is None:
-            inputs = build_inputs(loaded.processor, [s.prompt for s in batch], sampling, [s.where for s in batch])
-            if inputs_cache is not None:
-                inputs_cache[key] = inputs
-        out = generate_batch(loaded, inputs, point, max_new_tokens)
-        texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
-        tokens += int(out.lengths.sum())
-        forwards += int(out.num_forwards)
-        row_forwards += int(out.row_forwards.sum())
-        gen_time += float(out.wall_time)
-        prefill_time = None if prefill_time is None or out.prefill_time is None else prefill_time + out.prefill_time
-        for s, text in zip(batch, texts):
-            text = text.strip()
-            sc = score(text, s.reference)
-            scores.append(sc)
-            predictions.append({"row": s.row, "reference": s.reference, "prediction": text, **sc})
-        if report is not None:
-            report(name, len(scores), len(samples))
-    agg = aggregate(scores)
-    return {
-        "name": name,
-        "model": loaded.name,
-        "model_dir": loaded.path,
-        "kind": "ar" if point.is_ar else "bard",
-        "block_size": point.block_size,
-        "denoising_steps": None if point.is_ar else (point.denoising_steps or point.block_size),
-        "threshold": None if point.is_ar else (1.0 if point.threshold is None else point.threshold),
-        "remasking_strategy": point.remasking_strategy,
-        "n": len(samples),
-        **agg,
-        "tokens_per_forward": tokens / row_forwards if row_forwards else float("nan"),
-        "tokens_per_second": tokens / gen_time if gen_time > 0 else float("nan"),
-        "num_forwards": forwards,
-        "row_forwards": row_forwards,
-        "tokens_per_batch_forward": tokens / forwards if forwards else float("nan"),
-        "decode_tokens_per_second": (tokens / (gen_time - prefill_time) if prefill_time is not None
-                                     and gen_time > prefill_time else None),
-        "response_tokens": tokens,
-        "wall_time": gen_time,
-        "prefill_time": prefill_time,
-        "eval_time": time.perf_counter() - t_start,
-        "batch_size": batch_size,
-        "max_new_tokens": max_new_tokens,
-        "engine": loaded.engine,
-        "device": str(loaded.model.device),
-        "dtype": str(loaded.model.dtype).removeprefix("torch."),
-        "predictions": predictions,
-    }
+    """Evaluate one decoding point; returns a result row (see :func:`evaluate` and :func:`evaluate_points`)."""
+    return evaluate_points(loaded, samples, [point], batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           progress=progress, sampling=sampling, inputs_cache=inputs_cache)[0]
 
 
 def evaluate(

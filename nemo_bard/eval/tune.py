@@ -38,7 +38,9 @@ from transformers import AutoTokenizer
 from nemo_bard.data.datasets import DataError
 from nemo_bard.data.media import VideoSampling
 from nemo_bard.errors import UserError
-from nemo_bard.eval.evaluation import build_inputs, evaluate_point, generate_batch, load_model, load_samples
+from nemo_bard.eval.evaluation import (
+    build_inputs, evaluate_point, evaluate_points, generate_batch, load_model, load_samples,
+)
 from nemo_bard.eval.metrics import Z95, aggregate, mean_and_interval, tolerance_problem
 from nemo_bard.generation.defaults import EVIDENCE_FILE, GENERATION_CONFIG, check_writable, write_decoding_point
 from nemo_bard.generation.points import DecodePoint, parse_points
@@ -425,9 +427,10 @@ def tune(
                 rows[p] = {"point": p.label, "status": f"not run (at most {speed_bound(p):g} tokens per forward and "
                                                       "sequence: slower than the chosen point)"}
             break
-        for point in group:  # first rung
+        first = evaluate_points(loaded, dev[:n1], group, progress=progress, sampling=sampling, inputs_cache=cache,
+                                batch_size=batch_size, max_new_tokens=max_new_tokens)  # first rung, one prefill
+        for point, r in zip(group, first):
             done += 1
-            r = run_point(loaded, dev[:n1], point, cache, sampling)
             r["point"] = point.label
             r["delta"], r["delta_ci95"] = paired_difference(r, ar, n1)
             rows[point] = r

@@ -20,6 +20,7 @@ _WHERE = {
     "REMASKING_STRATEGIES": "sampling", "sample_tokens": "sampling", "select_commits": "sampling",
     "step_schedule": "sampling",
     "ARSession": "session", "BlockDiffusionSession": "session", "DecodeSession": "session", "RowRequest": "session",
+    "SharedPrefill": "session",
 }
 
 

@@ -19,7 +19,7 @@ from nemo_bard.generation.inputs import PROCESSOR_KEYS
 from nemo_bard.generation.output import GenerationOutput
 from nemo_bard.generation.points import check_engine
 from nemo_bard.generation.sampling import REMASKING_STRATEGIES, step_schedule
-from nemo_bard.generation.session import BlockDiffusionSession, RowRequest, run_to_end
+from nemo_bard.generation.session import BlockDiffusionSession, RowRequest, SharedPrefill, run_to_end
 
 
 def _ids(value: int | list[int] | None) -> list[int]:
@@ -98,6 +98,7 @@ def block_diffusion_generate(
     streamer: Any | Callable[[int, list[int]], None] | None = None,
     fuse_commit: bool = True,
     engine: "str | DecodeEngine" = "static",
+    shared_prefill: SharedPrefill | None = None,
     **processor_outputs: torch.Tensor | None,
 ) -> GenerationOutput:
     """Block-diffusion decoding of (left- or right-) padded prompts; see the module docstring.
@@ -119,6 +120,9 @@ def block_diffusion_generate(
         engine: ``static`` (default: lean layers, static shapes, CUDA graphs on GPU), ``compiled`` (the same with
             ``torch.compile``) or ``eager`` (transformers' own layers, no graphs; same tokens, slower); or a
             :class:`~nemo_bard.generation.engine.DecodeEngine` of ``model`` (e.g. one built with CUDA graphs off).
+        shared_prefill: a :class:`~nemo_bard.generation.session.SharedPrefill` of these prompts at this block size:
+            filled by the first call, reused (no prompt forward, the same tokens) by later ones, e.g. other
+            decoding points of the same batch.
     """
     if not isinstance(engine, DecodeEngine):
         check_engine(engine)
@@ -148,7 +152,7 @@ def block_diffusion_generate(
         threshold=confidence_threshold, fuse_commit=fuse_commit)
     requests = [RowRequest(i, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
                 for i in range(ids.shape[0])]
-    out = run_to_end(session, requests, inputs, stream.emit if stream.streamer is not None else None)
+    out = run_to_end(session, requests, inputs, stream.emit if stream.streamer is not None else None, shared_prefill)
     stream.end()
     return out
 

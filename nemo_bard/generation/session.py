@@ -75,6 +75,26 @@ def pad_rows(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tenso
 
 
 @dataclass
+class SharedPrefill:
+    """One batch's prompt prefill, shared by block-diffusion decoding calls on the same prompts (e.g. several
+    decoding points of one block size): the call that finds it empty prefills and fills it; later calls copy its
+    keys/values into their cache instead of running the prompt forward, and give the same tokens. ``seconds`` is
+    the measured prefill. Not for AR sessions (their prefill also yields the first token)."""
+
+    block_size: int | None = None
+    input_ids: torch.Tensor | None = None  # [b, lp] the prompts it holds
+    valid: torch.Tensor | None = None  # [b, lp] their attention mask
+    start: torch.Tensor | None = None  # [b] each row's first response position
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [b, kv_heads, lp, head_dim]
+    values: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def filled(self) -> bool:
+        return self.input_ids is not None
+
+
+@dataclass
 class RowRequest:
     """One sequence to decode and its result (filled in as it runs).
 
@@ -146,8 +166,10 @@ class DecodeSession:
         """Per-row device state moved along with a row when the batch is packed."""
         return ("active", "base", "threshold", "row_forwards")
 
-    def add(self, requests: list[RowRequest], inputs: dict[str, Any]) -> None:
+    def add(self, requests: list[RowRequest], inputs: dict[str, Any], shared: SharedPrefill | None = None) -> None:
         """Prefill ``inputs`` (a padded batch, one row per request) into free rows; they decode from the next step.
+        With ``shared`` (a :class:`SharedPrefill` of the same prompts), its keys/values are copied in instead of the
+        prompt forward, or, when it is empty, this prefill fills it.
 
         Raises :class:`EngineError` (naming the limit) when a request does not fit the pool; nothing is added then.
         """
@@ -157,8 +179,17 @@ class DecodeSession:
         ids, am = inputs["input_ids"], inputs["attention_mask"]
         media = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
         lp = ids.shape[1]
-        pos, start = prompt_positions(engine.model, ids, am, media.get("mm_token_type_ids"),
-                                      media.get("image_grid_thw"), media.get("video_grid_thw"))
+        reuse = shared is not None and shared.filled
+        if shared is not None and self.causal_prompt:
+            raise EngineError("a shared prefill serves block-diffusion sessions only")
+        if reuse:
+            if shared.block_size != blen or not torch.equal(shared.input_ids, ids):
+                raise EngineError(f"this shared prefill holds other prompts, or block size {shared.block_size} "
+                                  f"instead of {blen}")
+            start = shared.start
+        else:
+            pos, start = prompt_positions(engine.model, ids, am, media.get("mm_token_type_ids"),
+                                          media.get("image_grid_thw"), media.get("video_grid_thw"))
         for req, s in zip(requests, start.tolist()):
             blocks = -(-req.max_new_tokens // blen)
             # slots: the prompt, the response blocks and one block of scratch (the fused step's padding half)
@@ -169,13 +200,23 @@ class DecodeSession:
                     f"this session's {pool.capacity}; lower max_tokens or shorten the prompt")
         rows = [i for i, r in enumerate(self.slot) if r is None][: len(requests)]
         rows_t = torch.tensor(rows, device=engine.device)
-        kind, block = prompt_token_meta(am, blen if not self.causal_prompt else 1)
-        mask = dense_mask(kind, block, "causal" if self.causal_prompt else "block_causal")
         t0 = device_sync(engine.device)
         if not self._weights_ready:
             engine.refresh_weights()
             self._weights_ready = True
-        hidden = engine.prefill(pool, rows_t, ids, mask, pos, media)
+        if reuse:
+            for layer, k, v in zip(pool.cache.layers, shared.keys, shared.values):
+                layer.keys[:, :, :lp].index_copy_(0, rows_t, k)
+                layer.values[:, :, :lp].index_copy_(0, rows_t, v)
+            hidden = None
+        else:
+            kind, block = prompt_token_meta(am, blen if not self.causal_prompt else 1)
+            mask = dense_mask(kind, block, "causal" if self.causal_prompt else "block_causal")
+            hidden = engine.prefill(pool, rows_t, ids, mask, pos, media)
+            if shared is not None:
+                shared.block_size, shared.input_ids, shared.valid, shared.start = blen, ids.clone(), am.clone(), start
+                shared.keys = [layer.keys[rows_t, :, :lp] for layer in pool.cache.layers]  # indexing copies
+                shared.values = [layer.values[rows_t, :, :lp] for layer in pool.cache.layers]
         pool.key_valid[rows_t] = False
         pool.key_valid[rows_t, :lp] = am.bool()
         pool.write_pos[rows_t] = lp
@@ -189,7 +230,10 @@ class DecodeSession:
         self.row_forwards[rows_t] = 0
         self.n = max(self.n, batch_bucket(max(rows) + 1))
         self._joined(rows_t, requests, hidden, am)
-        self.prefill_time += device_sync(engine.device) - t0
+        elapsed = device_sync(engine.device) - t0
+        self.prefill_time += elapsed
+        if shared is not None and not reuse:
+            shared.seconds = elapsed
 
     def _joined(self, rows: torch.Tensor, requests: list[RowRequest], hidden: torch.Tensor, am: torch.Tensor) -> None:
         """Kind-specific state of rows that just joined."""
@@ -502,13 +546,14 @@ class ARSession(DecodeSession):
 
 
 def run_to_end(session: DecodeSession, requests: list[RowRequest], inputs: dict[str, Any],
-               on_tokens: Any = None) -> GenerationOutput:
-    """Add ``requests`` (one per row of ``inputs``), decode them to the end, release the session; returns the
-    batch's :class:`GenerationOutput` in request order. ``on_tokens(index, tokens)`` gets every commit."""
+               on_tokens: Any = None, shared_prefill: SharedPrefill | None = None) -> GenerationOutput:
+    """Add ``requests`` (one per row of ``inputs``; with ``shared_prefill``, see :meth:`DecodeSession.add`), decode
+    them to the end, release the session; returns the batch's :class:`GenerationOutput` in request order.
+    ``on_tokens(index, tokens)`` gets every commit."""
     index = {r.key: i for i, r in enumerate(requests)}
     t0 = device_sync(session.engine.device)
     try:
-        session.add(requests, inputs)
+        session.add(requests, inputs, shared_prefill)
         while True:
             if on_tokens is not None:
                 for key, tokens in session.collect():
