@@ -16,9 +16,10 @@ over the grid, :func:`drop_z`); the others decode the remaining rows fastest fir
 within the tolerance on all rows ends the search (slower points are not needed). Speeds are timed on the first
 slice at ``batch_size``; the remaining rows (AR's too) count for exact match only and run at ``rest_batch_size``
 (a row's greedy answer does not depend on its batch), which on a small batch size is several times cheaper.
-Prompts are built by the processor once and reused by every point. The chosen point is written to ``DIR/generation_config.json``
-(:func:`nemo_bard.generation.defaults.write_decoding_point`; the previous file is kept as
-``generation_config.json.bak``) and the evidence to ``DIR/decoding_point.json``; ``generate``, ``eval``, the
+Prompts are built by the processor once and reused by every point, and on the first slice the points of a group
+decode each batch from one prompt prefill (:func:`~nemo_bard.eval.evaluation.evaluate_points`). The chosen point
+is written to ``DIR/generation_config.json`` (:func:`nemo_bard.generation.defaults.write_decoding_point`; the
+previous file is kept as ``generation_config.json.bak``) and the evidence to ``DIR/decoding_point.json``; ``generate``, ``eval``, the
 lmms-eval model and ``serve`` then use it as their default. With ``dry_run`` nothing is written.
 """
 
