@@ -416,10 +416,12 @@ def test_a_shared_prefill_gives_the_same_tokens_without_the_prompt_forward(sharp
         assert torch.equal(a.sequences, b.sequences) and torch.equal(a.lengths, b.lengths)
         assert a.num_forwards == b.num_forwards and torch.equal(a.row_forwards, b.row_forwards)
     assert len({tuple(o.lengths.tolist()) for o in alone}) > 1  # the points really decode differently
-    # other prompts, or another block size (another prompt mask), are refused
-    with pytest.raises(EngineError, match="other prompts"):
-        block_diffusion_generate(sharp_model, **encode(tiny_processor, BATCH8[:2]), **kw, engine=engine,
-                                 shared_prefill=shared)
+    # other prompts (also the same text with other pixels), or another block size (another prompt mask): refused
+    other_image = [(text, [(seed + 1, h, w) for seed, h, w in images]) for text, images in BATCH8]
+    for other in (encode(tiny_processor, BATCH8[:2]), encode(tiny_processor, other_image)):
+        with pytest.raises(EngineError, match="other prompts"):
+            block_diffusion_generate(sharp_model, **other, **kw, engine=engine, shared_prefill=shared)
+    assert torch.equal(encode(tiny_processor, other_image)["input_ids"], enc["input_ids"])
     with pytest.raises(EngineError, match="block size 4 instead of 8"):
         block_diffusion_generate(sharp_model, **enc, max_new_tokens=11, block_size=8, engine=engine,
                                  shared_prefill=shared)

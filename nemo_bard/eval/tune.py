@@ -19,8 +19,8 @@ slice at ``batch_size``; the remaining rows (AR's too) count for exact match onl
 Prompts are built by the processor once and reused by every point, and on the first slice the points of a group
 decode each batch from one prompt prefill (:func:`~nemo_bard.eval.evaluation.evaluate_points`). The chosen point
 is written to ``DIR/generation_config.json`` (:func:`nemo_bard.generation.defaults.write_decoding_point`; the
-previous file is kept as ``generation_config.json.bak``) and the evidence to ``DIR/decoding_point.json``; ``generate``, ``eval``, the
-lmms-eval model and ``serve`` then use it as their default. With ``dry_run`` nothing is written.
+previous file is kept as ``generation_config.json.bak``) and the evidence to ``DIR/decoding_point.json``;
+``generate``, ``eval``, the lmms-eval model and ``serve`` then use it as their default. With ``dry_run`` nothing is written.
 """
 
 from __future__ import annotations

@@ -82,8 +82,7 @@ class SharedPrefill:
     the measured prefill. Not for AR sessions (their prefill also yields the first token)."""
 
     block_size: int | None = None
-    input_ids: torch.Tensor | None = None  # [b, lp] the prompts it holds
-    valid: torch.Tensor | None = None  # [b, lp] their attention mask
+    prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # the inputs it was filled from (ids, media)
     start: torch.Tensor | None = None  # [b] each row's first response position
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer [b, kv_heads, lp, head_dim]
     values: list[torch.Tensor] = field(default_factory=list)
@@ -91,7 +90,13 @@ class SharedPrefill:
 
     @property
     def filled(self) -> bool:
-        return self.input_ids is not None
+        return bool(self.prompts)
+
+    def holds(self, inputs: dict[str, Any], block_size: int) -> bool:
+        """Whether it was filled from these very inputs (token ids, mask, pixels) at this block size."""
+        given = {k: v for k, v in inputs.items() if v is not None}
+        return (block_size == self.block_size and given.keys() == self.prompts.keys()
+                and all(torch.equal(v, self.prompts[k]) for k, v in given.items()))
 
 
 @dataclass
@@ -183,7 +188,7 @@ class DecodeSession:
         if shared is not None and self.causal_prompt:
             raise EngineError("a shared prefill serves block-diffusion sessions only")
         if reuse:
-            if shared.block_size != blen or not torch.equal(shared.input_ids, ids):
+            if not shared.holds(inputs, blen):
                 raise EngineError(f"this shared prefill holds other prompts, or block size {shared.block_size} "
                                   f"instead of {blen}")
             start = shared.start
@@ -214,7 +219,8 @@ class DecodeSession:
             mask = dense_mask(kind, block, "causal" if self.causal_prompt else "block_causal")
             hidden = engine.prefill(pool, rows_t, ids, mask, pos, media)
             if shared is not None:
-                shared.block_size, shared.input_ids, shared.valid, shared.start = blen, ids.clone(), am.clone(), start
+                shared.block_size, shared.start = blen, start
+                shared.prompts = {k: v for k, v in inputs.items() if v is not None}
                 shared.keys = [layer.keys[rows_t, :, :lp] for layer in pool.cache.layers]  # indexing copies
                 shared.values = [layer.values[rows_t, :, :lp] for layer in pool.cache.layers]
         pool.key_valid[rows_t] = False
