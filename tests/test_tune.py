@@ -297,6 +297,8 @@ def test_bad_inputs_are_one_line_naming_the_file_or_flag(tiny_bard_dir, tiny_ar_
     assert "needs --ar-model" in one_line(main(["--tune", "--model", str(tiny_bard_dir), "--data", str(dev_data)]))
     assert "block size 4" in one_line(_tune(tiny_bard_dir, tiny_ar_dir, dev_data, "--points", "8:8:0.9", "--dry-run"))
     assert "--tolerance" in one_line(_tune(tiny_bard_dir, tiny_ar_dir, dev_data, "--tolerance", "-1"))
+    assert "--rest-batch-size must be at least 1, got 0" in one_line(
+        _tune(tiny_bard_dir, tiny_ar_dir, dev_data, "--rest-batch-size", "0"))
 
 
 def test_points_evaluated_together_share_the_prefill_and_answer_alike(tiny_bard_dir, dev_data, monkeypatch):
