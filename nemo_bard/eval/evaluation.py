@@ -13,7 +13,8 @@ threshold[, strategy])``; an AR model (``model_type: qwen3_vl``, or any model wi
 through :func:`nemo_bard.generation.ar_generate`. Speed numbers per point:
 
 * ``tokens_per_second`` = response tokens (up to and including eos) / summed wall time of the
-  generation calls (prefill included; prompt building and scoring excluded);
+  generation calls (prefill included; a prefill shared by the points of one block size is measured once per
+  batch and counted for each; prompt building and scoring excluded);
 * ``tokens_per_forward`` (TPF) = response tokens / per-row decoding forwards, i.e. the tokens a
   sequence gains per forward as if decoded alone (independent of the batch size; exactly 1.0
   for AR, 1.0 for block diffusion at threshold 1.0 with S = B);
@@ -308,7 +309,9 @@ def evaluate(
     video_fps: float | None = None,
     video_max_frames: int | None = None,
 ) -> list[dict]:
-    """Evaluate a checkpoint at each decoding point; returns one result row per point.
+    """Evaluate a checkpoint at each decoding point; returns one result row per point (:func:`evaluate_points`:
+    the points decode batch by batch, those of one block size from one prompt prefill per batch, whose measured time
+    counts in each of their rows).
 
     Args:
         model: checkpoint directory (or a :class:`LoadedModel`).
@@ -353,12 +356,11 @@ def evaluate(
         first = samples[:batch_size]
         inputs = build_inputs(loaded.processor, [s.prompt for s in first], sampling, [s.where for s in first])
         generate_batch(loaded, inputs, todo[0], min(max_new_tokens, todo[0].block_size or 4))
-    rows = []
-    for point in todo:
-        row = evaluate_point(loaded, samples, point, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             progress=progress, sampling=sampling)
+    # batch by batch: each batch's prompts are built once and its points of one block size share one prefill
+    rows = evaluate_points(loaded, samples, todo, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                           progress=progress, sampling=sampling)
+    for row in rows:
         row["skipped_empty_reference"] = skipped
         logger.info("%s: accuracy %.3f, char %.3f, TPF %.2f, %.1f tok/s", row["name"], row["accuracy"],
                     row["char_accuracy"], row["tokens_per_forward"], row["tokens_per_second"])
-        rows.append(row)
     return rows
