@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -249,6 +250,8 @@ def evaluate_points(
     each batch's processor outputs are built once and reused by later calls.
     """
     tallies = [_Tally(loaded, p) for p in points]
+    per_block = Counter(p.block_size for p in points if not p.is_ar)
+    sharing = [b for b, count in per_block.items() if count > 1]  # a lone point has nobody to share a prefill with
     batches = [samples[i:i + batch_size] for i in range(0, len(samples), batch_size)]
     report = progress if callable(progress) else None
     desc = tallies[0].name if len(tallies) == 1 else f"{loaded.name} ({len(tallies)} points)"
@@ -261,10 +264,10 @@ def evaluate_points(
             if inputs_cache is not None:
                 inputs_cache[key] = inputs
         built = time.perf_counter() - t0
-        shared: dict[int, SharedPrefill] = {}  # by block size
+        shared = {b: SharedPrefill() for b in sharing}  # this batch's, by block size
         for tally in tallies:
             t1 = time.perf_counter()
-            prefill = None if tally.point.is_ar else shared.setdefault(tally.point.block_size, SharedPrefill())
+            prefill = None if tally.point.is_ar else shared.get(tally.point.block_size)
             reused = prefill.seconds if prefill is not None and prefill.filled else 0.0
             out = generate_batch(loaded, inputs, tally.point, max_new_tokens, shared_prefill=prefill)
             tally.add(loaded, batch, out, built + time.perf_counter() - t1, reused)
