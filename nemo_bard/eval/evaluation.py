@@ -173,16 +173,16 @@ class _Tally:
     """One decoding point's running counts over the batches of an evaluation."""
 
     def __init__(self, loaded: LoadedModel, point: DecodePoint) -> None:
-        self.point, self.name = point, f"{loaded.name} {point.label}"
+        self.loaded, self.point, self.name = loaded, point, f"{loaded.name} {point.label}"
         self.predictions: list[dict] = []
         self.tokens = self.forwards = self.row_forwards = 0
         self.gen_time, self.eval_time = 0.0, 0.0
         self.prefill_time: float | None = 0.0
 
-    def add(self, loaded: LoadedModel, batch: list, out: Any, seconds: float, shared_seconds: float = 0.0) -> None:
+    def add(self, batch: list, out: Any, seconds: float, shared_seconds: float = 0.0) -> None:
         """Count a batch's output; ``shared_seconds``: the prefill it reused (measured once for the batch), counted
         in its prefill and generation time as if it had run it."""
-        texts = loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
+        texts = self.loaded.tokenizer.batch_decode(out.sequences, skip_special_tokens=True)
         self.tokens += int(out.lengths.sum())
         self.forwards += int(out.num_forwards)
         self.row_forwards += int(out.row_forwards.sum())
@@ -195,8 +195,9 @@ class _Tally:
                                      **score(text, s.reference)})
         self.eval_time += seconds + shared_seconds
 
-    def row(self, loaded: LoadedModel, batch_size: int, max_new_tokens: int) -> dict:
-        point, tokens, forwards, row_forwards = self.point, self.tokens, self.forwards, self.row_forwards
+    def row(self, batch_size: int, max_new_tokens: int) -> dict:
+        loaded, point = self.loaded, self.point
+        tokens, forwards, row_forwards = self.tokens, self.forwards, self.row_forwards
         gen_time, prefill_time = self.gen_time, self.prefill_time
         return {
             "name": self.name,
@@ -270,10 +271,10 @@ def evaluate_points(
             prefill = None if tally.point.is_ar else shared.get(tally.point.block_size)
             reused = prefill.seconds if prefill is not None and prefill.filled else 0.0
             out = generate_batch(loaded, inputs, tally.point, max_new_tokens, shared_prefill=prefill)
-            tally.add(loaded, batch, out, built + time.perf_counter() - t1, reused)
+            tally.add(batch, out, built + time.perf_counter() - t1, reused)
             if report is not None:
                 report(tally.name, len(tally.predictions), len(samples))
-    return [t.row(loaded, batch_size, max_new_tokens) for t in tallies]
+    return [t.row(batch_size, max_new_tokens) for t in tallies]
 
 
 def evaluate_point(
