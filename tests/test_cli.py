@@ -63,6 +63,19 @@ def test_compose_config_groups_and_overrides():
         compose(REPO / "conf" / "bard_pbm.yaml", ["model=qwen3vl_99b"], [])
 
 
+def test_demo_configs_override_only_what_they_name():
+    """The demo's tuning files change a few keys; Hydra's merge keeps the stage's other values under them."""
+    pbm = compose(REPO / "conf" / "bard_demo.yaml", [], [])
+    assert (pbm["optimizer"]["lr"], pbm["lr_scheduler"]["min_lr"]) == (2e-3, 2e-4)  # the demo AR model's own lr
+    assert pbm["bard"]["noise"] == {"type": "stratified_blocks", "min_rate": 0.001, "max_rate": 1.0}
+    assert [(s["block_size"], s["steps"]) for s in pbm["block_merge"]["schedule"]] == [(4, 1200), (8, 200), (16, 200)]
+    swd = compose(REPO / "conf" / "bard_demo.yaml", ["stage=swd"], [])
+    assert swd["recipe"] == "nemo_bard.recipes.swd.BardSWDRecipe" and swd["optimizer"]["lr"] == 3e-4
+    # rates up to 1: the first denoising steps of a block see it (nearly) fully masked; the rest stays the stage's
+    assert swd["bard"]["noise"] == {"type": "uniform_sample", "min_rate": 0.1, "max_rate": 1.0}
+    assert swd["bard"]["loss"]["reduction"] == "token_mean" and swd["bard"]["max_length"] == 256
+
+
 def _run(args, tmp_path, monkeypatch, capsys):
     """The console script's entry point in this process (the hand-over to NeMo's app is in-process too)."""
     from nemo_bard.cli import main
