@@ -1,6 +1,6 @@
 """Offline end-to-end demo: AR VLM -> PBM -> SWD (+ its control) -> accuracy-at-speed report, on 2 CPU cores.
 
-    python -m nemo_bard.demo [--out outputs/demo] [--quick] [--task odd_count|read]
+    python -m nemo_bard.demo [--out outputs/demo] [--quick] [--task odd_count|read] [--threads N]
         [--engine static|compiled|eager] [--eval-only]
 
 1. builds a ~1M-parameter random-init Qwen3-VL (``nemo_bard.tiny --preset demo``) and a digit-image task from
@@ -26,7 +26,8 @@
    differences in exact match, with 95 % intervals, on the same rows).
 
 Every stage is an ordinary CLI run over the normal configs (the commands are printed), so the demo
-is a thin script over the product. ``--quick`` is the CI-sized variant (seconds per stage; it checks
+is a thin script over the product. Every stage and the evaluation use ``--threads`` torch threads (default
+``$OMP_NUM_THREADS``, else 1): another thread count takes another floating-point path and trains other models. ``--quick`` is the CI-sized variant (seconds per stage; it checks
 the plumbing, not accuracy).
 """
 
@@ -65,10 +66,29 @@ def training_progress(log_text: str, total_steps: int, elapsed: float) -> str:
     return f"step {step}/{total_steps} | loss {loss} | {elapsed:.0f}s | ETA {_eta(step, total_steps, elapsed)}"
 
 
-def _run(cmd: list[str], log: Path, label: str, total_steps: int, every: float = PROGRESS_EVERY_S) -> float:
-    """Run one stage as a subprocess (output to ``log``, a progress line every few seconds); returns its wall time."""
+def default_threads() -> int:
+    """The demo's torch threads per process when ``--threads`` is not given: ``$OMP_NUM_THREADS``, else 1."""
+    try:
+        return max(int(os.environ.get("OMP_NUM_THREADS", "1")), 1)
+    except ValueError:  # e.g. a nested OpenMP list such as "4,2"
+        return 1
+
+
+def _use_threads(threads: int) -> None:
+    """This process evaluates with ``threads`` torch threads (each stage's process gets them from ``_run``)."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _run(cmd: list[str], log: Path, label: str, total_steps: int, every: float = PROGRESS_EVERY_S,
+         threads: int | None = None) -> float:
+    """Run one stage as a subprocess (output to ``log``, a progress line every few seconds, ``threads`` torch threads
+    when given); returns its wall time."""
     print("  $ " + " ".join(cmd), flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     t = time.perf_counter()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
@@ -319,6 +339,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threshold", type=float, default=0.9, help="confidence threshold of the fast setting")
     ap.add_argument("--tune-tolerance", type=float, default=1.0,
                     help="points of exact match below AR the tuned decoding point may lose (default 1.0)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of every stage's process and of the evaluation (default: $OMP_NUM_THREADS, "
+                         "else 1); the trained models depend on it, and docs/benchmarks.md's runs use 1")
     ap.add_argument("--engine", default="static", choices=ENGINES,
                     help="decoding engine of the evaluation (default static)")
     ap.add_argument("--progress-every", type=float, default=PROGRESS_EVERY_S,
@@ -332,6 +355,10 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error(problem)
     if args.dev_rows is not None and args.dev_rows < 1:
         ap.error(f"--dev-rows must be at least 1, got {args.dev_rows}")
+    if args.threads is not None and args.threads < 1:
+        ap.error(f"--threads must be at least 1, got {args.threads}")
+    threads = args.threads or default_threads()
+    _use_threads(threads)
     if args.eval_only:
         return evaluate_existing(Path(args.out).resolve(), args.threshold, args.engine, args.progress_every,
                                  args.tune_tolerance, args.dev_rows or 1000)
@@ -381,13 +408,13 @@ def main(argv: list[str] | None = None) -> dict:
                                            f"paths.data_root={out / 'digits_read'}",
                                            f"step_scheduler.max_steps={read_steps}",
                                            f"lr_scheduler.lr_warmup_steps={min(50, read_steps - 1)}"),
-                                out / "logs" / "ar_read.log", "ar_read", read_steps, args.progress_every)
+                                out / "logs" / "ar_read.log", "ar_read", read_steps, args.progress_every, threads)
         ar_init = [f"paths.init={out / 'ar_read' / 'LATEST' / 'model' / 'consolidated'}"]
     print(f"[{n()}] AR SFT on the {args.task} task with NeMo's FinetuneRecipeForVLM ({ar_steps} steps)", flush=True)
     times["ar_sft"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root, *ar_init,
                                       f"step_scheduler.max_steps={ar_steps}",
                                       f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"),
-                           out / "logs" / "ar_sft.log", "ar_sft", ar_steps, args.progress_every)
+                           out / "logs" / "ar_sft.log", "ar_sft", ar_steps, args.progress_every, threads)
     ar_dir = _models(out)[0]
     ar_loss = _last_losses(out / "ar_sft" / "training.jsonl")
     if not q and ar_loss > 1.0:
@@ -405,16 +432,16 @@ def main(argv: list[str] | None = None) -> dict:
     times["pbm"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), root, f"step_scheduler.max_steps={total}",
                                    f"block_merge.schedule={schedule}",
                                    f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"),
-                        out / "logs" / "pbm.log", "pbm", total, args.progress_every)
+                        out / "logs" / "pbm.log", "pbm", total, args.progress_every, threads)
 
     # SWD and its control: the same command but for the distillation weight (and the run directory)
     swd = ("--config", str(CONF / "bard_demo.yaml"), "stage=swd", root, f"step_scheduler.max_steps={swd_steps}",
            f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}")
     print(f"[{n()}] SWD B16 <- B4 anchor ({swd_steps} steps)", flush=True)
-    times["swd"] = _run(_automodel(*swd), out / "logs" / "swd.log", "swd", swd_steps, args.progress_every)
+    times["swd"] = _run(_automodel(*swd), out / "logs" / "swd.log", "swd", swd_steps, args.progress_every, threads)
     print(f"[{n()}] control: B16 trained as SWD without the KD term ({swd_steps} steps)", flush=True)
     times["control"] = _run(_automodel(*swd, f"run_name={CONTROL_RUN}", "kd.kd_weight=0"),
-                            out / "logs" / "control.log", "control", swd_steps, args.progress_every)
+                            out / "logs" / "control.log", "control", swd_steps, args.progress_every, threads)
 
     print(f"[{n()}] tune the SWD student's decoding point on {dev_rows} dev rows against AR", flush=True)
     t = time.perf_counter()
@@ -432,7 +459,7 @@ def main(argv: list[str] | None = None) -> dict:
             "control_steps": swd_steps,
             "anchor": "PBM stage B4", "train_rows": train_rows, "test_rows": test_rows, "seed": args.seed,
             "quick": q, "engine": args.engine, "threshold": args.threshold, "dev_rows": dev_rows,
-            "tuned_point": tuned["point"], "tune_tolerance": args.tune_tolerance}
+            "tuned_point": tuned["point"], "tune_tolerance": args.tune_tolerance, "threads": threads}
     (out / "report" / "run.json").write_text(json.dumps(meta, indent=2) + "\n")
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}  plot: {paths['plot']}")

@@ -107,6 +107,7 @@ def test_eval_only_writes_the_dev_split_an_older_demo_directory_lacks(tmp_path):
     (["--tune-tolerance", "-1"], "--tune-tolerance must be a number of exact-match points >= 0, got -1.0"),
     (["--tune-tolerance", "nan"], "--tune-tolerance must be a number of exact-match points >= 0, got nan"),
     (["--dev-rows", "0"], "--dev-rows must be at least 1, got 0"),
+    (["--threads", "0"], "--threads must be at least 1, got 0"),
 ])
 def test_bad_tuning_flags_are_one_line_before_anything_runs(argv, message, tmp_path, capsys):
     from nemo_bard.demo import main
@@ -115,3 +116,28 @@ def test_bad_tuning_flags_are_one_line_before_anything_runs(argv, message, tmp_p
         main([*argv, "--out", str(tmp_path / "demo")])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+@pytest.mark.parametrize("env, expected", [(None, 1), ("3", 3), ("0", 1), ("4,2", 1)])
+def test_default_threads_follow_omp_num_threads_else_one(env, expected, monkeypatch):
+    from nemo_bard.demo import default_threads
+
+    if env is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", env)
+    assert default_threads() == expected
+
+
+def test_each_stage_process_gets_the_demos_thread_count(tmp_path, monkeypatch):
+    """The trained models depend on the torch thread count, so a stage runs with the demo's, not the caller's."""
+    import sys
+
+    from nemo_bard.demo import _run
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")
+    probe = [sys.executable, "-c", "import os; print('threads', os.environ['OMP_NUM_THREADS'])"]
+    _run(probe, tmp_path / "three.log", "probe", 1, threads=3)
+    _run(probe, tmp_path / "inherited.log", "probe", 1)
+    assert (tmp_path / "three.log").read_text().split() == ["threads", "3"]
+    assert (tmp_path / "inherited.log").read_text().split() == ["threads", "7"]
