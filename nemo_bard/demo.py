@@ -27,8 +27,8 @@
 
 Every stage is an ordinary CLI run over the normal configs (the commands are printed), so the demo
 is a thin script over the product. Every stage and the evaluation use ``--threads`` torch threads (default
-``$OMP_NUM_THREADS``, else 1): another thread count takes another floating-point path and trains other models. ``--quick`` is the CI-sized variant (seconds per stage; it checks
-the plumbing, not accuracy).
+``$OMP_NUM_THREADS``, else 1): another thread count takes another floating-point path and trains other models.
+``--quick`` is the CI-sized variant (seconds per stage; it checks the plumbing, not accuracy).
 """
 
 from __future__ import annotations
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
     def n() -> str:
         return f"{next(stage_no)}/{stage_count}"
 
-    print(f"[{n()}] tiny Qwen3-VL + {args.task} task -> {out}", flush=True)
+    print(f"[{n()}] tiny Qwen3-VL + {args.task} task -> {out} ({threads} torch thread(s) per process)", flush=True)
     t = time.perf_counter()
     from nemo_bard.data.digits import main as digits_main
     from nemo_bard.tiny import write_tiny_model
