@@ -385,6 +385,9 @@ def main(argv: list[str] | None = None) -> dict:
     def n() -> str:
         return f"{next(stage_no)}/{stage_count}"
 
+    def stage(cmd: list[str], label: str, steps: int) -> float:  # log <out>/logs/<label>.log, the demo's threads
+        return _run(cmd, out / "logs" / f"{label}.log", label, steps, args.progress_every, threads)
+
     print(f"[{n()}] tiny Qwen3-VL + {args.task} task -> {out} ({threads} torch thread(s) per process)", flush=True)
     t = time.perf_counter()
     from nemo_bard.data.digits import main as digits_main
@@ -402,19 +405,19 @@ def main(argv: list[str] | None = None) -> dict:
     ar_init = []
     if read_steps:
         print(f"[{n()}] AR pretraining: reading the digits ({read_steps} steps)", flush=True)
-        times["ar_read"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root,
-                                           f"checkpoint.checkpoint_dir={out / 'ar_read'}",
-                                           f"paths.data={out / 'digits_read' / 'train'}",
-                                           f"paths.data_root={out / 'digits_read'}",
-                                           f"step_scheduler.max_steps={read_steps}",
-                                           f"lr_scheduler.lr_warmup_steps={min(50, read_steps - 1)}"),
-                                out / "logs" / "ar_read.log", "ar_read", read_steps, args.progress_every, threads)
+        times["ar_read"] = stage(_automodel("--config", str(CONF / "demo_ar.yaml"), root,
+                                            f"checkpoint.checkpoint_dir={out / 'ar_read'}",
+                                            f"paths.data={out / 'digits_read' / 'train'}",
+                                            f"paths.data_root={out / 'digits_read'}",
+                                            f"step_scheduler.max_steps={read_steps}",
+                                            f"lr_scheduler.lr_warmup_steps={min(50, read_steps - 1)}"),
+                                 "ar_read", read_steps)
         ar_init = [f"paths.init={out / 'ar_read' / 'LATEST' / 'model' / 'consolidated'}"]
     print(f"[{n()}] AR SFT on the {args.task} task with NeMo's FinetuneRecipeForVLM ({ar_steps} steps)", flush=True)
-    times["ar_sft"] = _run(_automodel("--config", str(CONF / "demo_ar.yaml"), root, *ar_init,
-                                      f"step_scheduler.max_steps={ar_steps}",
-                                      f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"),
-                           out / "logs" / "ar_sft.log", "ar_sft", ar_steps, args.progress_every, threads)
+    times["ar_sft"] = stage(_automodel("--config", str(CONF / "demo_ar.yaml"), root, *ar_init,
+                                       f"step_scheduler.max_steps={ar_steps}",
+                                       f"lr_scheduler.lr_warmup_steps={min(50, ar_steps - 1)}"),
+                            "ar_sft", ar_steps)
     ar_dir = _models(out)[0]
     ar_loss = _last_losses(out / "ar_sft" / "training.jsonl")
     if not q and ar_loss > 1.0:
@@ -429,19 +432,19 @@ def main(argv: list[str] | None = None) -> dict:
     total = sum(pbm)
     schedule = "[" + ",".join(f"{{block_size:{b},steps:{n}}}" for b, n in zip((4, 8, 16), pbm)) + "]"
     print(f"[{n()}] PBM 4 -> 8 -> 16 ({'+'.join(map(str, pbm))} steps)", flush=True)
-    times["pbm"] = _run(_automodel("--config", str(CONF / "bard_demo.yaml"), root, f"step_scheduler.max_steps={total}",
-                                   f"block_merge.schedule={schedule}",
-                                   f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"),
-                        out / "logs" / "pbm.log", "pbm", total, args.progress_every, threads)
+    times["pbm"] = stage(_automodel("--config", str(CONF / "bard_demo.yaml"), root, f"step_scheduler.max_steps={total}",
+                                    f"block_merge.schedule={schedule}",
+                                    f"lr_scheduler.lr_warmup_steps={min(20, min(pbm) - 1)}"),
+                         "pbm", total)
 
     # SWD and its control: the same command but for the distillation weight (and the run directory)
     swd = ("--config", str(CONF / "bard_demo.yaml"), "stage=swd", root, f"step_scheduler.max_steps={swd_steps}",
            f"lr_scheduler.lr_warmup_steps={min(20, swd_steps - 1)}")
     print(f"[{n()}] SWD B16 <- B4 anchor ({swd_steps} steps)", flush=True)
-    times["swd"] = _run(_automodel(*swd), out / "logs" / "swd.log", "swd", swd_steps, args.progress_every, threads)
+    times["swd"] = stage(_automodel(*swd), "swd", swd_steps)
     print(f"[{n()}] control: B16 trained as SWD without the KD term ({swd_steps} steps)", flush=True)
-    times["control"] = _run(_automodel(*swd, f"run_name={CONTROL_RUN}", "kd.kd_weight=0"),
-                            out / "logs" / "control.log", "control", swd_steps, args.progress_every, threads)
+    times["control"] = stage(_automodel(*swd, f"run_name={CONTROL_RUN}", "kd.kd_weight=0"),
+                             "control", swd_steps)
 
     print(f"[{n()}] tune the SWD student's decoding point on {dev_rows} dev rows against AR", flush=True)
     t = time.perf_counter()
