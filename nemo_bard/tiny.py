@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -173,15 +173,18 @@ def build_config(tokenizer, preset: TinyPreset):
     return cfg
 
 
-def write_tiny_model(out_dir: str | Path, preset: str = "test", seed: int = 0) -> Path:
-    """Write a tiny AR Qwen3-VL directory (weights, config, processor, tokenizer) to ``out_dir``."""
+def write_tiny_model(out_dir: str | Path, preset: str = "test", seed: int = 0, layers: int | None = None) -> Path:
+    """Write a tiny AR Qwen3-VL directory (weights, config, processor, tokenizer) to ``out_dir``; ``layers``
+    replaces the preset's number of text decoder layers."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if layers is not None and layers < 1:
+        raise ValueError(f"layers must be at least 1, got {layers}")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose an empty or new directory")
     out.mkdir(parents=True, exist_ok=True)
-    p = PRESETS[preset]
+    p = PRESETS[preset] if layers is None else replace(PRESETS[preset], layers=layers)
     tokenizer = build_tokenizer(p.bpe_vocab)
     processor = build_processor(tokenizer)
     config = build_config(tokenizer, p)
@@ -192,7 +195,7 @@ def write_tiny_model(out_dir: str | Path, preset: str = "test", seed: int = 0) -
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "nemo_bard_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed}, indent=2) + "\n")
+    (out / "nemo_bard_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed, "layers": p.layers}, indent=2) + "\n")
     return out
 
 
@@ -201,8 +204,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("out_dir", help="empty or new directory to write")
     ap.add_argument("--preset", default="test", choices=sorted(PRESETS))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=None, help="text decoder layers (default: the preset's)")
     args = ap.parse_args(argv)
-    out = write_tiny_model(args.out_dir, args.preset, args.seed)
+    if args.layers is not None and args.layers < 1:
+        ap.error(f"--layers must be at least 1, got {args.layers}")
+    out = write_tiny_model(args.out_dir, args.preset, args.seed, args.layers)
     n = sum(1 for _ in out.iterdir())
     print(f"wrote tiny Qwen3-VL ({args.preset}, seed {args.seed}) to {out} ({n} files)")
 

@@ -108,6 +108,7 @@ def test_eval_only_writes_the_dev_split_an_older_demo_directory_lacks(tmp_path):
     (["--tune-tolerance", "nan"], "--tune-tolerance must be a number of exact-match points >= 0, got nan"),
     (["--dev-rows", "0"], "--dev-rows must be at least 1, got 0"),
     (["--threads", "0"], "--threads must be at least 1, got 0"),
+    (["--layers", "0"], "--layers must be at least 1, got 0"),
 ])
 def test_bad_tuning_flags_are_one_line_before_anything_runs(argv, message, tmp_path, capsys):
     from nemo_bard.demo import main

@@ -214,3 +214,19 @@ def test_flex_capability_is_declared_on_bard_vl_only(tiny_ar_dir, tiny_bard_mode
     with pytest.raises(ValueError, match="does not support an attention implementation through torch's flex"):
         AutoModelForImageTextToText.from_pretrained(
             tiny_ar_dir, attn_implementation={"text_config": "flex_attention", "vision_config": "sdpa", "": "sdpa"})
+
+
+def test_tiny_model_layers_override_changes_only_the_text_depth(tmp_path, tiny_ar_dir):
+    from nemo_bard.tiny import PRESETS, write_tiny_model
+
+    out = write_tiny_model(tmp_path / "deep", preset="test", seed=0, layers=PRESETS["test"].layers + 1)
+    deep, base = (json.loads((d / "config.json").read_text()) for d in (out, tiny_ar_dir))
+    assert deep["text_config"]["num_hidden_layers"] == base["text_config"]["num_hidden_layers"] + 1
+    for section in ("text_config", "vision_config"):
+        differs = {k for k in base[section] if base[section][k] != deep[section].get(k)}
+        assert differs == ({"num_hidden_layers", "layer_types"} & set(base[section]) if section == "text_config"
+                           else set())
+    assert json.loads((out / "nemo_bard_tiny.json").read_text()) == {"preset": "test", "seed": 0, "layers": 3}
+    with pytest.raises(ValueError, match="layers must be at least 1, got 0"):
+        write_tiny_model(tmp_path / "none", preset="test", layers=0)
+    assert not (tmp_path / "none").exists()
