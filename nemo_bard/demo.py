@@ -356,12 +356,10 @@ def main(argv: list[str] | None = None) -> dict:
     problem = tolerance_problem(args.tune_tolerance, "--tune-tolerance")
     if problem:
         ap.error(problem)
-    if args.dev_rows is not None and args.dev_rows < 1:
-        ap.error(f"--dev-rows must be at least 1, got {args.dev_rows}")
-    if args.threads is not None and args.threads < 1:
-        ap.error(f"--threads must be at least 1, got {args.threads}")
-    if args.layers is not None and args.layers < 1:
-        ap.error(f"--layers must be at least 1, got {args.layers}")
+    for flag in ("dev_rows", "threads", "layers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            ap.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     threads = args.threads or default_threads()
     _use_threads(threads)
     if args.eval_only:

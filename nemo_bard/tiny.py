@@ -195,7 +195,8 @@ def write_tiny_model(out_dir: str | Path, preset: str = "test", seed: int = 0, l
     )
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    (out / "nemo_bard_tiny.json").write_text(json.dumps({"preset": preset, "seed": seed, "layers": p.layers}, indent=2) + "\n")
+    record = {"preset": preset, "seed": seed, "layers": p.layers}
+    (out / "nemo_bard_tiny.json").write_text(json.dumps(record, indent=2) + "\n")
     return out
 
 

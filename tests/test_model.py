@@ -230,3 +230,13 @@ def test_tiny_model_layers_override_changes_only_the_text_depth(tmp_path, tiny_a
     with pytest.raises(ValueError, match="layers must be at least 1, got 0"):
         write_tiny_model(tmp_path / "none", preset="test", layers=0)
     assert not (tmp_path / "none").exists()
+
+
+def test_tiny_cli_refuses_zero_layers_in_one_line(tmp_path, capsys):
+    from nemo_bard.tiny import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "none"), "--layers", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("error: --layers must be at least 1, got 0")
+    assert not (tmp_path / "none").exists()
